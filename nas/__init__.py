@@ -1,0 +1,1 @@
+"""Hardware-aware neural architecture search in the spirit of MnasNet."""
