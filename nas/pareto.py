@@ -1,0 +1,167 @@
+"""Trials as a flat DataFrame, and the accuracy-latency Pareto front computed from it.
+
+Compute only: `nas.plots` draws what these functions return, and the tests check these numbers.
+Reference networks ("baselines") are drawn for comparison but never enter the exported front or
+the best trial: those are about what the search found.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+
+# User attributes the search records on each trial; always present as columns (NaN if unset), so
+# readers of trials.csv need no existence checks.
+TRIAL_ATTRS = ("arch", "accuracy", "latency_ms", "latency_p10_ms", "latency_p90_ms", "reward",
+               "params", "macs", "train_s", "latency_s", "baseline", "fail_reason", "arch_dict")
+_CORE = ("number", "state", "value", "datetime_start", "datetime_complete", "duration_s")
+CHOICE_PREFIX = "choice_"  # Optuna params (b0_op ...); `params` is the attribute: weight count
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial; user attributes as plain columns, dicts and lists as JSON strings."""
+    multi = len(study.directions) > 1
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value if not multi and t.values is not None else math.nan,
+            "datetime_start": t.datetime_start,
+            "datetime_complete": t.datetime_complete,
+            "duration_s": t.duration.total_seconds() if t.duration is not None else math.nan,
+        }
+        if multi:
+            for i in range(len(study.directions)):
+                row[f"value_{i}"] = t.values[i] if t.values is not None else math.nan
+        row.update({f"{CHOICE_PREFIX}{k}": v for k, v in t.params.items()})
+        for key, value in t.user_attrs.items():
+            # JSON keeps trials.csv loadable (a dict's repr is not); core names are not shadowed.
+            name = f"attr_{key}" if key in _CORE or key.startswith(("value_", CHOICE_PREFIX)) \
+                else key
+            row[name] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in (*_CORE, *TRIAL_ATTRS):
+        if col not in df:
+            df[col] = pd.Series([math.nan] * len(df), dtype=object if col in (
+                "state", "arch", "baseline", "fail_reason", "arch_dict") else float)
+    first = [*_CORE, *(c for c in df if c.startswith("value_")), *TRIAL_ATTRS]
+    rest = sorted(c for c in df if c not in first)
+    return df[first + rest]
+
+
+def pareto_mask(acc: Any, lat: Any) -> np.ndarray:
+    """Non-dominated points, maximising accuracy and minimising latency, in O(n log n).
+
+    A point is dominated if another is at least as good in both and better in one; so exact
+    duplicates do not dominate each other and are all kept (as Optuna's `best_trials` does).
+    Points with a NaN or infinite coordinate are never on the front.
+    """
+    acc, lat = np.asarray(acc, dtype=float), np.asarray(lat, dtype=float)
+    if acc.ndim != 1 or acc.shape != lat.shape:
+        raise ValueError(f"acc and lat must be 1-D of equal length; got shapes {acc.shape} and "
+                         f"{lat.shape}")
+    mask = np.zeros(len(acc), dtype=bool)
+    ok = np.flatnonzero(np.isfinite(acc) & np.isfinite(lat))
+    if not len(ok):
+        return mask
+    points, inverse = np.unique(np.column_stack([lat[ok], -acc[ok]]), axis=0,
+                                return_inverse=True)
+    # Unique points sorted by latency, then by accuracy descending: a point is on the front iff
+    # it is more accurate than every faster (or equally fast and more accurate) point before it.
+    best_before = np.concatenate([[-np.inf], np.maximum.accumulate(-points[:-1, 1])])
+    front = -points[:, 1] > best_before
+    mask[ok] = front[inverse.reshape(-1)]
+    return mask
+
+
+def is_baseline(df: pd.DataFrame) -> pd.Series:
+    """Rows that measure a reference network rather than a searched one."""
+    if "baseline" not in df:
+        return pd.Series(False, index=df.index)
+    names = df["baseline"]
+    return names.notna() & (names.astype(str).str.strip() != "")
+
+
+def completed(df: pd.DataFrame) -> pd.DataFrame:
+    """COMPLETE rows (rows without a state column, like hand-made frames, count as complete)."""
+    return df[df["state"] == "COMPLETE"] if "state" in df else df
+
+
+def points_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Every plottable point (completed, finite accuracy and latency), flagged for plotting.
+
+    `is_baseline` marks reference networks; `on_front` marks the Pareto front of the searched
+    trials (baselines are compared with the front, not part of it).
+    """
+    if not {"accuracy", "latency_ms"} <= set(df.columns):
+        return df.iloc[0:0].assign(is_baseline=False, on_front=False)
+    done = completed(df)
+    acc = pd.to_numeric(done["accuracy"], errors="coerce")
+    lat = pd.to_numeric(done["latency_ms"], errors="coerce")
+    pts = done[np.isfinite(acc) & np.isfinite(lat)].copy()
+    pts["is_baseline"] = is_baseline(pts)
+    pts["on_front"] = False
+    searched = ~pts["is_baseline"]
+    pts.loc[searched, "on_front"] = pareto_mask(pts.loc[searched, "accuracy"].astype(float),
+                                                pts.loc[searched, "latency_ms"].astype(float))
+    return pts
+
+
+def pareto_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """The front of the searched trials, fastest first (row 0 = fastest, last = most accurate)."""
+    pts = points_frame(df)
+    front = pts[pts["on_front"]].drop(columns=["is_baseline", "on_front"])
+    return front.sort_values(["latency_ms", "accuracy"], ascending=[True, False],
+                             kind="stable").reset_index(drop=True)
+
+
+def best_trial_row(df: pd.DataFrame) -> pd.Series | None:
+    """The searched trial with the highest reward (lowest number on ties), None if there is none."""
+    if "reward" not in df:
+        return None
+    done = completed(df)
+    done = done[~is_baseline(done)]
+    if "number" in done:
+        done = done.sort_values("number", kind="stable")
+    reward = pd.to_numeric(done["reward"], errors="coerce").to_numpy(dtype=float)
+    if not np.isfinite(reward).any():
+        return None
+    return done.iloc[int(np.nanargmax(reward))]  # first maximum: the earliest trial wins ties
+
+
+def history_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Completed searched trials in trial order with the running best of each objective.
+
+    Single-objective studies (a scalar `value`): columns number, arch, value, best_value.
+    Multi-objective ones: number, arch, accuracy, latency_ms, best_accuracy, best_latency_ms.
+    """
+    done = completed(df)
+    done = done[~is_baseline(done) & done.get("number", pd.Series(dtype=float)).notna()]
+    done = done.sort_values("number", kind="stable")
+    number = done["number"].astype(int).to_numpy() if len(done) else np.array([], dtype=int)
+    arch = done.get("arch", pd.Series("", index=done.index)).fillna("").astype(str).to_numpy()
+    value = pd.to_numeric(done.get("value", pd.Series(np.nan, index=done.index)),
+                          errors="coerce")
+    if np.isfinite(value).any():
+        v = value.to_numpy(dtype=float)
+        return pd.DataFrame({"number": number, "arch": arch, "value": v,
+                             "best_value": _running(v, np.fmax)})
+    acc = pd.to_numeric(done.get("accuracy", pd.Series(np.nan, index=done.index)),
+                        errors="coerce").to_numpy(dtype=float)
+    lat = pd.to_numeric(done.get("latency_ms", pd.Series(np.nan, index=done.index)),
+                        errors="coerce").to_numpy(dtype=float)
+    return pd.DataFrame({"number": number, "arch": arch, "accuracy": acc, "latency_ms": lat,
+                         "best_accuracy": _running(acc, np.fmax),
+                         "best_latency_ms": _running(lat, np.fmin)})
+
+
+def _running(x: np.ndarray, op: np.ufunc) -> np.ndarray:
+    """Running best that skips NaNs (fmax/fmin ignore them), NaN until the first number."""
+    return op.accumulate(x) if len(x) else x

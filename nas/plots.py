@@ -1,0 +1,138 @@
+"""Interactive plots of a search: plotly only draws the frames that `nas.pareto` computes."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from nas.pareto import history_frame, pareto_frame, points_frame
+
+_HOVER = "%{hovertext}<extra></extra>"
+_BASELINE_SYMBOL = "diamond"
+
+
+def pareto_figure(df: pd.DataFrame, *, target_ms: float | None) -> go.Figure:
+    """Accuracy vs latency: all trials, the searched front as a step line, target, baselines."""
+    pts = points_frame(df)
+    searched = pts[~pts["is_baseline"]]
+    front = pareto_frame(df)
+    base = pts[pts["is_baseline"]]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(
+        name="trials", x=searched["latency_ms"], y=searched["accuracy"], mode="markers",
+        marker={"color": "rgba(90, 110, 140, 0.45)", "size": 7},
+        hovertext=[_hover(r) for _, r in searched.iterrows()], hovertemplate=_HOVER))
+    # The front as an attainment curve: at any latency, the best accuracy reachable within it,
+    # so the line runs flat to the next faster-but-better point and then steps up ("hv").
+    fig.add_trace(go.Scatter(
+        name="Pareto front", x=front["latency_ms"], y=front["accuracy"], mode="lines+markers",
+        line={"shape": "hv", "color": "crimson"}, marker={"color": "crimson", "size": 9},
+        error_x=_spread(front), hovertext=[_hover(r) for _, r in front.iterrows()],
+        hovertemplate=_HOVER))
+    fig.add_trace(go.Scatter(
+        name="baselines", x=base["latency_ms"], y=base["accuracy"], mode="markers+text",
+        text=[str(n) for n in base.get("baseline", [])], textposition="top center",
+        marker={"symbol": _BASELINE_SYMBOL, "size": 11, "color": "black"},
+        error_x=_spread(base), hovertext=[_hover(r) for _, r in base.iterrows()],
+        hovertemplate=_HOVER))
+    if target_ms is not None:
+        fig.add_vline(x=target_ms, line={"dash": "dash", "color": "gray"},
+                      annotation_text=f"target T = {target_ms:g} ms",
+                      annotation_position="top right")
+    fig.update_layout(title="Accuracy vs latency (error bars: p10-p90 latency)",
+                      xaxis_title="latency (ms, median)", yaxis_title="accuracy (proxy)",
+                      hovermode="closest", template="plotly_white")
+    return fig
+
+
+def history_figure(df: pd.DataFrame) -> go.Figure:
+    """Reward per trial with the best so far; accuracy and latency panels for two objectives."""
+    h = history_frame(df)
+    hover = [f"trial {n}<br>{a}" for n, a in zip(h["number"], h["arch"], strict=True)]
+    if "value" in h:
+        fig = go.Figure()
+        fig.add_trace(go.Scatter(name="trial", x=h["number"], y=h["value"], mode="markers",
+                                 hovertext=hover, hovertemplate=_HOVER))
+        fig.add_trace(go.Scatter(name="best so far", x=h["number"], y=h["best_value"],
+                                 mode="lines", line={"shape": "hv"}))
+        pts = points_frame(df)
+        for _, row in pts[pts["is_baseline"]].iterrows():
+            if _finite(row.get("reward")):
+                fig.add_hline(y=float(row["reward"]), line={"dash": "dot", "color": "gray"},
+                              annotation_text=str(row["baseline"]))
+        fig.update_layout(title="Optimisation history", xaxis_title="trial",
+                          yaxis_title="reward", template="plotly_white")
+        return fig
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
+    for row, (col, label) in enumerate((("accuracy", "accuracy"), ("latency_ms", "latency (ms)")),
+                                       start=1):
+        fig.add_trace(go.Scatter(name=label, x=h["number"], y=h[col], mode="markers",
+                                 hovertext=hover, hovertemplate=_HOVER), row=row, col=1)
+        fig.add_trace(go.Scatter(name=f"best {label} so far", x=h["number"], y=h[f"best_{col}"],
+                                 mode="lines", line={"shape": "hv"}), row=row, col=1)
+        fig.update_yaxes(title_text=label, row=row, col=1)
+    fig.update_xaxes(title_text="trial", row=2, col=1)
+    fig.update_layout(title="Optimisation history (two objectives)", template="plotly_white")
+    return fig
+
+
+def write_plots(df: pd.DataFrame, out_dir: str | os.PathLike, *,
+                target_ms: float | None) -> list[Path]:
+    """pareto.html and history.html, each self-contained (plotly.js inlined: works offline)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in (("pareto", pareto_figure(df, target_ms=target_ms)),
+                      ("history", history_figure(df))):
+        path = out_dir / f"{name}.html"
+        tmp = path.with_name(f".{path.name}.tmp")
+        fig.write_html(tmp, include_plotlyjs=True, full_html=True)
+        tmp.replace(path)  # an interrupted write never leaves half a page
+        paths.append(path)
+    return paths
+
+
+def _hover(row: pd.Series) -> str:
+    """Trial (or baseline), architecture string and its measured numbers."""
+    who = (f"baseline {row['baseline']}" if row.get("is_baseline") else
+           f"trial {int(row['number'])}" if _finite(row.get("number")) else "trial ?")
+    lines = [who, str(row.get("arch", "") or "")]
+    lines.append(f"accuracy {float(row['accuracy']):.4f}, "
+                 f"latency {float(row['latency_ms']):.3g} ms")
+    if _finite(row.get("reward")):
+        lines.append(f"reward {float(row['reward']):.4f}")
+    cost = []
+    if _finite(row.get("params")):
+        cost.append(f"params {float(row['params']) / 1e6:.3g} M")
+    if _finite(row.get("macs")):
+        cost.append(f"MACs {float(row['macs']) / 1e6:.4g} M")
+    if cost:
+        lines.append(", ".join(cost))
+    return "<br>".join(lines)
+
+
+def _spread(pts: pd.DataFrame) -> dict[str, Any] | None:
+    """p10-p90 latency as asymmetric error bars, where the search recorded them."""
+    if not len(pts) or not {"latency_p10_ms", "latency_p90_ms"} <= set(pts.columns):
+        return None
+    lat = pts["latency_ms"].astype(float).to_numpy()
+    hi = pd.to_numeric(pts["latency_p90_ms"], errors="coerce").to_numpy(dtype=float) - lat
+    lo = lat - pd.to_numeric(pts["latency_p10_ms"], errors="coerce").to_numpy(dtype=float)
+    if not (np.isfinite(hi).any() or np.isfinite(lo).any()):
+        return None
+    return {"type": "data", "symmetric": False, "array": np.nan_to_num(hi).clip(0),
+            "arrayminus": np.nan_to_num(lo).clip(0), "thickness": 1, "width": 0}
+
+
+def _finite(x: Any) -> bool:
+    try:
+        return x is not None and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,344 @@
+"""The search space: a YAML table of blocks and their choices, mapped to specs by an Optuna trial.
+
+MnasNet's factorized hierarchical space (Tan et al., CVPR 2019, Section 4.1): the network is a
+fixed sequence of blocks laid over a backbone (MobileNetV2's), and each block searches its own op,
+kernel, expansion, squeeze-and-excite ratio, skip, repeat count and width; all repeats inside a
+block share them. Nothing here imports torch: `SearchSpace.sample` turns a trial into an
+`Architecture` (pure data) and `nas.model.build_model` does the rest.
+
+A block whose choices contain a single value has that factor fixed (no Optuna parameter). The
+expansion ratio is a conditional parameter: `b{i}_expansion` is suggested only in trials that chose
+`mbconv` for block i, which is what Optuna's define-by-run API is for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from nas.arch import (
+    ACTS,
+    KERNELS,
+    OPS,
+    SKIPS,
+    SPACES_DIR,
+    ArchError,
+    Architecture,
+    BlockSpec,
+    Head,
+    Settings,
+    Stem,
+    make_divisible,
+)
+
+if TYPE_CHECKING:  # annotations only: importing the space needs neither optuna nor torch
+    from optuna.trial import BaseTrial
+
+DEFAULT_SPACE = "mnasnet"
+FILTER_DIVISOR = 8  # searched widths are rounded like MobileNetV2's width multiplier
+# Order in which a block's factors are suggested, and the suffix of their Optuna parameter names.
+FACTORS = ("op", "kernel", "expansion", "se_ratio", "skip", "repeats_delta", "filters_mult")
+_BASE_KEYS = ("filters", "repeats", "stride", "act")
+
+
+class SpaceError(ValueError):
+    """A malformed space, or an architecture outside it: one line naming file, block, field."""
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# Per factor: (test of one value, the rule said in errors). repeats_delta is also checked against
+# the block's base repeats; whatever slips through is caught by building the min/max networks.
+_VALUE_RULES: dict[str, tuple[Any, str]] = {
+    "op": (lambda v: v in OPS, f"one of {list(OPS)}"),
+    "kernel": (lambda v: _is_int(v) and v in KERNELS, f"one of {list(KERNELS)}"),
+    "expansion": (lambda v: _is_number(v) and 0 < v <= 16, "numbers > 0 and <= 16"),
+    "se_ratio": (lambda v: _is_number(v) and 0 <= v <= 1, "numbers >= 0 and <= 1"),
+    "skip": (lambda v: v in SKIPS, f"one of {list(SKIPS)}"),
+    "repeats_delta": (_is_int, "integers"),
+    "filters_mult": (lambda v: _is_number(v) and v > 0, "numbers > 0"),
+}
+
+
+@dataclass(frozen=True)
+class BlockChoices:
+    """One block of the backbone (base width, repeats, stride) and the choices searched for it."""
+
+    filters: int
+    repeats: int
+    stride: int
+    op: tuple[str, ...]
+    kernel: tuple[int, ...]
+    expansion: tuple[float, ...] = ()  # empty when no op choice is mbconv
+    se_ratio: tuple[float, ...] = (0.0,)
+    skip: tuple[str, ...] = ("identity",)
+    repeats_delta: tuple[int, ...] = (0,)
+    filters_mult: tuple[float, ...] = (1.0,)
+    act: str = "relu"
+
+    def choices(self, factor: str) -> tuple:
+        return getattr(self, factor)
+
+    def searched(self) -> list[str]:
+        """Factors with more than one choice: those that become Optuna parameters."""
+        return [f for f in FACTORS if len(self.choices(f)) > 1]
+
+    def width(self, mult: float) -> int:
+        return make_divisible(self.filters * mult, FILTER_DIVISOR)
+
+    def widths(self) -> list[int]:
+        """Distinct output widths: two multipliers can round to the same width (16 x 0.75 -> 16)."""
+        return sorted({self.width(m) for m in self.filters_mult})
+
+    def spec(self, *, op: str, kernel: int, expansion: float, se_ratio: float, skip: str,
+             repeats_delta: int, filters_mult: float) -> BlockSpec:
+        return BlockSpec(op=op, kernel=kernel, filters=self.width(filters_mult), stride=self.stride,
+                         repeats=self.repeats + repeats_delta,
+                         expansion=expansion if op == "mbconv" else 1, se_ratio=se_ratio,
+                         skip=skip, act=self.act)
+
+    def size(self) -> int:
+        """Distinct block specs; expansion multiplies only the mbconv branch."""
+        ops = sum(len(self.expansion) if op == "mbconv" else 1 for op in self.op)
+        return (ops * len(self.kernel) * len(self.se_ratio) * len(self.skip)
+                * len(self.repeats_delta) * len(self.widths()))
+
+    def extreme(self, *, largest: bool) -> BlockSpec:
+        """Smallest or largest choice of every factor, with mbconv when it is allowed."""
+        pick = max if largest else min
+        op = "mbconv" if "mbconv" in self.op else self.op[0]
+        return self.spec(op=op, kernel=pick(self.kernel),
+                         expansion=pick(self.expansion) if self.expansion else 1,
+                         se_ratio=pick(self.se_ratio), skip=self.skip[0],
+                         repeats_delta=pick(self.repeats_delta),
+                         filters_mult=pick(self.filters_mult))
+
+    def to_dict(self) -> dict[str, Any]:
+        choices = {f: list(self.choices(f)) for f in FACTORS if self.choices(f)}
+        return {"filters": self.filters, "repeats": self.repeats, "stride": self.stride,
+                "act": self.act, "choices": choices}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Blocks with their choices, between a fixed stem and head, under network-wide settings."""
+
+    blocks: tuple[BlockChoices, ...]
+    stem: Stem = field(default_factory=Stem)
+    head: Head = field(default_factory=Head)
+    settings: Settings = field(default_factory=Settings)
+    name: str = ""
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> SearchSpace:
+        """Read and strictly validate a space file; every error names the file."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise SpaceError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except OSError as e:
+            raise SpaceError(f"{path}: cannot read ({e.strerror})") from None
+        return cls.from_dict(data, where=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "space") -> SearchSpace:
+        """Strict: unknown keys, empty or duplicate choices and out-of-range values are errors."""
+        if not isinstance(data, Mapping):
+            raise SpaceError(f"{where}: expected a mapping with keys name, stem, head, settings, "
+                             f"blocks; got {type(data).__name__}")
+        _reject_unknown(where, data, ("name", "stem", "head", "settings", "blocks"))
+        raw_blocks = data.get("blocks")
+        if not isinstance(raw_blocks, list) or not raw_blocks:
+            raise SpaceError(f"{where}: blocks must be a non-empty list of blocks, each with "
+                             f"filters, repeats, stride and choices; got {raw_blocks!r}")
+        blocks = tuple(_parse_block(raw, f"{where}: blocks[{i}]") for i, raw in
+                       enumerate(raw_blocks))
+        # Build the smallest and the largest network through nas.arch, so anything the
+        # architecture language rejects (bad stem, head, settings, widths) fails here, at load.
+        archs = []
+        for largest in (False, True):
+            raw_arch = {"name": data.get("name", ""), "stem": data.get("stem", {}),
+                        "head": data.get("head", {}), "settings": data.get("settings", {}),
+                        "blocks": [b.extreme(largest=largest).to_str() for b in blocks]}
+            try:
+                archs.append(Architecture.from_dict(raw_arch, where=where))
+            except ArchError as e:
+                raise SpaceError(str(e)) from None
+        arch = archs[0]
+        return cls(blocks=blocks, stem=arch.stem, head=arch.head, settings=arch.settings,
+                   name=arch.name)
+
+    def sample(self, trial: BaseTrial) -> Architecture:
+        """One `suggest_categorical` per block and searched factor, named like ``b0_kernel``."""
+        blocks = []
+        for i, block in enumerate(self.blocks):
+            def pick(factor: str, block: BlockChoices = block, i: int = i) -> Any:
+                values = block.choices(factor)
+                if len(values) == 1:
+                    return values[0]
+                return trial.suggest_categorical(f"b{i}_{factor}", list(values))
+
+            op = pick("op")
+            kernel = pick("kernel")
+            expansion = pick("expansion") if op == "mbconv" else 1
+            blocks.append(block.spec(op=op, kernel=kernel, expansion=expansion,
+                                     se_ratio=pick("se_ratio"), skip=pick("skip"),
+                                     repeats_delta=pick("repeats_delta"),
+                                     filters_mult=pick("filters_mult")))
+        return Architecture(blocks=tuple(blocks), stem=self.stem, head=self.head,
+                            settings=self.settings)
+
+    def params_of(self, arch: Architecture) -> dict[str, Any]:
+        """The trial parameters that sample `arch`, e.g. for `study.enqueue_trial` of a baseline."""
+        name = arch.name or "architecture"
+        if len(arch.blocks) != len(self.blocks):
+            raise SpaceError(f"{name}: has {len(arch.blocks)} blocks; space "
+                             f"{self.name or '?'} has {len(self.blocks)}")
+        for part in ("stem", "head", "settings"):
+            ours, theirs = dataclasses.asdict(getattr(self, part)), dataclasses.asdict(
+                getattr(arch, part))
+            diff = [k for k in ours if ours[k] != theirs[k]]
+            if diff:
+                k = diff[0]
+                raise SpaceError(f"{name}: {part}.{k}={theirs[k]!r} but the space fixes "
+                                 f"{part}.{k}={ours[k]!r}")
+        params: dict[str, Any] = {}
+        for i, (block, spec) in enumerate(zip(self.blocks, arch.blocks, strict=True)):
+            params.update(_block_params(block, spec, i, f"{name}: blocks[{i}]"))
+        return params
+
+    def size(self) -> int:
+        """Number of distinct architectures: blocks are independent, so a product over blocks."""
+        return math.prod(b.size() for b in self.blocks)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-able data in the file format (lists, not tuples), e.g. for run metadata."""
+        defaults = Settings()
+        return {
+            "name": self.name,
+            "stem": dataclasses.asdict(self.stem),
+            "head": dataclasses.asdict(self.head),
+            "settings": {k: v for k, v in dataclasses.asdict(self.settings).items()
+                         if v != getattr(defaults, k)},
+            "blocks": [b.to_dict() for b in self.blocks],
+        }
+
+
+def _reject_unknown(where: str, data: Mapping, allowed: Sequence[str]) -> None:
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        raise SpaceError(f"{where}: unknown field {unknown[0]!r}; allowed: {list(allowed)}")
+
+
+def _parse_block(raw: Any, where: str) -> BlockChoices:
+    if not isinstance(raw, Mapping):
+        raise SpaceError(f"{where}: expected a mapping with filters, repeats, stride, act, "
+                         f"choices; got {raw!r}")
+    _reject_unknown(where, raw, (*_BASE_KEYS, "choices"))
+    for key in ("filters", "repeats", "stride", "choices"):
+        if key not in raw:
+            raise SpaceError(f"{where}: missing field {key!r}")
+    if not _is_int(raw["filters"]) or raw["filters"] < 1:
+        raise SpaceError(f"{where}: filters={raw['filters']!r} must be an integer >= 1")
+    if not _is_int(raw["repeats"]) or raw["repeats"] < 1:
+        raise SpaceError(f"{where}: repeats={raw['repeats']!r} must be an integer >= 1")
+    if not _is_int(raw["stride"]) or raw["stride"] not in (1, 2):
+        raise SpaceError(f"{where}: stride={raw['stride']!r} is not allowed; expected one of "
+                         f"[1, 2]")
+    act = raw.get("act", "relu")
+    if act not in ACTS:
+        raise SpaceError(f"{where}: act={act!r} is not allowed; expected one of {list(ACTS)}")
+    choices = raw["choices"]
+    if not isinstance(choices, Mapping):
+        raise SpaceError(f"{where}: choices must be a mapping of factor -> list of values")
+    _reject_unknown(f"{where}.choices", choices, FACTORS)
+    for key in ("op", "kernel"):
+        if key not in choices:
+            raise SpaceError(f"{where}.choices: missing field {key!r}")
+    values = {f: _parse_values(choices[f], f, f"{where}.choices.{f}")
+              for f in FACTORS if f in choices}
+    if "mbconv" in values["op"] and "expansion" not in values:
+        raise SpaceError(f"{where}.choices: op includes mbconv, so expansion choices are needed "
+                         f"(e.g. expansion: [3, 6])")
+    if "mbconv" not in values["op"] and "expansion" in values:
+        raise SpaceError(f"{where}.choices.expansion: applies to mbconv only, and op choices "
+                         f"{list(values['op'])} have none")
+    # No clamping: a delta that leaves zero repeats is an error, so each (block, delta) pair is a
+    # distinct network and params_of stays an exact inverse.
+    for delta in values.get("repeats_delta", ()):
+        if raw["repeats"] + delta < 1:
+            raise SpaceError(f"{where}.choices.repeats_delta: repeats {raw['repeats']} + "
+                             f"{delta} = {raw['repeats'] + delta}; every choice must leave >= 1 "
+                             f"repeat")
+    return BlockChoices(filters=raw["filters"], repeats=raw["repeats"], stride=raw["stride"],
+                        act=act, **values)
+
+
+def _parse_values(raw: Any, factor: str, where: str) -> tuple:
+    if not isinstance(raw, list) or not raw:
+        raise SpaceError(f"{where}: expected a non-empty list of choices; got {raw!r}")
+    test, rule = _VALUE_RULES[factor]
+    for value in raw:
+        if not test(value):
+            raise SpaceError(f"{where}: {value!r} is not allowed; expected {rule}")
+    dupes = [v for i, v in enumerate(raw) if v in raw[:i]]
+    if dupes:
+        raise SpaceError(f"{where}: {dupes[0]!r} is listed twice in {raw!r}")
+    return tuple(raw)
+
+
+def _block_params(block: BlockChoices, spec: BlockSpec, i: int, where: str) -> dict[str, Any]:
+    for key in ("stride", "act"):
+        if getattr(spec, key) != getattr(block, key):
+            raise SpaceError(f"{where}: {key}={getattr(spec, key)!r} but the space fixes "
+                             f"{key}={getattr(block, key)!r}")
+    if spec.pw_act:
+        raise SpaceError(f"{where}: pw_act=True is not in the space (always false)")
+    found = {"op": spec.op, "kernel": spec.kernel, "se_ratio": spec.se_ratio, "skip": spec.skip,
+             "repeats_delta": spec.repeats - block.repeats}
+    if spec.op == "mbconv":
+        found["expansion"] = spec.expansion
+    for factor, value in found.items():
+        match = [c for c in block.choices(factor) if c == value]
+        if not match:
+            raise SpaceError(f"{where}: {factor}={value!r} is not a choice; allowed: "
+                             f"{list(block.choices(factor))}")
+        found[factor] = match[0]  # the choice itself (0 rather than 0.0), as trial.params holds it
+    mults = [m for m in block.filters_mult if block.width(m) == spec.filters]
+    if not mults:
+        raise SpaceError(f"{where}: filters={spec.filters} is not reachable; allowed: "
+                         f"{block.widths()} (base {block.filters} x {list(block.filters_mult)})")
+    # Rounding can map two multipliers to one width (16 x 0.75 -> 16): prefer the one nearest 1.
+    found["filters_mult"] = min(mults, key=lambda m: abs(m - 1.0))
+    return {f"b{i}_{f}": found[f] for f in FACTORS if f in found and len(block.choices(f)) > 1}
+
+
+def space_names() -> list[str]:
+    """Names of the search spaces shipped in search_spaces/."""
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def load_space(path_or_name: str | os.PathLike) -> SearchSpace:
+    """A space file by path, or a shipped space by name ("mnasnet", "tiny")."""
+    path = Path(path_or_name)
+    if not path.exists():
+        shipped = SPACES_DIR / f"{path_or_name}.yaml"
+        if not shipped.exists():
+            raise SpaceError(f"{path_or_name}: no such file and not a shipped space; shipped: "
+                             f"{', '.join(space_names())}")
+        path = shipped
+    return SearchSpace.from_yaml(path)

@@ -1,0 +1,173 @@
+"""Trials as a frame, the Pareto front and the best trial: the numbers the plots and exports use."""
+
+import io
+import json
+import math
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
+
+from nas.arch import Architecture, load_architecture
+from nas.pareto import (
+    TRIAL_ATTRS,
+    best_trial_row,
+    history_frame,
+    pareto_frame,
+    pareto_mask,
+    points_frame,
+    trials_frame,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+OP = CategoricalDistribution(["sepconv", "mbconv"])
+
+
+def _attrs(acc: float, lat: float, reward: float, **extra) -> dict:
+    arch = load_architecture("mnasnet_b1")
+    return {"accuracy": acc, "latency_ms": lat, "latency_p10_ms": lat * 0.9,
+            "latency_p90_ms": lat * 1.2, "reward": reward, "params": 1_000_000, "macs": 5e7,
+            "arch": f"arch_{acc}_{lat}", "arch_dict": arch.to_dict(), "train_s": 1.5,
+            "latency_s": 0.2, **extra}
+
+
+def _study(multi: bool = False) -> optuna.Study:
+    """A hand-made study: five searched trials, one failed, one baseline, one pruned."""
+    study = optuna.create_study(directions=["maximize", "minimize"] if multi else ["maximize"])
+    rows = [  # (acc, lat, reward)
+        (0.70, 10.0, 0.71),  # 0: front (fastest)
+        (0.80, 20.0, 0.80),  # 1: front
+        (0.75, 25.0, 0.74),  # 2: dominated by 1
+        (0.90, 40.0, 0.85),  # 3: front, best reward
+        (0.85, 45.0, 0.85),  # 4: dominated by 3; ties 3 on reward (3 is earlier)
+    ]
+    for acc, lat, rew in rows:
+        study.add_trial(create_trial(
+            state=TrialState.COMPLETE, values=[acc, lat] if multi else None,
+            value=None if multi else rew, params={"b0_op": "mbconv"}, distributions={"b0_op": OP},
+            user_attrs=_attrs(acc, lat, rew)))
+    study.add_trial(create_trial(state=TrialState.FAIL, params={"b0_op": "sepconv"},
+                                 distributions={"b0_op": OP},
+                                 user_attrs={"fail_reason": "CandidateFailed: NaN loss"}))
+    # A baseline that dominates everything and has the highest reward: plotted, never exported.
+    study.add_trial(create_trial(
+        state=TrialState.COMPLETE, values=[0.99, 5.0] if multi else None,
+        value=None if multi else 0.99, user_attrs=_attrs(0.99, 5.0, 0.99, baseline="mnasnet_b1")))
+    study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs={"latency_ms": 500.0}))
+    return study
+
+
+def _brute_force_mask(acc: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    ok = np.isfinite(acc) & np.isfinite(lat)
+    keep = []
+    for i in range(len(acc)):
+        dominated = any(ok[j] and acc[j] >= acc[i] and lat[j] <= lat[i]
+                        and (acc[j] > acc[i] or lat[j] < lat[i]) for j in range(len(acc)))
+        keep.append(bool(ok[i] and not dominated))
+    return np.array(keep)
+
+
+def test_pareto_mask_hand_example():
+    points = {  # name: (acc, lat)
+        "A": (0.9, 10), "B": (0.8, 5), "C": (0.85, 12), "D": (0.9, 10), "E": (0.7, 5),
+        "F": (0.95, 20), "G": (math.nan, 1), "H": (0.9, 11), "I": (0.99, math.inf),
+    }
+    acc, lat = zip(*points.values(), strict=True)
+    mask = pareto_mask(list(acc), list(lat))
+    on = {name for name, m in zip(points, mask, strict=True) if m}
+    # C is beaten by A; E by B (same latency, less accurate); H by A (same accuracy, slower);
+    # G and I have a non-finite coordinate; A and D are the same point and both stay.
+    assert on == {"A", "B", "D", "F"}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pareto_mask_matches_brute_force_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    acc = rng.integers(0, 6, 60) / 10  # coarse grids force ties and duplicates
+    lat = rng.integers(1, 8, 60).astype(float)
+    acc[rng.integers(0, 60, 3)] = np.nan
+    assert np.array_equal(pareto_mask(acc, lat), _brute_force_mask(acc, lat))
+
+
+def test_pareto_mask_edge_cases():
+    assert pareto_mask([], []).tolist() == []
+    assert pareto_mask([0.5], [3.0]).tolist() == [True]
+    with pytest.raises(ValueError, match=r"equal length; got shapes \(2,\) and \(3,\)"):
+        pareto_mask([0.1, 0.2], [1, 2, 3])
+
+
+def test_trials_frame_has_clean_columns():
+    df = trials_frame(_study())
+    assert len(df) == 8
+    assert list(df.columns[:6]) == ["number", "state", "value", "datetime_start",
+                                    "datetime_complete", "duration_s"]
+    assert set(TRIAL_ATTRS) <= set(df.columns)
+    assert not [c for c in df.columns if c.startswith(("user_attrs", "params_"))]
+    assert df.state.tolist() == ["COMPLETE"] * 5 + ["FAIL", "COMPLETE", "PRUNED"]
+    assert df.choice_b0_op.tolist()[:6] == ["mbconv"] * 5 + ["sepconv"]
+    assert df.value.tolist()[:5] == [0.71, 0.80, 0.74, 0.85, 0.85]
+    assert df.fail_reason[5] == "CandidateFailed: NaN loss"
+    assert df.baseline[6] == "mnasnet_b1" and df.baseline[:6].isna().all()
+    assert df.params[0] == 1_000_000 and df.latency_p90_ms[0] == pytest.approx(12.0)
+    # arch_dict is JSON text, so trials.csv holds it losslessly.
+    assert Architecture.from_dict(json.loads(df.arch_dict[0])) == load_architecture("mnasnet_b1")
+
+
+def test_trials_frame_survives_csv():
+    df = trials_frame(_study())
+    back = pd.read_csv(io.StringIO(df.to_csv(index=False)))
+    assert Architecture.from_dict(json.loads(back.arch_dict[3])).name == "mnasnet_b1"
+    assert pareto_frame(back).number.tolist() == pareto_frame(df).number.tolist()
+
+
+def test_trials_frame_of_multi_objective_and_empty_studies():
+    df = trials_frame(_study(multi=True))
+    assert df.value.isna().all()
+    assert df.value_0.tolist()[:2] == [0.70, 0.80] and df.value_1.tolist()[:2] == [10.0, 20.0]
+    empty = trials_frame(optuna.create_study())
+    assert len(empty) == 0 and {"number", "accuracy", "latency_ms", "reward"} <= set(empty)
+    assert len(pareto_frame(empty)) == 0 and best_trial_row(empty) is None
+
+
+def test_pareto_frame_is_the_searched_front_fastest_first():
+    df = trials_frame(_study())
+    front = pareto_frame(df)
+    assert front.number.tolist() == [0, 1, 3]
+    assert front.latency_ms.tolist() == [10.0, 20.0, 40.0]
+    assert front.accuracy.is_monotonic_increasing
+    pts = points_frame(df)
+    assert pts.number.tolist() == [0, 1, 2, 3, 4, 6]  # completed with accuracy and latency
+    assert pts.is_baseline.tolist() == [False] * 5 + [True]
+    assert not pts.on_front[pts.is_baseline].any()
+
+
+def test_best_trial_row_is_the_searched_trial_with_highest_reward():
+    df = trials_frame(_study())
+    best = best_trial_row(df)
+    assert best["number"] == 3  # 4 ties on reward; the baseline's 0.99 does not count
+    # With baseline rows appended as results.py does (no trial number), nothing changes.
+    baselines = pd.DataFrame([{"baseline": "mobilenet_v2", "state": "COMPLETE", "reward": 1.0,
+                               "accuracy": 0.95, "latency_ms": 1.0}])
+    both = pd.concat([df, baselines], ignore_index=True)
+    assert best_trial_row(both)["number"] == 3
+    assert pareto_frame(both).number.tolist() == [0, 1, 3]
+
+
+def test_history_frame_running_best():
+    h = history_frame(trials_frame(_study()))
+    assert h.number.tolist() == [0, 1, 2, 3, 4]
+    assert h.value.tolist() == [0.71, 0.80, 0.74, 0.85, 0.85]
+    assert h.best_value.tolist() == [0.71, 0.80, 0.80, 0.85, 0.85]
+    assert h.arch[0] == "arch_0.7_10.0"
+
+
+def test_history_frame_of_two_objectives():
+    h = history_frame(trials_frame(_study(multi=True)))
+    assert list(h.columns) == ["number", "arch", "accuracy", "latency_ms", "best_accuracy",
+                               "best_latency_ms"]
+    assert h.best_accuracy.tolist() == [0.70, 0.80, 0.80, 0.90, 0.90]
+    assert h.best_latency_ms.tolist() == [10.0] * 5

@@ -1,0 +1,93 @@
+"""The plots draw exactly the data nas.pareto computes: checked on traces, not on pixels."""
+
+import pandas as pd
+import pytest
+from test_pareto import _study
+
+from nas.pareto import pareto_frame, trials_frame
+from nas.plots import history_figure, pareto_figure, write_plots
+
+
+def _trace(fig, name):
+    found = [t for t in fig.data if t.name == name]
+    assert len(found) == 1, [t.name for t in fig.data]
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def df() -> pd.DataFrame:
+    return trials_frame(_study())
+
+
+def test_pareto_figure_data(df):
+    fig = pareto_figure(df, target_ms=30.0)
+    trials = _trace(fig, "trials")
+    assert list(trials.x) == [10.0, 20.0, 25.0, 40.0, 45.0]  # searched, completed
+    assert list(trials.y) == [0.70, 0.80, 0.75, 0.90, 0.85]
+    front = _trace(fig, "Pareto front")
+    assert list(front.x) == pareto_frame(df).latency_ms.tolist() == [10.0, 20.0, 40.0]
+    assert list(front.y) == [0.70, 0.80, 0.90]
+    assert front.line.shape == "hv" and "lines" in front.mode
+    # p10/p90 latency as asymmetric error bars (attrs: p10 = 0.9 x, p90 = 1.2 x the median).
+    assert list(front.error_x.array) == pytest.approx([2.0, 4.0, 8.0])
+    assert list(front.error_x.arrayminus) == pytest.approx([1.0, 2.0, 4.0])
+    base = _trace(fig, "baselines")
+    assert list(base.x) == [5.0] and list(base.y) == [0.99]
+    assert base.marker.symbol == "diamond" and list(base.text) == ["mnasnet_b1"]
+    assert "baseline mnasnet_b1" in base.hovertext[0]
+    (line,) = fig.layout.shapes
+    assert line.x0 == line.x1 == 30.0
+
+
+def test_pareto_hover_names_trial_arch_and_costs(df):
+    fig = pareto_figure(df, target_ms=30.0)
+    hover = _trace(fig, "Pareto front").hovertext[2]
+    for text in ("trial 3", "arch_0.9_40.0", "reward 0.8500", "params 1 M", "MACs 50 M",
+                 "accuracy 0.9000", "latency 40 ms"):
+        assert text in hover, hover
+
+
+def test_pareto_figure_without_target_or_points():
+    fig = pareto_figure(trials_frame(_study()).iloc[0:0], target_ms=None)
+    assert not fig.layout.shapes
+    assert all(len(t.x) == 0 for t in fig.data)
+
+
+def test_pareto_figure_with_appended_baseline_rows(df):
+    """results.py appends baselines.csv rows, which have no trial number."""
+    extra = pd.DataFrame([{"baseline": "mobilenet_v2", "state": "COMPLETE", "accuracy": 0.6,
+                           "latency_ms": 12.0, "reward": 0.6, "arch": "mb1_k3_s1_r1_c16"}])
+    fig = pareto_figure(pd.concat([df, extra], ignore_index=True), target_ms=30.0)
+    base = _trace(fig, "baselines")
+    assert list(base.text) == ["mnasnet_b1", "mobilenet_v2"]
+    assert "mb1_k3_s1_r1_c16" in base.hovertext[1]
+    assert list(_trace(fig, "Pareto front").x) == [10.0, 20.0, 40.0]
+
+
+def test_history_figure_reward(df):
+    fig = history_figure(df)
+    trial = _trace(fig, "trial")
+    assert list(trial.x) == [0, 1, 2, 3, 4]
+    assert list(trial.y) == [0.71, 0.80, 0.74, 0.85, 0.85]
+    assert list(_trace(fig, "best so far").y) == [0.71, 0.80, 0.80, 0.85, 0.85]
+    assert "arch_0.75_25.0" in trial.hovertext[2]
+    # The baseline's reward as a reference line.
+    assert [s.y0 for s in fig.layout.shapes] == [0.99]
+
+
+def test_history_figure_two_objectives():
+    fig = history_figure(trials_frame(_study(multi=True)))
+    assert list(_trace(fig, "accuracy").y) == [0.70, 0.80, 0.75, 0.90, 0.85]
+    assert list(_trace(fig, "latency (ms)").y) == [10.0, 20.0, 25.0, 40.0, 45.0]
+    assert list(_trace(fig, "best latency (ms) so far").y) == [10.0] * 5
+    assert _trace(fig, "latency (ms)").yaxis == "y2"
+
+
+def test_write_plots_writes_self_contained_pages(df, tmp_path):
+    paths = write_plots(df, tmp_path / "run", target_ms=30.0)
+    assert [p.name for p in paths] == ["pareto.html", "history.html"]
+    for path in paths:
+        html = path.read_text()
+        assert '<script src="https:' not in html and "plotly.js v" in html  # works offline
+    assert "arch_0.9_40.0" in paths[0].read_text()
+    assert not list((tmp_path / "run").glob(".*.tmp"))

@@ -1,0 +1,313 @@
+"""The search space: sampling, the inverse map for enqueued networks, its size, strict loading."""
+
+import copy
+import itertools
+import json
+import subprocess
+import sys
+
+import optuna
+import pytest
+import yaml
+
+from nas.arch import Architecture, BlockSpec, load_architecture
+from nas.space import (
+    DEFAULT_SPACE,
+    FACTORS,
+    SPACES_DIR,
+    SearchSpace,
+    SpaceError,
+    load_space,
+    space_names,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# MobileNetV2's backbone (Sandler et al., 2018, Table 2), which MnasNet's space is laid over.
+MBV2_FILTERS = [16, 24, 32, 64, 96, 160, 320]
+MBV2_REPEATS = [1, 2, 3, 4, 3, 3, 1]
+MBV2_STRIDES = [1, 2, 2, 2, 1, 2, 1]
+
+
+@pytest.fixture(scope="module")
+def mnasnet() -> SearchSpace:
+    return load_space("mnasnet")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> SearchSpace:
+    return load_space("tiny")
+
+
+def _sample(space: SearchSpace, sampler: optuna.samplers.BaseSampler, n: int) -> list[str]:
+    study = optuna.create_study(sampler=sampler)
+    return [space.sample(study.ask()).to_str() for _ in range(n)]
+
+
+def test_shipped_spaces_load_by_name_and_path():
+    assert {"mnasnet", "tiny"} <= set(space_names())
+    assert DEFAULT_SPACE == "mnasnet"
+    assert load_space("mnasnet") == load_space(SPACES_DIR / "mnasnet.yaml")
+    with pytest.raises(SpaceError, match="not a shipped space; shipped: .*mnasnet"):
+        load_space("no_such_space")
+
+
+def test_mnasnet_space_is_the_papers(mnasnet):
+    assert [b.filters for b in mnasnet.blocks] == MBV2_FILTERS
+    assert [b.repeats for b in mnasnet.blocks] == MBV2_REPEATS
+    assert [b.stride for b in mnasnet.blocks] == MBV2_STRIDES
+    for b in mnasnet.blocks:
+        assert b.op == ("conv", "sepconv", "mbconv")
+        assert (b.kernel, b.expansion, b.se_ratio) == ((3, 5), (3, 6), (0, 0.25))
+        assert b.skip == ("identity", "none")
+        assert b.filters_mult == (0.75, 1.0, 1.25)
+        # No delta may remove a block's only layer: blocks of 1 repeat search +0 and +1.
+        assert b.repeats_delta == ((0, 1) if b.repeats == 1 else (-1, 0, 1))
+    assert (mnasnet.stem.filters, mnasnet.stem.kernel, mnasnet.stem.stride) == (32, 3, 2)
+    assert (mnasnet.head.filters, mnasnet.head.dropout) == (1280, 0.2)
+    assert (mnasnet.settings.se_from, mnasnet.settings.se_gate) == ("input", "sigmoid")
+
+
+def test_sampling_is_deterministic_under_a_seed(mnasnet):
+    first = _sample(mnasnet, optuna.samplers.RandomSampler(seed=0), 10)
+    assert first == _sample(mnasnet, optuna.samplers.RandomSampler(seed=0), 10)
+    assert first != _sample(mnasnet, optuna.samplers.RandomSampler(seed=1), 10)
+
+
+def test_tpe_sampling_is_deterministic_under_a_seed(tiny):
+    def run(seed: int) -> list[str]:
+        study = optuna.create_study(
+            direction="maximize",
+            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3))
+        archs: list[str] = []
+
+        def objective(trial):
+            arch = tiny.sample(trial)
+            archs.append(arch.to_str())
+            return sum(b.filters * b.repeats for b in arch.blocks)
+
+        study.optimize(objective, n_trials=8)
+        return archs
+
+    assert run(0) == run(0)
+    assert run(0) != run(1)
+
+
+def test_samples_respect_the_space(mnasnet):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen_ops = set()
+    for _ in range(60):
+        trial = study.ask()
+        arch = mnasnet.sample(trial)
+        arch.validate()
+        assert len(arch.blocks) == 7
+        assert [b.stride for b in arch.blocks] == MBV2_STRIDES
+        assert arch.stem == mnasnet.stem and arch.head == mnasnet.head
+        for i, (spec, choices) in enumerate(zip(arch.blocks, mnasnet.blocks, strict=True)):
+            seen_ops.add(spec.op)
+            assert spec.filters in choices.widths()
+            assert spec.repeats - choices.repeats in choices.repeats_delta
+            # Expansion is conditional: a parameter only in trials that chose MBConv.
+            assert (f"b{i}_expansion" in trial.params) == (spec.op == "mbconv")
+            if spec.op != "mbconv":
+                assert spec.expansion == 1
+        expected = {f"b{i}_{f}" for i in range(7) for f in FACTORS if f != "expansion"}
+        assert expected <= set(trial.params)
+    assert seen_ops == {"conv", "sepconv", "mbconv"}
+
+
+def test_fixed_factors_are_not_parameters(tiny):
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    tiny.sample(trial)
+    # Block 0 fixes kernel; block 2 fixes op (mbconv), so its expansion is always searched.
+    assert "b0_kernel" not in trial.params and "b2_op" not in trial.params
+    assert "b2_expansion" in trial.params
+    assert not any(k.startswith("b0_expansion") for k in trial.params)
+
+
+@pytest.mark.parametrize("name", ["mnasnet", "tiny"])
+def test_params_of_round_trips_through_enqueue(name):
+    space = load_space(name)
+    source = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=7))
+    target = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=99))
+    for _ in range(25):
+        arch = space.sample(source.ask())
+        params = space.params_of(arch)
+        target.enqueue_trial(params)
+        assert space.sample(target.ask()) == arch
+        assert space.sample(optuna.trial.FixedTrial(params)) == arch
+
+
+def test_params_of_prefers_the_neutral_multiplier_when_widths_collide(mnasnet):
+    # 16 x 0.75 rounds back to 16: both 0.75 and 1.0 give it; 1.0 is the natural reading.
+    assert mnasnet.blocks[0].widths() == [16, 24]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    arch = mnasnet.sample(study.ask())
+    blocks = list(arch.blocks)
+    blocks[0] = BlockSpec.from_str("sep_k3_s1_r1_c16_noskip")
+    params = mnasnet.params_of(Architecture(blocks=tuple(blocks), stem=arch.stem, head=arch.head,
+                                            settings=arch.settings))
+    assert params["b0_filters_mult"] == 1.0
+    assert params["b0_op"] == "sepconv" and "b0_expansion" not in params
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("mnasnet_a1", "blocks[4]: filters=112 is not reachable; allowed: [72, 96, 120]"),
+    ("mobilenet_v2", "stem.act='relu6' but the space fixes stem.act='relu'"),
+    ("mobilenet_v3_small", "stem.filters=16 but the space fixes stem.filters=32"),
+])
+def test_params_of_rejects_networks_outside_the_space(mnasnet, name, fragment):
+    with pytest.raises(SpaceError) as err:
+        mnasnet.params_of(load_architecture(name))
+    assert fragment in str(err.value)
+    assert name in str(err.value)
+
+
+def test_params_of_rejects_wrong_depth_and_choices(tiny):
+    arch = tiny.sample(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask())
+    with pytest.raises(SpaceError, match="has 2 blocks; space tiny has 3"):
+        tiny.params_of(Architecture(blocks=arch.blocks[:2], stem=arch.stem, head=arch.head))
+    bad = list(arch.blocks)
+    bad[0] = BlockSpec.from_str("conv_k5_s1_r1_c8")
+    with pytest.raises(SpaceError, match=r"blocks\[0\]: kernel=5 is not a choice; allowed: \[3\]"):
+        tiny.params_of(Architecture(blocks=tuple(bad), stem=arch.stem, head=arch.head))
+    bad[0] = BlockSpec.from_str("conv_k3_s2_r1_c8")
+    with pytest.raises(SpaceError, match="stride=2 but the space fixes stride=1"):
+        tiny.params_of(Architecture(blocks=tuple(bad), stem=arch.stem, head=arch.head))
+
+
+def _brute_force_block_count(space: SearchSpace, i: int) -> int:
+    """Distinct block specs over every combination of the block's own choices."""
+    block = space.blocks[i]
+    specs = set()
+    for op, kernel, se, skip, delta, mult in itertools.product(
+            block.op, block.kernel, block.se_ratio, block.skip, block.repeats_delta,
+            block.filters_mult):
+        for expansion in (block.expansion if op == "mbconv" else (1,)):
+            specs.add(block.spec(op=op, kernel=kernel, expansion=expansion, se_ratio=se, skip=skip,
+                                 repeats_delta=delta, filters_mult=mult).to_str())
+    return len(specs)
+
+
+def test_size_equals_brute_force_over_whole_tiny_space(tiny):
+    """Every parameter combination through FixedTrial, counting distinct architectures."""
+    names, grids = [], []
+    for i, block in enumerate(tiny.blocks):
+        for factor in block.searched():
+            if factor != "expansion":
+                names.append(f"b{i}_{factor}")
+                grids.append(block.choices(factor))
+    archs = set()
+    for values in itertools.product(*grids):
+        params = dict(zip(names, values, strict=True))
+        # The conditional expansion is asked only for mbconv blocks: enumerate it for those.
+        cond = [(f"b{i}_expansion", b.expansion) for i, b in enumerate(tiny.blocks)
+                if len(b.expansion) > 1 and params.get(f"b{i}_op", b.op[0]) == "mbconv"]
+        for exp_values in itertools.product(*(v for _, v in cond)):
+            full = params | dict(zip((n for n, _ in cond), exp_values, strict=True))
+            archs.add(tiny.sample(optuna.trial.FixedTrial(full)).to_str())
+    assert tiny.size() == len(archs) == 1536
+
+
+def test_mnasnet_size_is_a_product_of_per_block_counts(mnasnet):
+    counts = [_brute_force_block_count(mnasnet, i) for i in range(7)]
+    # 4 op variants (conv, sepconv, mbconv x 2 expansions) x 2 kernels x 2 SE x 2 skips = 32,
+    # times repeats (2 or 3) times distinct widths (2 where 0.75 rounds back, else 3).
+    assert counts == [128, 192, 288, 288, 288, 288, 192]
+    assert mnasnet.size() == 128 * 192 * 288**4 * 192 == 32_462_531_054_272_512
+
+
+@pytest.mark.parametrize("name", ["mnasnet", "tiny"])
+def test_to_dict_is_json_and_round_trips(name):
+    space = load_space(name)
+    data = space.to_dict()
+    assert json.loads(json.dumps(data)) == data  # stored in study user attrs, compared on resume
+    assert SearchSpace.from_dict(data) == space
+
+
+def test_tiny_space_builds_small_networks_at_32px(tiny):
+    import torch
+
+    from nas.model import build_model
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(3):
+        model = build_model(tiny.sample(study.ask()), num_classes=10).eval()
+        assert sum(p.numel() for p in model.parameters()) < 50_000
+        with torch.no_grad():
+            assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def _tiny_data() -> dict:
+    return yaml.safe_load((SPACES_DIR / "tiny.yaml").read_text())
+
+
+def _set(path: tuple, value):
+    def edit(d):
+        for key in path[:-1]:
+            d = d[key]
+        d[path[-1]] = value
+    return edit
+
+
+def _drop(path: tuple):
+    def edit(d):
+        for key in path[:-1]:
+            d = d[key]
+        del d[path[-1]]
+    return edit
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (_set(("blocks", 1, "choices", "kernel"), [3, 4]),
+     "blocks[1].choices.kernel: 4 is not allowed; expected one of [1, 3, 5, 7]"),
+    (_set(("blocks", 0, "choices", "op"), ["conv", "foo"]),
+     "blocks[0].choices.op: 'foo' is not allowed; expected one of ['conv', 'sepconv', 'mbconv']"),
+    (_set(("blocks", 1, "choices", "se_ratio"), []),
+     "blocks[1].choices.se_ratio: expected a non-empty list of choices"),
+    (_set(("blocks", 1, "choices", "width"), [1.0]), "blocks[1].choices: unknown field 'width'"),
+    (_set(("blocks", 1, "depth"), 3), "blocks[1]: unknown field 'depth'"),
+    (_set(("searchspace",), 1), "unknown field 'searchspace'"),
+    (_drop(("blocks", 2, "filters")), "blocks[2]: missing field 'filters'"),
+    (_drop(("blocks", 2, "choices", "kernel")), "blocks[2].choices: missing field 'kernel'"),
+    (_set(("blocks", 0, "filters"), -8), "blocks[0]: filters=-8 must be an integer >= 1"),
+    (_set(("blocks", 0, "stride"), 3), "blocks[0]: stride=3 is not allowed; expected one of"),
+    (_set(("blocks", 2, "choices", "filters_mult"), [0.0, 1.0]),
+     "blocks[2].choices.filters_mult: 0.0 is not allowed; expected numbers > 0"),
+    (_set(("blocks", 2, "choices", "repeats_delta"), [-2, 0]),
+     "blocks[2].choices.repeats_delta: repeats 2 + -2 = 0; every choice must leave >= 1 repeat"),
+    (_set(("blocks", 1, "choices", "expansion"), [3, 3]), "3 is listed twice"),
+    (_drop(("blocks", 1, "choices", "expansion")),
+     "blocks[1].choices: op includes mbconv, so expansion choices are needed"),
+    (_set(("blocks", 0, "choices", "expansion"), [3, 6]),
+     "blocks[0].choices.expansion: applies to mbconv only"),
+    (_set(("blocks", 0, "act"), "gelu"), "blocks[0]: act='gelu' is not allowed"),
+    (_set(("stem", "kernel"), 4), "stem: kernel=4 is not allowed"),
+    (_set(("head", "colour"), "red"), "head: unknown field 'colour'"),
+    (_set(("blocks",), []), "blocks must be a non-empty list"),
+])
+def test_malformed_space_files_name_file_and_field(tmp_path, edit, fragment):
+    data = copy.deepcopy(_tiny_data())
+    edit(data)
+    path = tmp_path / "bad_space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpaceError) as err:
+        load_space(path)
+    msg = str(err.value)
+    assert msg.startswith(str(path)), msg
+    assert fragment in msg, msg
+    assert "\n" not in msg
+
+
+def test_unreadable_yaml_is_a_space_error(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("blocks: [\n")
+    with pytest.raises(SpaceError, match="broken.yaml: not valid YAML"):
+        load_space(path)
+
+
+def test_space_module_has_no_torch_dependency():
+    code = ("import sys, nas.space; s = nas.space.load_space('mnasnet'); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
