@@ -1,0 +1,170 @@
+"""Full training of one architecture on the whole training set, scored on the test set.
+
+    python -m nas.train runs/search/best.yaml --epochs 30 --data ../shared/datasets/cifar10-jpg.tar.gz
+
+Writes runs/<name>/checkpoint.pt (a dict of state_dicts, loadable with weights_only=True) after
+every epoch and runs/<name>/metrics.json at the end; the same command resumes an interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from nas.arch import Architecture, ArchError, load_architecture
+from nas.data import DataError, batches, load_data
+from nas.model import build_model
+from nas.proxy import ProxyBudget, evaluate, proxy_arch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of a full run (units in comments)."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1  # peak SGD learning rate, cosine-annealed to 0 after a 1-epoch warm-up
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    seed: int = 0
+
+
+def train(arch: Architecture, run_dir: Path, cfg: TrainConfig, *, data, device: str = "cpu",
+          progress: bool = True) -> dict:
+    """Train (resuming from run_dir/checkpoint.pt when present) and return the metrics."""
+    torch.manual_seed(cfg.seed)
+    trained = proxy_arch(arch, ProxyBudget(), data.train.images.shape[-1])
+    model = build_model(trained, num_classes=data.num_classes).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    steps = max(1, len(data.full_train) // cfg.batch_size)
+    optimizer, scheduler = _optimizer(model, cfg, steps)
+    ckpt_path = run_dir / "checkpoint.pt"
+    start, history = _resume(ckpt_path, arch, model, optimizer, scheduler)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    amp = torch.device(device).type == "cuda"
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        # One generator per epoch: a resumed run sees exactly the batches it would have seen.
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        model.train()
+        bar = tqdm(batches(data.full_train, batch_size=cfg.batch_size, shuffle=True, augment=True,
+                           generator=gen, drop_last=True, device=device, mean=data.mean,
+                           std=data.std),
+                   total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   leave=False)
+        total = 0.0
+        for x, y in bar:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        mean_loss = total / steps
+        if not math.isfinite(mean_loss):
+            raise RuntimeError(f"training diverged in epoch {epoch + 1} (loss {mean_loss})")
+        acc = evaluate(model, data.test, device=device, bf16=amp, mean=data.mean, std=data.std)
+        history.append({"epoch": epoch + 1, "loss": mean_loss, "test_accuracy": acc,
+                        "seconds": time.perf_counter() - t0})
+        print(f"epoch {epoch + 1}/{cfg.epochs}  loss {mean_loss:.4f}  test acc {acc:.4f}  "
+              f"{history[-1]['seconds']:.0f}s", flush=True)
+        _save(ckpt_path, arch, model, optimizer, scheduler, epoch + 1, history)
+    return {"arch": arch.to_str(), "trained_arch": trained.to_str(), "epochs": cfg.epochs,
+            "test_accuracy": history[-1]["test_accuracy"] if history else None,
+            "history": history, "data": data.source, "device": device, "config": cfg.__dict__}
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    total, warm = cfg.epochs * steps_per_epoch, steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _save(path: Path, arch, model, optimizer, scheduler, epoch: int, history: list) -> None:
+    """Atomic: an interrupt mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"arch": arch.to_json(), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "history": json.dumps(history)}, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path, arch, model, optimizer, scheduler) -> tuple[int, list]:
+    if not path.exists():
+        return 0, []
+    ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    if Architecture.from_json(ckpt["arch"]) != arch:
+        raise ArchError(f"{path}: checkpoint is of another architecture; use another --name")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    print(f"resuming {path} after epoch {ckpt['epoch']}", flush=True)
+    return int(ckpt["epoch"]), json.loads(ckpt["history"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="nas.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("config", help="architecture .yaml/.json (e.g. runs/<name>/best.yaml) or a "
+                   "reference name")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--data", default=None, help="as nas.search --data")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--name", default=None, help="run folder under --runs-dir "
+                   "(default: train-<config name>)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    for flag in ("epochs", "batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.lr <= 0:
+        p.error(f"--lr {args.lr}: must be > 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is available on this machine; use cpu")
+    try:
+        arch = load_architecture(args.config)
+        data = load_data(args.data, val_size=0)  # full training uses every training image
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          seed=args.seed)
+        run_dir = Path(args.runs_dir) / (args.name or f"train-{arch.name or Path(args.config).stem}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = train(arch, run_dir, cfg, data=data, device=args.device,
+                        progress=not args.no_progress)
+    except (ArchError, DataError) as e:
+        print(f"nas.train: error: {e}", file=sys.stderr)
+        return 2
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"test accuracy {metrics['test_accuracy']:.4f}; checkpoint {run_dir / 'checkpoint.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Shared fixtures: a small learnable image folder made inside the tests."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+COLOURS = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """ImageFolder layout, 3 colour classes of noisy 32x32 images: 40 train + 10 test each."""
+    root = tmp_path_factory.mktemp("synth")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("test", 10)):
+        for c, colour in enumerate(COLOURS):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.array(colour)[None, None] + rng.normal(0, 40, (32, 32, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Decoded-data caches go to a temporary folder, never the user's ~/.cache."""
+    monkeypatch.setenv("NAS_CACHE", str(tmp_path_factory.getbasetemp() / "nas-cache"))

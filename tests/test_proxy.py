@@ -1,0 +1,109 @@
+"""Proxy training: valid BN statistics, NaN handling, reproducibility, pruning hooks."""
+
+import dataclasses
+
+import optuna
+import pytest
+import torch
+
+from nas.arch import Architecture, BlockSpec, Settings, Stem, load_architecture
+from nas.data import DataSplits, ImageDataset
+from nas.proxy import CandidateFailed, ProxyBudget, proxy_arch, proxy_train
+
+
+def synthetic_splits(n_train=256, n_val=96, classes=4, size=16, seed=0) -> DataSplits:
+    """Learnable images: each class is a distinct colour plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    palette = torch.tensor([[220, 30, 30], [30, 220, 30], [30, 30, 220], [220, 220, 30],
+                            [30, 220, 220], [220, 30, 220]], dtype=torch.float32)[:classes]
+
+    def make(n):
+        labels = torch.arange(n) % classes
+        base = palette[labels][:, :, None, None].expand(n, 3, size, size)
+        noise = torch.randn(n, 3, size, size, generator=g) * 40
+        images = (base + noise).clamp(0, 255).to(torch.uint8).contiguous()
+        return ImageDataset(images, labels.to(torch.int64))
+
+    return DataSplits(train=make(n_train), val=make(n_val), test=make(n_val),
+                      classes=tuple(f"c{i}" for i in range(classes)), source="synthetic")
+
+
+# Small but real: stem stride 2, an MBConv stage with SE, and a slow-BN setting like MnasNet-B1.
+SLOW_BN = Architecture(
+    blocks=(BlockSpec("sepconv", 3, 8), BlockSpec("mbconv", 3, 16, stride=2, expansion=3,
+                                                  se_ratio=0.25, repeats=2),
+            BlockSpec("mbconv", 5, 24, stride=2, expansion=3)),
+    stem=Stem(filters=8), settings=Settings(bn_momentum=0.0003))
+FAST = ProxyBudget(train_images=256, epochs=2, batch_size=32, lr=0.05, val_images=96,
+                   final_map=2, bn_recalibrate=4)
+
+
+def test_proxy_arch_adapts_strides_and_bn_momentum():
+    arch = load_architecture("mnasnet_b1")
+    trained = proxy_arch(arch, ProxyBudget(final_map=4), 32)
+    assert trained.total_stride == 8
+    assert trained.settings.bn_momentum == 0.1
+    assert [b.filters for b in trained.blocks] == [b.filters for b in arch.blocks]
+    assert proxy_arch(arch, ProxyBudget(final_map=2), 32).total_stride == 16
+
+
+def test_bn_statistics_are_valid_when_scoring():
+    data = synthetic_splits()
+    fixed = proxy_train(SLOW_BN, data, FAST)
+    assert fixed.accuracy > 0.9  # the task is easy; eval-mode BN must not spoil it
+    # The failure it guards against: the architecture's own slow momentum and no recalibration
+    # leave running statistics at their initial values, and eval mode scores near chance.
+    broken = dataclasses.replace(FAST, bn_momentum=1e-4, bn_recalibrate=0)
+    assert proxy_train(SLOW_BN, data, broken).accuracy < fixed.accuracy - 0.3
+
+
+def test_reproducible_under_a_seed():
+    data = synthetic_splits()
+    a = proxy_train(SLOW_BN, data, FAST, seed=3)
+    b = proxy_train(SLOW_BN, data, FAST, seed=3)
+    c = proxy_train(SLOW_BN, data, FAST, seed=4)
+    assert a.epoch_losses == b.epoch_losses and a.accuracy == b.accuracy
+    assert a.epoch_losses != c.epoch_losses
+
+
+def test_non_finite_loss_fails_the_candidate():
+    with pytest.raises(CandidateFailed, match="non-finite"):
+        proxy_train(SLOW_BN, synthetic_splits(), dataclasses.replace(FAST, lr=1e6))
+
+
+def test_reports_intermediate_accuracy_and_can_be_pruned():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    class AlwaysPrune(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return True
+
+    study = optuna.create_study(direction="maximize", pruner=AlwaysPrune())
+    trial = study.ask()
+    with pytest.raises(optuna.TrialPruned):
+        proxy_train(SLOW_BN, synthetic_splits(), FAST, trial=trial)
+    assert list(trial.storage.get_trial(trial._trial_id).intermediate_values) == [1]
+
+    keep = optuna.create_study(direction="maximize")
+    t = keep.ask()
+    result = proxy_train(SLOW_BN, synthetic_splits(), FAST, trial=t)
+    values = keep._storage.get_trial(t._trial_id).intermediate_values
+    assert values[1] == result.val_curve[0]
+    assert len(result.val_curve) == FAST.epochs
+
+
+def test_uses_the_budget_and_scores_on_validation():
+    data = synthetic_splits(n_train=256, n_val=96)
+    r = proxy_train(SLOW_BN, data, dataclasses.replace(FAST, train_images=128, epochs=1))
+    assert len(r.epoch_losses) == 1
+    assert r.images_per_second > 0
+    assert r.trained_arch == proxy_arch(SLOW_BN, FAST, 16).to_str()
+    # Accuracy is a fraction of the 96 validation images.
+    assert round(r.accuracy * 96) == pytest.approx(r.accuracy * 96, abs=1e-9)
+
+
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 0), ("lr", 0.0),
+                                          ("warmup", 1.0)])
+def test_bad_budget_is_a_clear_error(field, value):
+    with pytest.raises(ValueError, match=field):
+        proxy_train(SLOW_BN, synthetic_splits(), dataclasses.replace(FAST, **{field: value}))
