@@ -1,0 +1,144 @@
+"""Does the short proxy rank architectures the way 10x longer training does?
+
+    python benchmarks/proxy_fidelity.py --data ../shared/datasets/cifar10-jpg.tar.gz
+
+Samples --archs architectures from the search space (Optuna RandomSampler, --seed), trains each
+with a ladder of budgets (fractions of the default proxy) and with a budget --long-factor times
+the default, all on the same proxy-train subset family and scored on the same validation split,
+then prints accuracy per budget, seconds per candidate, and Kendall tau / Spearman of each
+budget against the long one. Partial results live in --state (JSON), so an interrupted run
+resumes; short budgets run for every architecture before the long ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from scipy import stats
+
+from nas.arch import Architecture
+from nas.data import load_data
+from nas.latency import cpu_name
+from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
+from nas.space import load_space
+
+
+def budget_ladder(default: ProxyBudget, fractions: list[float], long_factor: float
+                  ) -> dict[str, ProxyBudget]:
+    """Scale the training images (same epochs) for the ladder; images and epochs for the long."""
+    ladder = {f"{f:g}x": dataclasses.replace(
+        default, train_images=max(default.batch_size, round(default.train_images * f)))
+        for f in fractions}
+    passes = default.train_images * default.epochs * long_factor
+    epochs = max(default.epochs, int(-(-passes // 45_000)))
+    ladder[f"long {long_factor:g}x"] = dataclasses.replace(
+        default, train_images=round(passes / epochs), epochs=epochs)
+    return ladder
+
+
+def sample_archs(space_name: str, n: int, seed: int) -> list[Architecture]:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = load_space(space_name)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    return [space.sample(study.ask()) for _ in range(n)]
+
+
+def run_one(arch: Architecture, data, budget: ProxyBudget) -> dict:
+    t0 = time.perf_counter()
+    try:
+        r = proxy_train(arch, data, budget, seed=0)
+        acc = r.accuracy
+    except CandidateFailed as e:
+        acc = float("nan")
+        print(f"  failed: {e}")
+    return {"accuracy": acc, "seconds": time.perf_counter() - t0}
+
+
+def report(archs, ladder, state, args) -> str:
+    names = list(ladder)
+    long = names[-1]
+    lines = [
+        f"# proxy_fidelity  {datetime.date.today()}  {cpu_name()}, {torch.get_num_threads()} "
+        f"threads, torch {torch.__version__}, python {platform.python_version()}",
+        f"# command: python {' '.join(sys.argv)}",
+        f"# {len(archs)} architectures from space {args.space!r} (RandomSampler seed "
+        f"{args.seed}); budgets (train images x epochs): " + ", ".join(
+            f"{k} = {b.train_images}x{b.epochs}" for k, b in ladder.items()),
+        "",
+        f"{'#':>2} {'architecture':70s} " + " ".join(f"{k:>10s}" for k in names),
+    ]
+    for i, a in enumerate(archs):
+        row = [state.get(f"{i}|{k}") for k in names]
+        cells = [f"{r['accuracy']:10.4f}" if r else f"{'-':>10s}" for r in row]
+        lines.append(f"{i:>2} {a.to_str()[:70]:70s} " + " ".join(cells))
+    lines.append("")
+    lines.append(f"{'budget':>10s} {'median s/cand':>14s} {'kendall tau':>12s} "
+                 f"{'spearman':>9s} {'n':>3s}")
+    for k in names:
+        secs = [state[f"{i}|{k}"]["seconds"] for i in range(len(archs)) if f"{i}|{k}" in state]
+        pairs = [(state[f"{i}|{k}"]["accuracy"], state[f"{i}|{long}"]["accuracy"])
+                 for i in range(len(archs)) if f"{i}|{k}" in state and f"{i}|{long}" in state]
+        pairs = [p for p in pairs if p[0] == p[0] and p[1] == p[1]]
+        if len(pairs) >= 3 and k != long:
+            x, y = zip(*pairs, strict=True)
+            tau, sp = stats.kendalltau(x, y).statistic, stats.spearmanr(x, y).statistic
+            corr = f"{tau:12.3f} {sp:9.3f}"
+        else:
+            corr = f"{'-':>12s} {'-':>9s}"
+        med = f"{statistics.median(secs):14.1f}" if secs else f"{'-':>14s}"
+        lines.append(f"{k:>10s} {med} {corr} {len(pairs):3d}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="../shared/datasets/cifar10-jpg.tar.gz")
+    p.add_argument("--space", default="mnasnet")
+    p.add_argument("--archs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fractions", default="0.5,1", help="ladder, as fractions of the default")
+    p.add_argument("--long-factor", type=float, default=10.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="benchmarks/results/proxy_fidelity.txt")
+    p.add_argument("--state", default="benchmarks/results/proxy_fidelity.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_data(args.data)
+    archs = sample_archs(args.space, args.archs, args.seed)
+    ladder = budget_ladder(ProxyBudget(), [float(f) for f in args.fractions.split(",")],
+                           args.long_factor)
+    state_path = Path(args.state)
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    order = [(k, i) for k in list(ladder)[:-1] for i in range(len(archs))]
+    order += [(list(ladder)[-1], i) for i in range(len(archs))]
+    for k, i in order:
+        key = f"{i}|{k}"
+        if key in state:
+            continue
+        print(f"arch {i} budget {k}: {archs[i].to_str()}", flush=True)
+        state[key] = run_one(archs[i], data, ladder[k])
+        print(f"  acc {state[key]['accuracy']:.4f} in {state[key]['seconds']:.1f}s", flush=True)
+        tmp = state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, state_path)
+        Path(args.out).write_text(report(archs, ladder, state, args) + "\n")
+    text = report(archs, ladder, state, args)
+    print(text)
+    Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

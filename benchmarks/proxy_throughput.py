@@ -1,0 +1,138 @@
+"""Training images/second: our proxy pipeline against the plain PyTorch pipeline, same network.
+
+    python benchmarks/proxy_throughput.py --data ../shared/datasets/cifar10-jpg.tar.gz
+
+plain:  torchvision ImageFolder over the JPEG files, PIL RandomCrop/Flip/ToTensor/Normalize in a
+        DataLoader, default (contiguous) memory format; the seed material's pipeline
+ours:   uint8 tensors in memory, batched crop/flip on tensors, channels-last (nas.proxy)
+ours-nchw: ours with the default memory format, to isolate what channels-last buys
+Each variant trains the same proxy network (the 32x32 adaptation of --arch) for --steps steps
+after --warmup steps, in one process, in interleaved rounds; the table reports the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision import transforms
+
+from nas.arch import load_architecture
+from nas.data import CIFAR10_MEAN, CIFAR10_STD, batches, load_data
+from nas.latency import cpu_name
+from nas.model import build_model
+from nas.proxy import ProxyBudget, proxy_arch
+
+
+def plain_loader(root: Path, batch_size: int, workers: int):
+    tf = transforms.Compose([transforms.RandomCrop(32, padding=4),
+                             transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                             transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+    ds = torchvision.datasets.ImageFolder(str(root / "train"), transform=tf)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True,
+                                       num_workers=workers, drop_last=True,
+                                       persistent_workers=workers > 0)
+
+
+def time_steps(model, it, steps: int, warmup: int, channels_last: bool) -> float:
+    """Images per second over `steps` SGD steps after `warmup` untimed ones."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    n, start = 0, None
+    for i, (x, y) in enumerate(it):
+        if i == warmup:
+            start = time.perf_counter()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            n += len(y)
+        if i + 1 == warmup + steps:
+            break
+    return n / (time.perf_counter() - start)
+
+
+def image_folder(source: str, scratch: Path) -> Path:
+    """The plain pipeline reads JPEG files: unpack an archive into a scratch folder."""
+    path = Path(source)
+    if path.is_file():
+        with tarfile.open(path) as tar:
+            tar.extractall(scratch, filter="data")
+        path = scratch
+    return next(t.parent for t in sorted(path.rglob("train")) if (t.parent / "test").is_dir())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="../shared/datasets/cifar10-jpg.tar.gz")
+    p.add_argument("--arch", default="mnasnet_a1")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain pipeline")
+    p.add_argument("--out", default="benchmarks/results/proxy_throughput.txt")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_data(args.data)
+    scratch = tempfile.TemporaryDirectory()
+    root = image_folder(args.data, Path(scratch.name))
+    arch = proxy_arch(load_architecture(args.arch), ProxyBudget(), 32)
+    gen = torch.Generator().manual_seed(0)
+    variants = {
+        "plain (DataLoader+PIL, NCHW)": lambda: (build_model(arch, num_classes=10),
+                                                 iter(plain_loader(root, args.batch_size,
+                                                                   args.workers)), False),
+        "ours-nchw (tensors, NCHW)": lambda: (build_model(arch, num_classes=10), batches(
+            data.train, batch_size=args.batch_size, shuffle=True, augment=True, generator=gen,
+            channels_last=False), False),
+        "ours (tensors, channels-last)": lambda: (
+            build_model(arch, num_classes=10).to(memory_format=torch.channels_last), batches(
+                data.train, batch_size=args.batch_size, shuffle=True, augment=True,
+                generator=gen, channels_last=True), False),
+    }
+    results: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(args.rounds):
+        for name, make in variants.items():
+            torch.manual_seed(0)
+            model, it, cl = make()
+            results[name].append(time_steps(model, it, args.steps, args.warmup, cl))
+            print(f"round {r + 1} {name}: {results[name][-1]:.1f} img/s", flush=True)
+    plain = statistics.median(results["plain (DataLoader+PIL, NCHW)"])
+    lines = [
+        f"# proxy_throughput  {datetime.date.today()}  {cpu_name()}, {args.threads} threads, "
+        f"torch {torch.__version__}, python {platform.python_version()}",
+        f"# command: python {' '.join(sys.argv)}",
+        f"# network: {args.arch} adapted to 32x32 ({arch.to_str()}), batch {args.batch_size}, "
+        f"{args.steps} timed steps after {args.warmup}, {args.rounds} interleaved rounds",
+        f"{'pipeline':32s} {'img/s (median)':>15s} {'rounds':>24s} {'vs plain':>9s}",
+    ]
+    for name, vals in results.items():
+        med = statistics.median(vals)
+        lines.append(f"{name:32s} {med:15.1f} {' '.join(f'{v:7.1f}' for v in vals):>24s} "
+                     f"{med / plain:8.2f}x")
+    text = "\n".join(lines)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,701 @@
+"""Measured latency: how long one inference of a network takes on a real device.
+
+MnasNet ranks candidates by ``ACC * (LAT/T)^w`` with LAT measured on the device, so a noisy or
+biased latency silently corrupts every decision. The protocol, with the numbers that chose it
+(2-core AMD EPYC VM shared with other jobs, torch 2.14.1, batch 1, 224x224;
+benchmarks/latency_stability.py checks the result across fresh processes):
+
+* **Deployment form.** The whole network, classifier included, at the deployment input size
+  (default 224x224), batch 1, eager PyTorch, float32. No compile, no quantisation.
+* **Eval mode and ``torch.inference_mode()``.** BN uses its running statistics and no autograd
+  graph is built. Each submodule's own training flag is put back afterwards.
+* **Channels-last by default.** On this CPU at 1 thread (medians of 5 interleaved rounds),
+  channels-last took 0.89-0.94x the time of contiguous NCHW for the six reference networks,
+  resnet18 and efficientnet_b0, 0.81x for shufflenet_v2_x1_0 and 0.56x for squeezenet1_0
+  (mnasnet_b1: 16.1 -> 14.3 ms). At 2 threads it took 0.74-0.93x, except mobilenet_v1 at 1.02x.
+  A deployment runtime uses its fastest layout, so we measure the faster one.
+  ``channels_last=False`` measures NCHW instead.
+* **One thread by default.** MnasNet timed a single big core of a Pixel phone. Here a second
+  thread buys little for depthwise networks (mnasnet_a1: 15.2 -> 11.6 ms). It is also fragile:
+  torch's workers wait for each other at every op, so when another job holds one of the two
+  cores, one forward pass of mnasnet_a1 took 2.3 s at 2 threads and 21 ms at 1. This is how the
+  seed material came to find MobileNet slower than VGG-16. The previous
+  ``torch.get_num_threads()`` is restored afterwards, even when the model raises.
+* **Steady allocator (CPU, glibc).** glibc malloc mmaps and unmaps large activation buffers,
+  which costs page faults in every run, and how many depends on what the process allocated
+  before. mnasnet_a1 took 18.7-22.8 ms with 2,300-4,800 minor faults per run, and 14.8-15.0 ms
+  with none once the thresholds were pinned. Deployed runtimes (TFLite, ExecuTorch) plan one
+  arena up front. So on first use we pin ``M_MMAP_THRESHOLD`` (32 MiB, glibc's maximum) and
+  ``M_TRIM_THRESHOLD`` (256 MiB) for the whole process. This cannot be undone; where glibc is
+  absent it is skipped.
+* **Clock.** With 1 CPU thread, ``time.thread_time_ns``: the CPU time of the measuring thread,
+  which with 1 thread does all of torch's work (its CPU time equalled the whole process's to
+  0.01% for mnasnet_a1, resnet18 and efficientnet_b0). On an idle core this is the wall time
+  (mobilenet_v3_small: 6.03 ms CPU vs 6.11 ms wall). On a shared core it leaves out the time
+  other jobs hold it. In 3 processes at load 4.3 on 2 cores, resnet18 took 45.4-46.4 ms CPU but
+  50.7-54.0 ms wall. The caches and memory bandwidth other jobs take still show. With more
+  threads it would miss the workers' time, so ``time.perf_counter_ns`` (``clock="wall"``) is
+  used there, and can be asked for. On GPU: CUDA events on the device's current stream, with a
+  synchronise per run; ``torch.backends.cudnn.benchmark`` is left as the caller set it.
+* **Warm-up until settled.** Runs continue until the median of the last 5 runs is within 5% of
+  the median of the 5 before (so at least 10 runs). The first run takes 1.3-1.8x the steady
+  time while oneDNN builds its kernels. Warm-up gets at most 40% of ``max_time_s``, and always
+  at least 2 runs.
+* **Timed runs.** Runs continue until there are ``min_runs`` of them (20) over ``min_time_s``
+  (1 s). No run starts that would end past ``max_time_s`` (2 s of wall time, warm-up
+  included), except that at least 3 are timed: a 300 ms VGG-16 gets 2 warm-up and 4 timed runs
+  in ~2 s. The garbage collector is paused.
+* **Statistics.** The median, p10, p90 and IQR of the timed runs. ``cv`` is the robust
+  coefficient of variation IQR / (1.349 * median), equal to std/mean for Gaussian timings but
+  not inflated by one run that another job interrupted. ``load_avg`` records the 1-minute load
+  average, so that a number taken while other jobs crowded the CPU can be recognised.
+* **Early stop.** With ``stop_above_ms``, measuring stops if the first two runs both take
+  longer than the bound. The result is flagged ``stopped_early``, and ``median_ms`` (the median
+  of those two runs) only says that the latency is above the bound. The search sets the bound
+  to 10x its target, where the reward has already collapsed; timing such a candidate to the
+  end would cost up to ``max_time_s`` for nothing.
+
+What this achieves here, with other jobs holding 1-2 of the 2 cores (load average 2.0-3.8),
+across 3 fresh processes for 12 networks from 5 to 310 ms: cross-process CV of the median
+0.9-5.1%, Spearman >= 0.993 between passes, <= 1.97 s per measurement (1.2 s typical). The
+numbers rose by 3-7% along with the load; the in-run CV shows it
+(benchmarks/results/latency_stability_20261125_1051.txt).
+
+Results carry their context (device, its name, threads, torch version, input size, batch,
+memory format, clock). The context, with the architecture, is also the `LatencyCache` key.
+
+CLI: ``python -m nas.latency mobilenet_v1 mnasnet_a1 torchvision:resnet18 runs/x/arch.yaml``
+prints one comparison table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import functools
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nas.arch import ArchError, load_architecture
+from nas.model import build_model
+from nas.profile import count_macs, count_params
+
+DEVICES = ("cpu", "cuda")
+CLOCKS = ("thread", "wall")  # thread: CPU time of the calling thread; wall: perf_counter
+DEFAULT_THREADS = 1  # one core, as MnasNet timed one big core of a Pixel phone
+MIN_INPUT_SIZE = 32  # the reference networks downsample 32x
+IN_CHANNELS = 3  # RGB images
+
+WARMUP_WINDOW = 5  # runs per window when deciding that warm-up has settled
+WARMUP_TOLERANCE = 0.05  # consecutive window medians within 5% = settled
+WARMUP_MIN_RUNS = 2  # the first run pays one-time kernel setup; always make one more
+WARMUP_BUDGET_FRACTION = 0.4  # of max_time_s
+MIN_TIMED_RUNS = 3  # a median needs a few runs even when they overrun the budget
+EARLY_STOP_RUNS = 2  # runs that must all exceed stop_above_ms before giving up
+IQR_TO_STD = 1.349  # IQR of a normal distribution, in standard deviations
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's maximum on 64-bit
+_TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
+
+
+class LatencyError(ValueError):
+    """A user-facing error: one line naming the option, its value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class LatencyContext:
+    """Where and how a latency was taken; a number without this is not comparable."""
+
+    device: str  # "cpu" or "cuda:N"
+    device_name: str  # CPU model or GPU name
+    threads: int
+    torch_version: str
+    input_size: int
+    batch_size: int
+    memory_format: str  # "channels_last" or "contiguous"
+    clock: str  # "thread" (CPU time of the one measuring thread), "wall" or "cuda-events"
+
+    def describe(self) -> str:
+        """One line for tables and logs."""
+        return (f"{self.device} ({self.device_name}), {self.threads} thread(s), "
+                f"torch {self.torch_version}, input {self.input_size}x{self.input_size}, "
+                f"batch {self.batch_size}, {self.memory_format}, {self.clock} clock")
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """Median latency of one network with its spread, effort and context."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    iqr_ms: float
+    cv: float  # robust: IQR / (1.349 * median), equals std/mean for Gaussian timings
+    runs: int  # timed runs behind the statistics
+    warmup_runs: int
+    seconds: float  # wall time spent measuring, warm-up included
+    stopped_early: bool  # every run exceeded stop_above_ms; latency is only known to be above it
+    context: LatencyContext
+    stop_above_ms: float | None = None  # the bound this was measured under
+    load_avg: float | None = None  # 1-minute load average when it finished (None: unknown)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat and JSON-able, for Optuna user attributes, CSV rows and the cache file."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "context"}
+        return {**data, **dataclasses.asdict(self.context)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyResult:
+        """Inverse of `to_dict`."""
+        ctx_names = {f.name for f in dataclasses.fields(LatencyContext)}
+        context = LatencyContext(**{k: data[k] for k in ctx_names})
+        own = {f.name for f in dataclasses.fields(cls)} - {"context"}
+        return cls(**{k: data[k] for k in own if k in data}, context=context)
+
+
+# --------------------------------------------------------------------------- context
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (else what platform knows)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the host's count)."""
+    with contextlib.suppress(AttributeError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICES:
+        raise LatencyError(f"device={device!r} is not supported; expected 'cpu' or 'cuda' "
+                           f"(or 'cuda:N')")
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise LatencyError(f"device={device!r} but torch finds no CUDA GPU here "
+                           f"(torch.cuda.is_available() is False); use device 'cpu'")
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise LatencyError(f"device={device!r}: there are only {torch.cuda.device_count()} "
+                           f"CUDA device(s), numbered from 0")
+    return torch.device("cuda", index)
+
+
+def _check_int(name: str, value: Any, *, minimum: int, maximum: int | None = None) -> None:
+    bad = isinstance(value, bool) or not isinstance(value, int) or value < minimum
+    if bad or (maximum is not None and value > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise LatencyError(f"{name}={value!r} must be an integer {allowed}")
+
+
+def _check_budget(min_runs: int, min_time_s: float, max_time_s: float,
+                  stop_above_ms: float | None) -> None:
+    _check_int("min_runs", min_runs, minimum=1)
+    if not (math.isfinite(max_time_s) and max_time_s > 0):
+        raise LatencyError(f"max_time_s={max_time_s!r} must be a number of seconds > 0")
+    if not (0 <= min_time_s <= max_time_s):
+        raise LatencyError(f"min_time_s={min_time_s!r} must be from 0 to "
+                           f"max_time_s={max_time_s!r}")
+    if stop_above_ms is not None and not (stop_above_ms > 0):
+        raise LatencyError(f"stop_above_ms={stop_above_ms!r} must be > 0 ms, or None")
+
+
+def _resolve_clock(clock: str | None, dev: torch.device, threads: int) -> str:
+    """thread CPU time where one thread does all the work; CUDA events on GPU; else wall."""
+    if dev.type == "cuda":
+        if clock not in (None, "wall"):
+            raise LatencyError(f"clock={clock!r} is for CPU; on {dev} latency is timed with "
+                               f"CUDA events (clock None or 'wall')")
+        return "cuda-events"
+    if clock is None:
+        return "thread" if threads == 1 else "wall"
+    if clock not in CLOCKS:
+        raise LatencyError(f"clock={clock!r} is not allowed; expected one of {list(CLOCKS)}")
+    if clock == "thread" and threads != 1:
+        raise LatencyError(f"clock='thread' counts only the calling thread's CPU time, so it "
+                           f"needs threads=1, not threads={threads}; use clock='wall'")
+    return clock
+
+
+def latency_context(input_size: int = 224, *, device: str = "cpu", batch_size: int = 1,
+                    threads: int | None = None, channels_last: bool = True,
+                    clock: str | None = None) -> LatencyContext:
+    """Validate the options and say where a measurement would run, without running it."""
+    dev = _check_device(device)
+    _check_int("input_size", input_size, minimum=MIN_INPUT_SIZE)
+    _check_int("batch_size", batch_size, minimum=1)
+    threads = DEFAULT_THREADS if threads is None else threads
+    _check_int("threads", threads, minimum=1, maximum=available_cpus())
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+    return LatencyContext(
+        device=str(dev), device_name=name, threads=threads, torch_version=torch.__version__,
+        input_size=input_size, batch_size=batch_size,
+        memory_format="channels_last" if channels_last else "contiguous",
+        clock=_resolve_clock(clock, dev, threads))
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@functools.lru_cache(maxsize=1)
+def pin_malloc_thresholds() -> bool:
+    """Stop glibc from mmapping and unmapping activation buffers in every run (see module doc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
+    return mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1 and ok
+
+
+@contextlib.contextmanager
+def _num_threads(threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval for the measurement, then each submodule's own flag back (frozen BN stays frozen)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _runner(model: nn.Module, x: torch.Tensor, clock: str) -> Callable[[], float]:
+    """One forward pass -> its milliseconds, on the context's clock."""
+    if clock == "cuda-events":
+        stream = torch.cuda.current_stream(x.device)  # where torch queues this device's kernels
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+
+        def run_cuda() -> float:
+            start.record(stream)
+            model(x)
+            end.record(stream)
+            end.synchronize()  # kernels are asynchronous: wait before reading the time
+            return start.elapsed_time(end)
+
+        torch.cuda.synchronize(x.device)  # nothing queued earlier may land in the first run
+        return run_cuda
+
+    now = time.thread_time_ns if clock == "thread" else time.perf_counter_ns
+
+    def run_cpu() -> float:
+        t0 = now()
+        model(x)
+        return (now() - t0) / 1e6
+
+    return run_cpu
+
+
+def _settled(times: list[float]) -> bool:
+    if len(times) < 2 * WARMUP_WINDOW:
+        return False
+    last = float(np.median(times[-WARMUP_WINDOW:]))
+    before = float(np.median(times[-2 * WARMUP_WINDOW:-WARMUP_WINDOW]))
+    return abs(last - before) <= WARMUP_TOLERANCE * before
+
+
+def _overruns(start: float, runs: int, deadline: float) -> bool:
+    """Would one more run, as long as the average so far, end past the deadline?"""
+    now = time.perf_counter()
+    return now + (now - start) / runs > deadline
+
+
+def _warm_up(run: Callable[[], float], *, until: float,
+             stop_above_ms: float | None) -> tuple[list[float], bool]:
+    """Runs until timings settle or the warm-up budget ends; True if the early stop fired."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while True:
+        times.append(run())
+        if (stop_above_ms is not None and len(times) == EARLY_STOP_RUNS
+                and min(times) > stop_above_ms):
+            return times, True
+        if _settled(times):
+            return times, False
+        if len(times) >= WARMUP_MIN_RUNS and _overruns(start, len(times), until):
+            return times, False
+
+
+def _timed_runs(run: Callable[[], float], *, min_runs: int, min_time_s: float,
+                deadline: float) -> list[float]:
+    times: list[float] = []
+    start = time.perf_counter()
+    while True:
+        times.append(run())
+        if len(times) >= min_runs and time.perf_counter() - start >= min_time_s:
+            return times
+        if len(times) >= MIN_TIMED_RUNS and _overruns(start, len(times), deadline):
+            return times
+
+
+def _load_avg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def _summarise(times: list[float], *, warmup_runs: int, seconds: float, stopped_early: bool,
+               context: LatencyContext, stop_above_ms: float | None) -> LatencyResult:
+    p10, p25, median, p75, p90 = np.percentile(times, [10, 25, 50, 75, 90]).tolist()
+    iqr = p75 - p25
+    return LatencyResult(
+        median_ms=median, p10_ms=p10, p90_ms=p90, iqr_ms=iqr, cv=iqr / (IQR_TO_STD * median),
+        runs=len(times), warmup_runs=warmup_runs, seconds=seconds, stopped_early=stopped_early,
+        context=context, stop_above_ms=stop_above_ms, load_avg=_load_avg())
+
+
+def measure_latency(model: nn.Module, input_size: int = 224, *, device: str = "cpu",
+                    batch_size: int = 1, threads: int | None = None, channels_last: bool = True,
+                    min_runs: int = 20, min_time_s: float = 1.0, max_time_s: float = 2.0,
+                    stop_above_ms: float | None = None, clock: str | None = None) -> LatencyResult:
+    """Median inference latency of `model` on a random batch, by the protocol in the module doc.
+
+    `threads` defaults to 1 (one core, as MnasNet's single Pixel core); `clock` defaults to the
+    thread's CPU time for 1 CPU thread, else wall time. The model is moved to `device` and
+    converted to the memory format in place, as ``model.to`` would; its training flags are
+    restored.
+    """
+    context = latency_context(input_size, device=device, batch_size=batch_size,
+                              threads=threads, channels_last=channels_last, clock=clock)
+    _check_budget(min_runs, min_time_s, max_time_s, stop_above_ms)
+    dev = torch.device(context.device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if dev.type == "cpu":
+        pin_malloc_thresholds()
+    model.to(device=dev, memory_format=fmt)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, IN_CHANNELS, input_size, input_size, generator=gen)
+    x = x.to(device=dev, memory_format=fmt)
+    with (_num_threads(context.threads), _eval_mode(model), _gc_paused(),
+          torch.inference_mode()):
+        run = _runner(model, x, context.clock)
+        start = time.perf_counter()
+        warm, stopped = _warm_up(run, until=start + WARMUP_BUDGET_FRACTION * max_time_s,
+                                 stop_above_ms=stop_above_ms)
+        timed = warm if stopped else _timed_runs(
+            run, min_runs=min_runs, min_time_s=min_time_s, deadline=start + max_time_s)
+    return _summarise(timed, warmup_runs=0 if stopped else len(warm),
+                      seconds=time.perf_counter() - start, stopped_early=stopped,
+                      context=context, stop_above_ms=stop_above_ms)
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def architecture_key(arch: Any) -> str:
+    """A short stable hash of everything that shapes the network (the name does not)."""
+    data = {k: v for k, v in arch.to_dict().items() if k != "name"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class LatencyCache:
+    """Measure each (architecture, context) once per study; a JSON file carries it across resumes.
+
+    A result that stopped early is reused only for a bound at or below the one it stopped at.
+    Several processes may share a file: each write merges the file's entries with its own and
+    replaces the file atomically.
+    """
+
+    VERSION = 1
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.hits = 0
+        self.misses = 0
+        self._entries: dict[tuple[str, LatencyContext], LatencyResult] = {}
+        if self.path is not None and self.path.exists():
+            self._entries.update(self._read())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get_or_measure(self, key: str, model_fn: Callable[[], nn.Module], *,
+                       input_size: int = 224, device: str = "cpu", batch_size: int = 1,
+                       threads: int | None = None, channels_last: bool = True,
+                       min_runs: int = 20, min_time_s: float = 1.0, max_time_s: float = 2.0,
+                       stop_above_ms: float | None = None,
+                       clock: str | None = None) -> LatencyResult:
+        """The cached result for `key` in this context, else build with `model_fn` and measure."""
+        context = latency_context(input_size, device=device, batch_size=batch_size,
+                                  threads=threads, channels_last=channels_last, clock=clock)
+        cached = self._entries.get((key, context))
+        if cached is not None and _reusable(cached, stop_above_ms):
+            self.hits += 1
+            return cached
+        self.misses += 1
+        result = measure_latency(
+            model_fn(), input_size, device=device, batch_size=batch_size, threads=threads,
+            channels_last=channels_last, min_runs=min_runs, min_time_s=min_time_s,
+            max_time_s=max_time_s, stop_above_ms=stop_above_ms, clock=clock)
+        self._entries[(key, result.context)] = result
+        if self.path is not None:
+            self._write()
+        return result
+
+    def _read(self) -> dict[tuple[str, LatencyContext], LatencyResult]:
+        try:
+            data = json.loads(self.path.read_text())
+            entries = [(e["key"], LatencyResult.from_dict(e["result"])) for e in data["entries"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LatencyError(f"latency cache {self.path}: unreadable ({type(e).__name__}: "
+                               f"{e}); delete it to measure afresh") from None
+        return {(key, r.context): r for key, r in entries}
+
+    def _write(self) -> None:
+        merged = self._read() if self.path.exists() else {}
+        merged.update(self._entries)
+        entries = [{"key": k, "result": r.to_dict()} for (k, _), r in merged.items()]
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": self.VERSION, "entries": entries}, indent=1))
+        tmp.replace(self.path)
+
+
+def _reusable(cached: LatencyResult, stop_above_ms: float | None) -> bool:
+    if not cached.stopped_early:
+        return True
+    return stop_above_ms is not None and stop_above_ms <= (cached.stop_above_ms or math.inf)
+
+
+# --------------------------------------------------------------------------- networks
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def network_builder(spec: str) -> Callable[[], nn.Module]:
+    """Check `spec` now (cheap) and return a function that builds the network later."""
+    if spec.startswith(TORCHVISION_PREFIX):
+        return _torchvision_builder(spec[len(TORCHVISION_PREFIX):])
+    try:
+        arch = load_architecture(spec)
+    except ArchError as e:
+        raise LatencyError(f"{e}; or torchvision:NAME for a torchvision model") from None
+    return lambda: build_model(arch)
+
+
+def _torchvision_builder(name: str) -> Callable[[], nn.Module]:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise LatencyError(f"torchvision:{name}: not a torchvision model; see "
+                           f"torchvision.models.list_models(), e.g. resnet18, vgg16, "
+                           f"mobilenet_v3_small, efficientnet_b0")
+    return lambda: torchvision.models.get_model(name, weights=None)
+
+
+def resolve_network(spec: str) -> tuple[str, nn.Module]:
+    """'torchvision:NAME' (untrained, 1000 classes), a reference name or an architecture file."""
+    return spec, network_builder(spec)()
+
+
+# --------------------------------------------------------------------------- side-by-side tool
+
+
+def measure_networks(specs: Sequence[str], *, input_size: int = 224, device: str = "cpu",
+                     batch_size: int = 1, threads: int | None = None, channels_last: bool = True,
+                     min_time_s: float = 1.0, max_time_s: float = 2.0,
+                     clock: str | None = None) -> list[dict[str, Any]]:
+    """One flat row per network: its latency result plus parameters and multiply-adds."""
+    latency_context(input_size, device=device, batch_size=batch_size, threads=threads,
+                    channels_last=channels_last, clock=clock)
+    _check_budget(1, min_time_s, max_time_s, None)
+    builders = [(spec, network_builder(spec)) for spec in specs]  # fail before measuring
+    rows = []
+    for spec, build in builders:
+        model = build()
+        try:
+            params, macs = count_params(model), count_macs(model, input_size)
+            result = measure_latency(
+                model, input_size, device=device, batch_size=batch_size, threads=threads,
+                channels_last=channels_last, min_time_s=min_time_s, max_time_s=max_time_s,
+                clock=clock)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LatencyError(f"{spec}: forward failed at input size {input_size}: "
+                               f"{first}") from None
+        rows.append({"network": spec, **result.to_dict(), "params": params, "macs": macs})
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The comparison table, then the context line the numbers were taken in."""
+    w = max([len("network"), *(len(r["network"]) for r in rows)])
+    header = (f"{'network':<{w}} {'median ms':>10} {'p10':>8} {'p90':>8} {'CV %':>6} "
+              f"{'runs':>5} {'params M':>9} {'MACs M':>9}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['network']:<{w}} {r['median_ms']:>10.2f} {r['p10_ms']:>8.2f} "
+                     f"{r['p90_ms']:>8.2f} {100 * r['cv']:>6.1f} {r['runs']:>5d} "
+                     f"{r['params'] / 1e6:>9.2f} {r['macs'] / 1e6:>9.1f}")
+    if rows:
+        ctx = LatencyResult.from_dict(rows[0]).context
+        lines.append(f"context: {ctx.describe()}; median of timed runs after warm-up, "
+                     f"CV = IQR / (1.349 * median); {_load_note(rows)}")
+    return "\n".join(lines)
+
+
+def _load_note(rows: Sequence[dict[str, Any]]) -> str:
+    loads = [r["load_avg"] for r in rows if r.get("load_avg") is not None]
+    if not loads:
+        return "load average unknown"
+    return f"load average {min(loads):.1f}-{max(loads):.1f} on {available_cpus()} CPUs"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other user error of this tool."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise LatencyError(message)
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is too small; expected an integer "
+                                             f">= {minimum}")
+        return value
+    return parse
+
+
+def _threads_arg(text: str) -> int:
+    value = _int_at_least(1)(text)
+    if value > available_cpus():
+        raise argparse.ArgumentTypeError(f"{value} exceeds the {available_cpus()} CPU(s) this "
+                                         f"process may use")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m nas.latency", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Measure the inference latency of several networks on this machine and "
+                    "print one table (median, p10/p90, CV, parameters, multiply-adds). "
+                    "Protocol: eval + inference_mode, warm-up until settled, median of timed "
+                    "runs; see the nas.latency module docstring.")
+    parser.add_argument("networks", nargs="+", metavar="NETWORK",
+                        help="an architecture file (.yaml/.json), a reference network "
+                             "(e.g. mnasnet_a1) or torchvision:NAME (e.g. torchvision:resnet18)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="where to measure; cuda times with CUDA events and needs a GPU")
+    parser.add_argument("--input-size", type=_int_at_least(MIN_INPUT_SIZE), default=224,
+                        help="square input side in pixels: the deployment resolution")
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=1,
+                        help="images per forward pass; 1 is one user's request, as MnasNet")
+    parser.add_argument("--threads", type=_threads_arg, default=DEFAULT_THREADS,
+                        help="CPU threads; 1 mimics the single big phone core MnasNet timed "
+                             "and is steadier on a shared machine")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="NHWC tensors; 0.56-0.94x the time of NCHW for the 10 networks "
+                             "we tried on CPU at 1 thread")
+    parser.add_argument("--clock", choices=CLOCKS,
+                        help="thread: CPU time of the one measuring thread, which leaves out "
+                             "the time other jobs hold the core (needs --threads 1); wall: "
+                             "perf_counter. None: thread for 1 thread, else wall")
+    parser.add_argument("--min-time", type=float, default=1.0,
+                        help="seconds of timed runs per network (at least 20 runs)")
+    parser.add_argument("--max-time", type=float, default=2.0,
+                        help="wall-time budget per network in seconds, warm-up included")
+    parser.add_argument("--csv", type=Path, help="also write the rows, with context, as CSV")
+    return parser
+
+
+def _check_cli(args: argparse.Namespace) -> None:
+    """What argparse cannot check, named by flag, before minutes of measuring."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise LatencyError("--device cuda: torch finds no CUDA GPU on this machine "
+                           "(torch.cuda.is_available() is False); use --device cpu")
+    if args.clock == "thread" and args.threads != 1:
+        raise LatencyError(f"--clock thread counts only the calling thread's CPU time, so it "
+                           f"needs --threads 1, not --threads {args.threads}")
+    if not (math.isfinite(args.max_time) and args.max_time > 0):
+        raise LatencyError(f"--max-time {args.max_time:g} must be a number of seconds > 0")
+    if not (0 <= args.min_time <= args.max_time):
+        raise LatencyError(f"--min-time {args.min_time:g} must be from 0 to --max-time "
+                           f"{args.max_time:g}")
+    if args.csv is not None and not args.csv.parent.is_dir():
+        raise LatencyError(f"--csv {args.csv}: folder {args.csv.parent} does not exist")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the side-by-side tool; user errors are one line on stderr and exit status 2."""
+    try:
+        args = build_parser().parse_args(argv)
+        _check_cli(args)
+        rows = measure_networks(
+            args.networks, input_size=args.input_size, device=args.device,
+            batch_size=args.batch_size, threads=args.threads, channels_last=args.channels_last,
+            min_time_s=args.min_time, max_time_s=args.max_time, clock=args.clock)
+    except LatencyError as e:
+        print(f"nas.latency: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    loads = [r["load_avg"] for r in rows if r.get("load_avg") is not None]
+    if loads and max(loads) > available_cpus():
+        print(f"nas.latency: warning: load average reached {max(loads):.1f} on "
+              f"{available_cpus()} CPUs while measuring; other jobs shared the CPU, so expect "
+              f"a few % more noise", file=sys.stderr)
+    if args.csv is not None:
+        import pandas as pd
+
+        pd.DataFrame(rows).to_csv(args.csv, index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,471 @@
+"""Hardware-aware architecture search, MnasNet style.
+
+    python -m nas.search --target-ms 80 --mode soft
+
+Each trial: sample an architecture from the search space (Optuna) -> build it -> measure its
+latency on the target device at the deployment input size -> proxy-train it on CIFAR-10 and
+score it on a validation split held out of the training set -> reward
+ACC * (LAT / T)^w with w = alpha if LAT <= T else beta. Everything lands in an Optuna storage
+under runs/<name>/ (resumable; several workers may share it), then trials.csv, pareto.csv,
+best.yaml and interactive plots are written beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import torch
+
+from nas.arch import Architecture, ArchError, load_architecture
+from nas.data import DataError, DataSplits, load_data
+from nas.latency import LatencyCache, LatencyError, architecture_key
+from nas.model import build_model
+from nas.profile import count_macs, count_params
+from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
+from nas.results import load_baselines, save_baselines, write_results
+from nas.reward import MODES, exponents, reward
+from nas.space import DEFAULT_SPACE, SearchSpace, SpaceError, load_space
+
+SAMPLERS = ("tpe", "nsga2", "random")
+OBJECTIVES = ("reward", "pareto")
+# Trials slower than this many times the target are not trained: they can't win, and timing
+# them to the end or training them is the most expensive way to learn that.
+LATENCY_BOUND = 10.0
+HEARTBEAT_S, GRACE_S = 30, 120  # a worker silent for 2 minutes is presumed dead
+SETTINGS_THAT_MUST_MATCH = ("target_ms", "alpha", "beta", "objective", "space", "device",
+                            "input_size", "threads")
+
+
+class UsageError(ValueError):
+    """A bad flag or file: one line, exit 2, nothing written."""
+
+
+@dataclasses.dataclass
+class Context:
+    """What every trial shares."""
+
+    args: argparse.Namespace
+    space: SearchSpace
+    data: DataSplits
+    budget: ProxyBudget
+    cache: LatencyCache
+    alpha: float
+    beta: float
+
+
+# --------------------------------------------------------------------------- one candidate
+
+
+def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None) -> dict[str, Any]:
+    """Latency on the target, then proxy accuracy, then reward: the record of one candidate."""
+    a = ctx.args
+    record: dict[str, Any] = {"arch": arch.to_str(), "arch_dict": arch.to_dict()}
+    deployed = build_model(arch, num_classes=ctx.data.num_classes)
+    record["params"] = count_params(deployed)
+    record["macs"] = count_macs(deployed, a.input_size)
+    lat = ctx.cache.get_or_measure(
+        f"{architecture_key(arch)}-{ctx.data.num_classes}", lambda: deployed,
+        input_size=a.input_size, device=a.device, threads=a.threads,
+        min_time_s=a.latency_time / 2, max_time_s=a.latency_time,
+        stop_above_ms=LATENCY_BOUND * a.target_ms)
+    record.update(latency_ms=lat.median_ms, latency_p10_ms=lat.p10_ms, latency_p90_ms=lat.p90_ms,
+                  latency_cv=lat.cv, latency_s=lat.seconds, latency_stopped_early=lat.stopped_early)
+    _set_attrs(trial, record)
+    if lat.stopped_early:
+        raise optuna.TrialPruned(f"latency above {LATENCY_BOUND:g} x target "
+                                 f"({lat.median_ms:.1f} ms >= {LATENCY_BOUND * a.target_ms:g} ms)")
+    use_trial = trial if (trial is not None and a.objective == "reward") else None
+    result = proxy_train(arch, ctx.data, ctx.budget, device=a.train_device, seed=a.seed,
+                         trial=use_trial)
+    record.update(accuracy=result.accuracy, train_s=result.train_seconds,
+                  eval_s=result.eval_seconds, images_per_s=result.images_per_second,
+                  trained_arch=result.trained_arch, val_curve=list(result.val_curve),
+                  reward=reward(result.accuracy, lat.median_ms, a.target_ms, alpha=ctx.alpha,
+                                beta=ctx.beta))
+    _set_attrs(trial, record)
+    return record
+
+
+def _set_attrs(trial: Any, record: dict[str, Any]) -> None:
+    if trial is None:
+        return
+    for key, value in record.items():
+        if key not in trial.user_attrs:
+            trial.set_user_attr(key, value)
+
+
+def make_objective(ctx: Context):
+    """The Optuna objective: a failing candidate fails its trial with the reason recorded."""
+
+    def objective(trial: optuna.Trial):
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        try:
+            arch = ctx.space.sample(trial)
+            rec = evaluate_architecture(arch, ctx, trial)
+        except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except CandidateFailed as e:
+            trial.set_user_attr("fail_reason", str(e))
+            raise
+        except Exception as e:  # invalid combination, shape error: this candidate only
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            trial.set_user_attr("fail_reason", reason)
+            raise CandidateFailed(reason) from e
+        if ctx.args.objective == "pareto":
+            return rec["accuracy"], rec["latency_ms"]
+        return rec["reward"]
+
+    return objective
+
+
+# --------------------------------------------------------------------------- study and storage
+
+
+def storage_for(args: argparse.Namespace, run_dir: Path) -> optuna.storages.BaseStorage:
+    """SQLite under runs/<name>/ by default (optuna-dashboard opens it); any Optuna URL otherwise."""
+    url = args.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    if url.startswith(("sqlite", "postgresql", "mysql")):
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
+    return optuna.storages.get_storage(url)
+
+
+def make_sampler(args: argparse.Namespace) -> optuna.samplers.BaseSampler:
+    if args.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=args.seed, multivariate=True, group=True,
+                                          n_startup_trials=args.startup_trials)
+    if args.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=args.seed, population_size=args.population)
+    return optuna.samplers.RandomSampler(seed=args.seed)
+
+
+def open_study(args: argparse.Namespace, run_dir: Path, settings: dict[str, Any]) -> optuna.Study:
+    """Create or resume; refuse to resume a study made with different settings."""
+    directions = ["maximize", "minimize"] if args.objective == "pareto" else ["maximize"]
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+              if args.pruner == "median" else optuna.pruners.NopPruner())
+    study = optuna.create_study(
+        study_name=args.name, storage=storage_for(args, run_dir), sampler=make_sampler(args),
+        pruner=pruner, directions=directions, load_if_exists=True)
+    saved = study.user_attrs.get("settings")
+    if saved is None:
+        study.set_user_attr("settings", settings)
+    else:
+        diff = [k for k in SETTINGS_THAT_MUST_MATCH if saved.get(k) != settings.get(k)]
+        if diff:
+            k = diff[0]
+            raise UsageError(f"study {args.name!r} was created with {k}={saved.get(k)!r}, not "
+                             f"{settings.get(k)!r}; resume with the same settings or pick a new "
+                             f"--name")
+    fail_dead_local_trials(study)
+    return study
+
+
+def fail_dead_local_trials(study: optuna.Study) -> list[int]:
+    """A RUNNING trial whose worker was on this host and is gone was killed: fail it now.
+
+    Workers elsewhere are covered by the storage heartbeat (failed after GRACE_S seconds).
+    """
+    host, failed = socket.gethostname(), []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", "")
+        wh, _, pid = worker.rpartition(":")
+        if wh == host and pid.isdigit() and not _alive(int(pid)):
+            study._storage.set_trial_user_attr(t._trial_id, "fail_reason",
+                                               f"worker {worker} died (killed?)")
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            failed.append(t.number)
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """One line per finished trial: number, architecture, latency, accuracy, reward, time, ETA."""
+
+    def __init__(self, total: int, already: int) -> None:
+        self.total, self.already, self.start = total, already, time.time()
+
+    def __call__(self, study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+        done = _finished(study)
+        elapsed = time.time() - self.start
+        per = elapsed / max(1, done - self.already)
+        eta = per * max(0, self.total - done)
+        ua = t.user_attrs
+        lat = f"{ua['latency_ms']:7.2f} ms" if "latency_ms" in ua else "      - ms"
+        acc = f"{ua['accuracy']:.4f}" if "accuracy" in ua else "     -"
+        rew = f"{ua['reward']:.4f}" if "reward" in ua else "     -"
+        state = "" if t.state == optuna.trial.TrialState.COMPLETE else f"  [{t.state.name}" + (
+            f": {ua['fail_reason']}]" if "fail_reason" in ua else "]")
+        print(f"[{done:>3}/{self.total}] trial {t.number:>3}  {ua.get('arch', '?')}  lat {lat}  "
+              f"acc {acc}  reward {rew}  {t.duration.total_seconds() if t.duration else 0:5.0f}s"
+              f"  elapsed {_hms(elapsed)}  eta {_hms(eta)}{state}", flush=True)
+
+
+def _hms(s: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(s))
+
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+            optuna.trial.TrialState.FAIL)
+
+
+def _finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def run_baselines(names: list[str], ctx: Context, run_dir: Path) -> pd.DataFrame:
+    """Reference networks through the same latency and proxy; measured once per run folder."""
+    done = load_baselines(run_dir)
+    rows = done.to_dict("records") if len(done) else []
+    have = {r["baseline"] for r in rows}
+    for name in names:
+        if name in have:
+            continue
+        print(f"baseline {name} ...", flush=True)
+        try:
+            rec = evaluate_architecture(load_architecture(name), ctx)
+        except CandidateFailed as e:
+            rec = {"fail_reason": str(e)}
+        except optuna.TrialPruned as e:
+            rec = {"fail_reason": str(e)}
+        rec.update(baseline=name, state="COMPLETE" if "accuracy" in rec else "FAIL",
+                   arch_dict=json.dumps(rec.get("arch_dict")), val_curve=None)
+        rows.append(rec)
+        print(f"baseline {name}: lat {rec.get('latency_ms', float('nan')):.2f} ms  acc "
+              f"{rec.get('accuracy', float('nan')):.4f}  reward "
+              f"{rec.get('reward', float('nan')):.4f}", flush=True)
+        save_baselines(pd.DataFrame(rows), run_dir)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nas.search", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("objective")
+    g.add_argument("--target-ms", type=float, required=True, help="latency target T in ms")
+    g.add_argument("--mode", choices=sorted(MODES), default="soft",
+                   help="soft: alpha = beta = -0.07; hard: alpha = 0, beta = -1 (MnasNet paper)")
+    g.add_argument("--alpha", type=float, default=None, help="override the exponent for LAT <= T")
+    g.add_argument("--beta", type=float, default=None, help="override the exponent for LAT > T")
+    g.add_argument("--objective", choices=OBJECTIVES, default="reward",
+                   help="reward: maximise the scalar MnasNet reward; pareto: maximise accuracy and "
+                        "minimise latency jointly (use --sampler nsga2). Optuna refuses "
+                        "intermediate reports in multi-objective studies, so --pruner applies to "
+                        "the reward objective only")
+    g = p.add_argument_group("search")
+    g.add_argument("--trials", type=int, default=20,
+                   help="total finished trials the study should hold (a resumed study counts the "
+                        "ones it already has)")
+    g.add_argument("--timeout", type=float, default=None, help="stop starting trials after this "
+                   "many seconds")
+    g.add_argument("--space", default=DEFAULT_SPACE,
+                   help="search-space YAML file, or the name of one in search_spaces/")
+    g.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="default: tpe for --objective reward, nsga2 for --objective pareto")
+    g.add_argument("--startup-trials", type=int, default=10, help="TPE: random trials first")
+    g.add_argument("--population", type=int, default=20, help="NSGA-II population size")
+    g.add_argument("--pruner", choices=("none", "median"), default="none",
+                   help="stop candidates whose intermediate validation accuracy is below the "
+                        "median of earlier trials (reward objective only)")
+    g.add_argument("--seed", type=int, default=0, help="sampler and training seed")
+    g.add_argument("--baselines", default="",
+                   help="comma-separated reference networks to run through the same latency "
+                        "and proxy, e.g. mobilenet_v2,mnasnet_b1")
+    g = p.add_argument_group("target device")
+    g.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where latency is measured (the deployment target)")
+    g.add_argument("--input-size", type=int, default=224, help="deployment input resolution")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for latency (default 1: one core, as MnasNet timed one "
+                        "phone core)")
+    g.add_argument("--latency-time", type=float, default=2.0,
+                   help="seconds of measuring per architecture (warm-up included; each "
+                        "architecture is measured once per study)")
+    g = p.add_argument_group("proxy training")
+    g.add_argument("--data", default=None,
+                   help="CIFAR-10 source: 'cifar10' (torchvision download), an ImageFolder "
+                        "directory, or a .tar/.tar.gz of one; default $NAS_DATA or 'cifar10'")
+    g.add_argument("--train-device", default=None, help="device for proxy training "
+                   "(default: --device)")
+    g.add_argument("--train-threads", type=int, default=None,
+                   help="CPU threads for proxy training (default: PyTorch's, all cores)")
+    d = ProxyBudget()
+    g.add_argument("--proxy-images", type=int, default=d.train_images,
+                   help="training images per epoch (seeded subset of the proxy-train split)")
+    g.add_argument("--proxy-epochs", type=int, default=d.epochs, help="proxy epochs")
+    g.add_argument("--proxy-batch", type=int, default=d.batch_size, help="proxy batch size")
+    g.add_argument("--proxy-lr", type=float, default=d.lr, help="peak learning rate")
+    g.add_argument("--val-size", type=int, default=5000,
+                   help="images held out of the training set to score candidates")
+    g = p.add_argument_group("results")
+    g.add_argument("--name", default="search", help="run name: results go to runs/<name>/")
+    g.add_argument("--runs-dir", default="runs", help="parent folder of run folders")
+    g.add_argument("--storage", default=None,
+                   help="Optuna storage URL shared by several workers (default: SQLite in "
+                        "runs/<name>/study.db)")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """User errors found before anything is written."""
+    if args.target_ms <= 0:
+        raise UsageError(f"--target-ms {args.target_ms:g}: must be > 0")
+    for flag in ("trials", "proxy_images", "proxy_epochs", "proxy_batch", "val_size",
+                 "startup_trials", "population"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.input_size < 32:
+        raise UsageError(f"--input-size {args.input_size}: must be >= 32")
+    for flag in ("threads", "train_threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {value}: must be >= 1")
+    if args.latency_time <= 0:
+        raise UsageError(f"--latency-time {args.latency_time:g}: must be > 0")
+    if args.proxy_lr <= 0:
+        raise UsageError(f"--proxy-lr {args.proxy_lr:g}: must be > 0")
+    if args.objective == "pareto" and args.pruner != "none":
+        raise UsageError("--pruner applies to --objective reward only (Optuna does not prune "
+                         "multi-objective studies)")
+    if (args.device == "cuda" or args.train_device == "cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available on this machine; use cpu")
+    if not args.name or any(c in args.name for c in "/\\") or args.name.startswith("."):
+        raise UsageError(f"--name {args.name!r}: must be a plain folder name")
+    for name in filter(None, args.baselines.split(",")):
+        load_architecture(name.strip())
+
+
+def environment() -> dict[str, Any]:
+    """Recorded beside the results so a run can be reproduced and its numbers trusted."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "optuna": optuna.__version__, "platform": platform.platform(),
+            "host": socket.gethostname(), "cpus": os.cpu_count(), "git": rev,
+            "argv": sys.argv}
+
+
+def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
+    """Everything that can fail on user input, before the run folder is touched."""
+    check_args(args)
+    args.sampler = args.sampler or ("nsga2" if args.objective == "pareto" else "tpe")
+    args.train_device = args.train_device or args.device
+    try:
+        alpha, beta = exponents(args.mode, args.alpha, args.beta)
+    except ValueError as e:
+        raise UsageError(f"--alpha/--beta: {e}") from None
+    space = load_space(args.space)
+    budget = ProxyBudget(train_images=args.proxy_images, epochs=args.proxy_epochs,
+                         batch_size=args.proxy_batch, lr=args.proxy_lr)
+    data = load_data(args.data, val_size=args.val_size)
+    run_dir = Path(args.runs_dir) / args.name
+    settings = {"target_ms": args.target_ms, "alpha": alpha, "beta": beta,
+                "objective": args.objective, "space": space.to_dict(), "device": args.device,
+                "input_size": args.input_size, "threads": args.threads,
+                "budget": dataclasses.asdict(budget), "data": data.source, "seed": args.seed,
+                "sampler": args.sampler, "pruner": args.pruner}
+    ctx = Context(args, space, data, budget, LatencyCache(run_dir / "latency_cache.json"),
+                  alpha, beta)
+    return ctx, run_dir, settings
+
+
+def run(args: argparse.Namespace) -> int:
+    ctx, run_dir, settings = prepare(args)
+    if args.train_threads:
+        torch.set_num_threads(args.train_threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    study = open_study(args, run_dir, settings)
+    (run_dir / "run.json").write_text(json.dumps(
+        {"study_name": args.name, "storage": args.storage, "num_classes": ctx.data.num_classes,
+         "classes": list(ctx.data.classes), "settings": settings, "environment": environment()},
+        indent=2, default=str))
+    baselines = [n.strip() for n in args.baselines.split(",") if n.strip()]
+    already = _finished(study)
+    print(f"study {args.name!r} in {run_dir}: {already} finished trials, target "
+          f"{args.trials}; space {args.space} ({ctx.space.size():,} architectures); "
+          f"T = {args.target_ms:g} ms, alpha = {ctx.alpha:g}, beta = {ctx.beta:g}; "
+          f"data {ctx.data.source}: {len(ctx.data.train)} train / {len(ctx.data.val)} val",
+          flush=True)
+    interrupted = False
+    try:
+        if baselines:
+            run_baselines(baselines, ctx, run_dir)
+        if already < args.trials:
+            study.optimize(
+                make_objective(ctx), timeout=args.timeout, catch=(CandidateFailed,),
+                callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=FINISHED),
+                           Progress(args.trials, already)])
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: writing results of the finished trials", file=sys.stderr)
+    files = write_results(study, run_dir, target_ms=args.target_ms)
+    print_summary(study, files)
+    return 130 if interrupted else 0
+
+
+def print_summary(study: optuna.Study, files: dict[str, Path]) -> None:
+    df = pd.read_csv(files["trials"]) if "trials" in files else pd.DataFrame()
+    done = df[df.state == "COMPLETE"] if len(df) else df
+    if len(done):
+        key = "reward" if "reward" in done and done.reward.notna().any() else "accuracy"
+        cols = [c for c in ("number", "arch", "latency_ms", "accuracy", "reward", "params",
+                            "macs") if c in done]
+        top = done.sort_values(key, ascending=False)[cols].head(10)
+        print("\nBest trials:\n" + top.to_string(index=False))
+    print("\nResults: " + ", ".join(str(p) for p in files.values()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Our progress line reports each trial, failures with their reason; Optuna's own per-trial
+    # warnings would repeat them with tracebacks.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        return run(args)
+    except (UsageError, ArchError, SpaceError, DataError, LatencyError) as e:
+        print(f"nas.search: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

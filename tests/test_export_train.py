@@ -1,0 +1,96 @@
+"""Export rebuilds exactly the searched network; full training checkpoints, resumes and exports."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from nas import export, search, train
+from nas.arch import load_architecture
+from nas.model import build_model
+from nas.profile import count_params
+from nas.proxy import ProxyBudget, proxy_arch
+
+
+@pytest.fixture(scope="module")
+def run(image_folder, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    argv = ["--space", "tiny", "--val-size", "30", "--proxy-images", "64", "--proxy-epochs", "1",
+            "--proxy-batch", "32", "--input-size", "32", "--latency-time", "0.1",
+            "--target-ms", "1", "--trials", "3", "--sampler", "random", "--data",
+            str(image_folder), "--runs-dir", str(runs), "--name", "x"]
+    assert search.main(argv) == 0
+    return runs / "x"
+
+
+def test_export_best_pareto_and_trial(run, tmp_path):
+    trials = pd.read_csv(run / "trials.csv")
+    done = trials[trials.state == "COMPLETE"]
+    assert export.main([str(run), "-o", str(tmp_path / "best.yaml")]) == 0
+    best = done.loc[done.reward.idxmax()]
+    arch = load_architecture(tmp_path / "best.yaml")
+    assert arch.to_str() == best.arch
+    assert count_params(build_model(arch, num_classes=3)) == best.params
+    front = pd.read_csv(run / "pareto.csv").sort_values("latency_ms")
+    assert export.main([str(run), "--pareto", "0", "-o", str(tmp_path / "fast.json")]) == 0
+    assert load_architecture(tmp_path / "fast.json").to_str() == front.arch.iloc[0]
+    n = int(done.number.iloc[-1])
+    assert export.main([str(run), "--trial", str(n), "-o", str(tmp_path / "t.yaml")]) == 0
+    assert load_architecture(tmp_path / "t.yaml").to_str() == done.arch.iloc[-1]
+
+
+@pytest.mark.parametrize("extra, fragment", [(["--trial", "999"], "--trial 999"),
+                                             (["--pareto", "99"], "--pareto 99")])
+def test_export_bad_selection_is_one_line_and_writes_nothing(run, tmp_path, capsys, extra,
+                                                             fragment):
+    out = tmp_path / "a.yaml"
+    assert export.main([str(run), *extra, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0]
+    assert not out.exists()
+
+
+def test_export_not_a_run_folder(tmp_path, capsys):
+    assert export.main([str(tmp_path), "-o", str(tmp_path / "a.yaml")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_full_training_resumes_and_exports_trained_weights(run, image_folder, tmp_path):
+    arch_file = run / "best.yaml"
+    common = [str(arch_file), "--data", str(image_folder), "--runs-dir", str(tmp_path),
+              "--name", "t", "--batch-size", "32", "--no-progress"]
+    assert train.main([*common, "--epochs", "1"]) == 0
+    ckpt = torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1
+    first = json.loads((tmp_path / "t" / "metrics.json").read_text())["history"]
+    assert train.main([*common, "--epochs", "2"]) == 0  # resumes after epoch 1
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["history"][0] == first[0]
+    assert metrics["test_accuracy"] == metrics["history"][-1]["test_accuracy"]
+    assert metrics["test_accuracy"] > 0.5  # colour classes are easy; chance is 1/3
+
+    pt = tmp_path / "net.pt"
+    onnx_file = tmp_path / "net.onnx"
+    assert export.main([str(run), "-o", str(tmp_path / "a.yaml"), "--checkpoint",
+                        str(tmp_path / "t" / "checkpoint.pt"), "--torchscript", str(pt),
+                        "--onnx", str(onnx_file)]) == 0
+    arch = load_architecture(arch_file)
+    model = build_model(proxy_arch(arch, ProxyBudget(), 32), num_classes=3).eval()
+    model.load_state_dict(torch.load(tmp_path / "t" / "checkpoint.pt",
+                                     weights_only=True)["model"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(pt))(x), model(x))
+    onnx = pytest.importorskip("onnx")
+    onnx.checker.check_model(onnx.load(str(onnx_file)))
+
+
+def test_training_another_architecture_into_the_same_folder_is_refused(run, image_folder,
+                                                                       tmp_path, capsys):
+    common = ["--data", str(image_folder), "--runs-dir", str(tmp_path), "--name", "t",
+              "--batch-size", "32", "--no-progress", "--epochs", "1"]
+    assert train.main([str(run / "best.yaml"), *common]) == 0
+    assert train.main(["mobilenet_v3_small", *common]) == 2
+    assert "another architecture" in capsys.readouterr().err

@@ -1,0 +1,229 @@
+"""The search command end to end on a tiny space and synthetic data: results, resume, failures."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pandas as pd
+import pytest
+
+from nas.arch import Architecture, load_architecture
+from nas.model import build_model
+from nas.pareto import pareto_mask
+from nas.profile import count_macs, count_params
+from nas.reward import reward
+from nas.search import main
+
+FAST = ["--space", "tiny", "--val-size", "30", "--proxy-images", "64",
+        "--proxy-batch", "32", "--input-size", "32", "--latency-time", "0.1", "--target-ms", "1",
+        "--proxy-epochs", "1"]
+
+
+def args(run_dir, data, *extra, name="s"):
+    return [*FAST, "--data", str(data), "--runs-dir", str(run_dir), "--name", name, *extra]
+
+
+def study_of(run_dir, name="s"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / name / 'study.db'}")
+
+
+def spawn(argv, env_extra=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "nas.search", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def finished_run(image_folder, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    assert main(args(runs, image_folder, "--trials", "4", "--baselines", "mobilenet_v3_small",
+                     "--sampler", "random")) == 0
+    return runs / "s"
+
+
+def test_results_files_hold_what_the_trials_measured(finished_run):
+    trials = pd.read_csv(finished_run / "trials.csv")
+    done = trials[trials.state == "COMPLETE"]
+    assert len(trials) == 4 and len(done) >= 3
+    for _, row in done.iterrows():
+        arch = Architecture.from_dict(json.loads(row.arch_dict))
+        assert arch.to_str() == row.arch
+        model = build_model(arch, num_classes=3)
+        assert row.params == count_params(model)
+        assert row.macs == count_macs(model, 32)
+        assert row.reward == pytest.approx(reward(row.accuracy, row.latency_ms, 1.0,
+                                                  alpha=-0.07, beta=-0.07))
+        assert row.latency_p10_ms <= row.latency_ms <= row.latency_p90_ms
+        assert 0 <= row.accuracy <= 1 and row.accuracy * 30 == pytest.approx(
+            round(row.accuracy * 30))
+    best = done.loc[done.reward.idxmax()]
+    assert load_architecture(finished_run / "best.yaml").to_str() == best.arch
+    front = pd.read_csv(finished_run / "pareto.csv")
+    mask = pareto_mask(done.accuracy.to_numpy(), done.latency_ms.to_numpy())
+    assert sorted(front.number) == sorted(done.number[mask])
+    assert best.arch in (finished_run / "pareto.html").read_text()
+    baselines = pd.read_csv(finished_run / "baselines.csv")
+    assert list(baselines.baseline) == ["mobilenet_v3_small"]
+    assert baselines.params[0] == count_params(
+        build_model(load_architecture("mobilenet_v3_small"), num_classes=3))
+    meta = json.loads((finished_run / "run.json").read_text())
+    assert meta["settings"]["target_ms"] == 1.0 and meta["environment"]["torch"]
+
+
+def test_resume_continues_with_finished_trials_intact(image_folder, tmp_path):
+    assert main(args(tmp_path, image_folder, "--trials", "2")) == 0
+    first = {t.number: (t.state, t.params, t.user_attrs.get("arch"))
+             for t in study_of(tmp_path).trials}
+    assert main(args(tmp_path, image_folder, "--trials", "3")) == 0
+    after = study_of(tmp_path).trials
+    assert len(after) == 3
+    assert {t.number: (t.state, t.params, t.user_attrs.get("arch"))
+            for t in after[:2]} == first
+    # Latency is measured once per architecture and study: the cache file holds each once.
+    cache = json.loads((tmp_path / "s" / "latency_cache.json").read_text())
+    assert len(cache["entries"]) == len({t.user_attrs["arch"] for t in after})
+
+
+def test_resume_with_other_settings_is_refused(image_folder, tmp_path, capsys):
+    assert main(args(tmp_path, image_folder, "--trials", "1")) == 0
+    argv = args(tmp_path, image_folder, "--trials", "2")
+    argv[argv.index("--target-ms") + 1] = "5"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "target_ms=1.0" in err[0] and "--name" in err[0]
+    assert len(study_of(tmp_path).trials) == 1
+
+
+def test_failing_candidate_fails_its_trial_and_the_search_goes_on(image_folder, tmp_path):
+    assert main(args(tmp_path, image_folder, "--trials", "2", "--proxy-lr", "1e30",
+                     "--proxy-epochs", "3")) == 0
+    trials = study_of(tmp_path).trials
+    assert len(trials) == 2
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in trials)
+    assert all("non-finite training loss" in t.user_attrs["fail_reason"] for t in trials)
+    df = pd.read_csv(tmp_path / "s" / "trials.csv")
+    assert df.fail_reason.str.contains("non-finite").all()
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--target-ms", "-3", "--target-ms -3: must be > 0"),
+    ("--trials", "0", "--trials 0: must be >= 1"),
+    ("--space", "nope", "nope"),
+    ("--baselines", "mobilenet_v9", "mobilenet_v9"),
+    ("--data", "/does/not/exist", "/does/not/exist"),
+    ("--alpha", "0.5", "alpha"),
+])
+def test_bad_flags_are_one_line_and_write_nothing(image_folder, tmp_path, capsys, flag, value,
+                                                  fragment):
+    argv = args(tmp_path, image_folder, "--trials", "1")
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nas.search: error:") and fragment in err[0]
+    assert not (tmp_path / "s").exists()
+
+
+def test_bad_space_file_names_the_field(image_folder, tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text("blocks:\n- {filters: 8, repeats: 1, stride: 1, choices: {op: [mbconv], "
+                     "kernel: [4], expansion: [3]}}\n")
+    argv = args(tmp_path, image_folder, "--trials", "1")
+    argv[argv.index("--space") + 1] = str(space)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(space) in err and "kernel" in err and "Traceback" not in err
+
+
+def test_cuda_without_gpu_is_a_clear_error(image_folder, tmp_path, capsys):
+    pytest.importorskip("torch")
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(args(tmp_path, image_folder, "--trials", "1", "--device", "cuda")) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def _wait_for(predicate, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def _states(run_dir):
+    try:
+        return [t.state for t in study_of(run_dir).trials]
+    except (KeyError, Exception):
+        return []
+
+
+def test_killed_worker_leaves_finished_trials_intact(image_folder, tmp_path):
+    proc = spawn(args(tmp_path, image_folder, "--trials", "50"))
+    try:
+        assert _wait_for(lambda: _states(tmp_path).count(optuna.trial.TrialState.COMPLETE) >= 1
+                         and _states(tmp_path)[-1] == optuna.trial.TrialState.RUNNING)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = {t.number: (t.state, t.user_attrs.get("accuracy")) for t in study_of(tmp_path).trials
+              if t.state == optuna.trial.TrialState.COMPLETE}
+    n_before = len(study_of(tmp_path).trials)
+    assert main(args(tmp_path, image_folder, "--trials", str(n_before + 1))) == 0
+    trials = study_of(tmp_path).trials
+    assert {t.number: (t.state, t.user_attrs.get("accuracy")) for t in trials
+            if t.number in before} == before
+    killed = [t for t in trials if "died" in t.user_attrs.get("fail_reason", "")]
+    assert len(killed) == 1 and killed[0].state == optuna.trial.TrialState.FAIL
+    assert not any(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+
+
+def test_two_workers_share_one_study(image_folder, tmp_path):
+    # Create the study first so both workers resume it rather than racing to create it.
+    assert main(args(tmp_path, image_folder, "--trials", "1")) == 0
+    procs = [spawn(args(tmp_path, image_folder, "--trials", "7", "--seed", str(s)))
+             for s in (1, 2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    trials = study_of(tmp_path).trials
+    numbers = [t.number for t in trials]
+    assert numbers == list(range(len(trials))) and len(trials) >= 7
+    assert all(t.state.is_finished() for t in trials)
+    # Both workers did some of the work, and no trial was recorded twice.
+    workers = {t.user_attrs["worker"].split(":")[1] for t in trials[1:]}
+    assert len(workers) == 2
+    df = pd.read_csv(tmp_path / "s" / "trials.csv")
+    assert sorted(df.number) == numbers
+
+
+def test_ctrl_c_stops_cleanly_and_writes_results(image_folder, tmp_path):
+    proc = spawn(args(tmp_path, image_folder, "--trials", "50"))
+    assert _wait_for(lambda: _states(tmp_path).count(optuna.trial.TrialState.COMPLETE) >= 2)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out
+    df = pd.read_csv(tmp_path / "s" / "trials.csv")
+    assert (df.state == "COMPLETE").sum() >= 2
+    assert (tmp_path / "s" / "best.yaml").exists()
+    assert not any(t.state == optuna.trial.TrialState.RUNNING for t in study_of(tmp_path).trials)
+
+
+def test_pareto_objective_with_nsga2(image_folder, tmp_path):
+    assert main(args(tmp_path, image_folder, "--trials", "3", "--objective", "pareto")) == 0
+    study = study_of(tmp_path)
+    assert len(study.directions) == 2
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert done and all(t.values == [t.user_attrs["accuracy"], t.user_attrs["latency_ms"]]
+                        for t in done)
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["settings"]["sampler"] == "nsga2"
+    assert not math.isnan(pd.read_csv(tmp_path / "s" / "pareto.csv").accuracy.iloc[0])
