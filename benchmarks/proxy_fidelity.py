@@ -113,6 +113,11 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/proxy_fidelity.txt")
     p.add_argument("--state", default="benchmarks/results/proxy_fidelity.json")
+    p.add_argument("--only", default=None,
+                   help="comma-separated architecture indices this process trains (to split the "
+                        "work over processes, each with its own --state)")
+    p.add_argument("--merge", default=None,
+                   help="comma-separated extra state files to merge into the report (no training)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = load_data(args.data)
@@ -121,8 +126,14 @@ def main() -> int:
                            args.long_factor)
     state_path = Path(args.state)
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    order = [(k, i) for k in list(ladder)[:-1] for i in range(len(archs))]
-    order += [(list(ladder)[-1], i) for i in range(len(archs))]
+    for extra in filter(None, (args.merge or "").split(",")):
+        state.update(json.loads(Path(extra).read_text()))
+    mine = (range(len(archs)) if args.only is None
+            else [int(i) for i in args.only.split(",")])
+    order = [(k, i) for k in list(ladder)[:-1] for i in mine]
+    order += [(list(ladder)[-1], i) for i in mine]
+    if args.merge:
+        order = []
     for k, i in order:
         key = f"{i}|{k}"
         if key in state:

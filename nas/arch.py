@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -365,7 +366,12 @@ def load_architecture(path_or_name: str | Path) -> Architecture:
         else:
             raise ArchError(f"{path_or_name}: no such file and not a reference network; "
                             f"references: {', '.join(reference_names())}")
-    text = path.read_text()
+    if not path.is_file():
+        raise ArchError(f"{path}: not a file; expected an architecture .yaml/.yml/.json")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArchError(f"{path}: cannot be read ({e})") from None
     if path.suffix == ".json":
         return Architecture.from_json(text, where=str(path))
     return Architecture.from_yaml(text, where=str(path))
@@ -375,7 +381,7 @@ def save_architecture(arch: Architecture, path: str | Path) -> Path:
     """Write YAML (or JSON by suffix) atomically, so an interrupted export leaves no half file."""
     path = Path(path)
     text = arch.to_json() if path.suffix == ".json" else arch.to_yaml()
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
     return path

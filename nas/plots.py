@@ -92,7 +92,7 @@ def write_plots(df: pd.DataFrame, out_dir: str | os.PathLike, *,
     for name, fig in (("pareto", pareto_figure(df, target_ms=target_ms)),
                       ("history", history_figure(df))):
         path = out_dir / f"{name}.html"
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fig.write_html(tmp, include_plotlyjs=True, full_html=True)
         tmp.replace(path)  # an interrupted write never leaves half a page
         paths.append(path)

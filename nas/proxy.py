@@ -55,6 +55,9 @@ class ProxyBudget:
         for name in ("lr", "bn_momentum"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"proxy budget: {name}={getattr(self, name)} must be > 0")
+        if self.batch_size > self.train_images:
+            raise ValueError(f"proxy budget: batch_size={self.batch_size} must be <= "
+                             f"train_images={self.train_images}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"proxy budget: warmup={self.warmup} must be in [0, 1)")
 

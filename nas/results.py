@@ -17,7 +17,7 @@ BASELINES_FILE = "baselines.csv"
 
 
 def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     df.to_csv(tmp, index=False)
     os.replace(tmp, path)
 

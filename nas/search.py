@@ -25,13 +25,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pandas as pd
 import torch
 
 from nas.arch import Architecture, ArchError, load_architecture
 from nas.data import DataError, DataSplits, load_data
-from nas.latency import LatencyCache, LatencyError, architecture_key
+from nas.latency import (
+    DEFAULT_THREADS,
+    LatencyCache,
+    LatencyError,
+    architecture_key,
+    latency_context,
+)
 from nas.model import build_model
 from nas.profile import count_macs, count_params
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
@@ -46,7 +53,7 @@ OBJECTIVES = ("reward", "pareto")
 LATENCY_BOUND = 10.0
 HEARTBEAT_S, GRACE_S = 30, 120  # a worker silent for 2 minutes is presumed dead
 SETTINGS_THAT_MUST_MATCH = ("target_ms", "alpha", "beta", "objective", "space", "device",
-                            "input_size", "threads")
+                            "input_size", "threads", "budget", "val_size", "data_fingerprint")
 
 
 class UsageError(ValueError):
@@ -87,7 +94,8 @@ def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None) -
     if lat.stopped_early:
         raise optuna.TrialPruned(f"latency above {LATENCY_BOUND:g} x target "
                                  f"({lat.median_ms:.1f} ms >= {LATENCY_BOUND * a.target_ms:g} ms)")
-    use_trial = trial if (trial is not None and a.objective == "reward") else None
+    # Intermediate scores cost a validation pass each: only when a pruner will read them.
+    use_trial = trial if (a.objective == "reward" and a.pruner != "none") else None
     result = proxy_train(arch, ctx.data, ctx.budget, device=a.train_device, seed=a.seed,
                          trial=use_trial)
     record.update(accuracy=result.accuracy, train_s=result.train_seconds,
@@ -115,7 +123,10 @@ def make_objective(ctx: Context):
         try:
             arch = ctx.space.sample(trial)
             rec = evaluate_architecture(arch, ctx, trial)
-        except (optuna.TrialPruned, KeyboardInterrupt):
+        except optuna.TrialPruned as e:
+            trial.set_user_attr("fail_reason", f"pruned: {e}")
+            raise
+        except KeyboardInterrupt:
             raise
         except CandidateFailed as e:
             trial.set_user_attr("fail_reason", str(e))
@@ -136,7 +147,7 @@ def make_objective(ctx: Context):
 
 def storage_for(args: argparse.Namespace, run_dir: Path) -> optuna.storages.BaseStorage:
     """SQLite under runs/<name>/ by default (optuna-dashboard opens it); any Optuna URL otherwise."""
-    url = args.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    url = args.storage or storage_url(run_dir)
     if url.startswith(("sqlite", "postgresql", "mysql")):
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
@@ -144,13 +155,37 @@ def storage_for(args: argparse.Namespace, run_dir: Path) -> optuna.storages.Base
     return optuna.storages.get_storage(url)
 
 
-def make_sampler(args: argparse.Namespace) -> optuna.samplers.BaseSampler:
+def open_storage(args: argparse.Namespace, run_dir: Path) -> optuna.storages.BaseStorage:
+    try:
+        return storage_for(args, run_dir)
+    except Exception as e:  # SQLAlchemy/driver errors: a bad URL is the user's, not a bug
+        raise UsageError(f"--storage {args.storage or storage_url(run_dir)}: cannot be opened "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def storage_url(run_dir: Path) -> str:
+    return f"sqlite:///{(run_dir / 'study.db').resolve()}"
+
+
+def make_sampler(args: argparse.Namespace, seed: int) -> optuna.samplers.BaseSampler:
     if args.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=args.seed, multivariate=True, group=True,
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                           n_startup_trials=args.startup_trials)
     if args.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=args.seed, population_size=args.population)
-    return optuna.samplers.RandomSampler(seed=args.seed)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=args.population)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def sampler_seed(seed: int, existing_trials: int) -> int:
+    """--seed itself for a fresh study (reproducible); else one that differs per resume/worker.
+
+    Optuna never reseeds a sampler, so a resumed run or a second worker seeded like the first
+    would propose the first run's architectures again.
+    """
+    if existing_trials == 0:
+        return seed
+    ss = np.random.SeedSequence([seed, existing_trials, os.getpid(), time.time_ns() % 2**32])
+    return int(ss.generate_state(1)[0])
 
 
 def open_study(args: argparse.Namespace, run_dir: Path, settings: dict[str, Any]) -> optuna.Study:
@@ -158,9 +193,11 @@ def open_study(args: argparse.Namespace, run_dir: Path, settings: dict[str, Any]
     directions = ["maximize", "minimize"] if args.objective == "pareto" else ["maximize"]
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
               if args.pruner == "median" else optuna.pruners.NopPruner())
+    storage = open_storage(args, run_dir)
     study = optuna.create_study(
-        study_name=args.name, storage=storage_for(args, run_dir), sampler=make_sampler(args),
+        study_name=args.name, storage=storage, sampler=make_sampler(args, args.seed),
         pruner=pruner, directions=directions, load_if_exists=True)
+    study.sampler = make_sampler(args, sampler_seed(args.seed, len(study.trials)))
     saved = study.user_attrs.get("settings")
     if saved is None:
         study.set_user_attr("settings", settings)
@@ -168,9 +205,10 @@ def open_study(args: argparse.Namespace, run_dir: Path, settings: dict[str, Any]
         diff = [k for k in SETTINGS_THAT_MUST_MATCH if saved.get(k) != settings.get(k)]
         if diff:
             k = diff[0]
-            raise UsageError(f"study {args.name!r} was created with {k}={saved.get(k)!r}, not "
-                             f"{settings.get(k)!r}; resume with the same settings or pick a new "
-                             f"--name")
+            was, now = (saved.get(k), settings.get(k))
+            detail = f"{k}={was!r}, not {now!r}" if len(repr(was)) < 80 else f"another {k}"
+            raise UsageError(f"study {args.name!r} was created with {detail}; resume with the "
+                             f"same settings or pick a new --name")
     fail_dead_local_trials(study)
     return study
 
@@ -255,10 +293,11 @@ def run_baselines(names: list[str], ctx: Context, run_dir: Path) -> pd.DataFrame
         print(f"baseline {name} ...", flush=True)
         try:
             rec = evaluate_architecture(load_architecture(name), ctx)
-        except CandidateFailed as e:
+        except (CandidateFailed, optuna.TrialPruned) as e:
             rec = {"fail_reason": str(e)}
-        except optuna.TrialPruned as e:
-            rec = {"fail_reason": str(e)}
+        except Exception as e:  # a reference network that fails here fails as a baseline only
+            reason = str(e).splitlines()[0] if str(e) else ""
+            rec = {"fail_reason": f"{type(e).__name__}: {reason}"}
         rec.update(baseline=name, state="COMPLETE" if "accuracy" in rec else "FAIL",
                    arch_dict=json.dumps(rec.get("arch_dict")), val_curve=None)
         rows.append(rec)
@@ -357,12 +396,16 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag.replace('_', '-')} {value}: must be >= 1")
     if args.latency_time <= 0:
         raise UsageError(f"--latency-time {args.latency_time:g}: must be > 0")
+    if args.proxy_batch > args.proxy_images:
+        raise UsageError(f"--proxy-batch {args.proxy_batch}: must be <= --proxy-images "
+                         f"{args.proxy_images} (else no training step is taken)")
     if args.proxy_lr <= 0:
         raise UsageError(f"--proxy-lr {args.proxy_lr:g}: must be > 0")
     if args.objective == "pareto" and args.pruner != "none":
         raise UsageError("--pruner applies to --objective reward only (Optuna does not prune "
                          "multi-objective studies)")
-    if (args.device == "cuda" or args.train_device == "cuda") and not torch.cuda.is_available():
+    if ("cuda" in args.device or "cuda" in (args.train_device or "")) and not (
+            torch.cuda.is_available()):
         raise UsageError("--device cuda: no CUDA GPU is available on this machine; use cpu")
     if not args.name or any(c in args.name for c in "/\\") or args.name.startswith("."):
         raise UsageError(f"--name {args.name!r}: must be a plain folder name")
@@ -392,19 +435,36 @@ def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
         alpha, beta = exponents(args.mode, args.alpha, args.beta)
     except ValueError as e:
         raise UsageError(f"--alpha/--beta: {e}") from None
+    latency_context(args.input_size, device=args.device, threads=args.threads)  # checks them
+    try:
+        torch.device(args.train_device)
+    except RuntimeError:
+        raise UsageError(f"--train-device {args.train_device!r}: expected cpu or cuda") from None
+    if torch.device(args.train_device).type not in ("cpu", "cuda"):
+        raise UsageError(f"--train-device {args.train_device!r}: expected cpu or cuda")
     space = load_space(args.space)
     budget = ProxyBudget(train_images=args.proxy_images, epochs=args.proxy_epochs,
-                         batch_size=args.proxy_batch, lr=args.proxy_lr)
+                         batch_size=args.proxy_batch, lr=args.proxy_lr, val_images=args.val_size)
     data = load_data(args.data, val_size=args.val_size)
     run_dir = Path(args.runs_dir) / args.name
+    if args.storage:
+        open_storage(args, run_dir)  # a bad URL fails before the run folder is made
     settings = {"target_ms": args.target_ms, "alpha": alpha, "beta": beta,
                 "objective": args.objective, "space": space.to_dict(), "device": args.device,
-                "input_size": args.input_size, "threads": args.threads,
+                "input_size": args.input_size,
+                "threads": DEFAULT_THREADS if args.threads is None else args.threads,
+                "val_size": args.val_size, "data_fingerprint": data.fingerprint,
                 "budget": dataclasses.asdict(budget), "data": data.source, "seed": args.seed,
                 "sampler": args.sampler, "pruner": args.pruner}
     ctx = Context(args, space, data, budget, LatencyCache(run_dir / "latency_cache.json"),
                   alpha, beta)
     return ctx, run_dir, settings
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -413,7 +473,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.train_threads)
     run_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(args, run_dir, settings)
-    (run_dir / "run.json").write_text(json.dumps(
+    _atomic_text(run_dir / "run.json", json.dumps(
         {"study_name": args.name, "storage": args.storage, "num_classes": ctx.data.num_classes,
          "classes": list(ctx.data.classes), "settings": settings, "environment": environment()},
         indent=2, default=str))

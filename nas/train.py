@@ -50,7 +50,7 @@ def train(arch: Architecture, run_dir: Path, cfg: TrainConfig, *, data, device: 
     steps = max(1, len(data.full_train) // cfg.batch_size)
     optimizer, scheduler = _optimizer(model, cfg, steps)
     ckpt_path = run_dir / "checkpoint.pt"
-    start, history = _resume(ckpt_path, arch, model, optimizer, scheduler)
+    start, history = _resume(ckpt_path, arch, cfg, model, optimizer, scheduler)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     amp = torch.device(device).type == "cuda"
     for epoch in range(start, cfg.epochs):
@@ -75,13 +75,14 @@ def train(arch: Architecture, run_dir: Path, cfg: TrainConfig, *, data, device: 
             bar.set_postfix(loss=f"{loss.item():.3f}")
         mean_loss = total / steps
         if not math.isfinite(mean_loss):
-            raise RuntimeError(f"training diverged in epoch {epoch + 1} (loss {mean_loss})")
+            raise ArchError(f"training diverged in epoch {epoch + 1} (loss {mean_loss}); "
+                            f"try a lower --lr")
         acc = evaluate(model, data.test, device=device, bf16=amp, mean=data.mean, std=data.std)
         history.append({"epoch": epoch + 1, "loss": mean_loss, "test_accuracy": acc,
                         "seconds": time.perf_counter() - t0})
         print(f"epoch {epoch + 1}/{cfg.epochs}  loss {mean_loss:.4f}  test acc {acc:.4f}  "
               f"{history[-1]['seconds']:.0f}s", flush=True)
-        _save(ckpt_path, arch, model, optimizer, scheduler, epoch + 1, history)
+        _save(ckpt_path, arch, cfg, model, optimizer, scheduler, epoch + 1, history)
     return {"arch": arch.to_str(), "trained_arch": trained.to_str(), "epochs": cfg.epochs,
             "test_accuracy": history[-1]["test_accuracy"] if history else None,
             "history": history, "data": data.source, "device": device, "config": cfg.__dict__}
@@ -103,21 +104,31 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _save(path: Path, arch, model, optimizer, scheduler, epoch: int, history: list) -> None:
+def _save(path: Path, arch, cfg: TrainConfig, model, optimizer, scheduler, epoch: int,
+          history: list) -> None:
     """Atomic: an interrupt mid-write leaves the previous checkpoint intact."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"arch": arch.to_json(), "model": model.state_dict(),
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"arch": arch.to_json(), "config": json.dumps(cfg.__dict__),
+                "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch, "history": json.dumps(history)}, tmp)
     os.replace(tmp, path)
 
 
-def _resume(path: Path, arch, model, optimizer, scheduler) -> tuple[int, list]:
+def _resume(path: Path, arch, cfg: TrainConfig, model, optimizer, scheduler) -> tuple[int, list]:
     if not path.exists():
         return 0, []
-    ckpt = torch.load(path, weights_only=True, map_location="cpu")
-    if Architecture.from_json(ckpt["arch"]) != arch:
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+        saved_arch, saved_cfg = Architecture.from_json(ckpt["arch"]), json.loads(ckpt["config"])
+    except Exception as e:
+        raise ArchError(f"{path}: not a nas.train checkpoint ({type(e).__name__})") from None
+    if saved_arch != arch:
         raise ArchError(f"{path}: checkpoint is of another architecture; use another --name")
+    changed = [k for k, v in cfg.__dict__.items() if k != "epochs" and saved_cfg.get(k) != v]
+    if changed:
+        raise ArchError(f"{path}: checkpoint was trained with {changed[0]}={saved_cfg[changed[0]]}"
+                        f", not {getattr(cfg, changed[0])}; use the same settings or another --name")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -152,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         arch = load_architecture(args.config)
         data = load_data(args.data, val_size=0)  # full training uses every training image
+        if args.batch_size > len(data.full_train):
+            p.error(f"--batch-size {args.batch_size}: must be <= the {len(data.full_train)} "
+                    f"training images")
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           seed=args.seed)
         run_dir = Path(args.runs_dir) / (args.name or f"train-{arch.name or Path(args.config).stem}")

@@ -76,12 +76,16 @@ def test_results_files_hold_what_the_trials_measured(finished_run):
 
 
 def test_resume_continues_with_finished_trials_intact(image_folder, tmp_path):
-    assert main(args(tmp_path, image_folder, "--trials", "2")) == 0
+    assert main(args(tmp_path, image_folder, "--trials", "2", "--sampler", "random")) == 0
     first = {t.number: (t.state, t.params, t.user_attrs.get("arch"))
              for t in study_of(tmp_path).trials}
-    assert main(args(tmp_path, image_folder, "--trials", "3")) == 0
+    # --threads 1 is the default spelled out: the same setting, so the resume is accepted.
+    assert main(args(tmp_path, image_folder, "--trials", "4", "--sampler", "random",
+                     "--threads", "1")) == 0
     after = study_of(tmp_path).trials
-    assert len(after) == 3
+    assert len(after) == 4
+    # A resumed sampler must not replay the first run's proposals.
+    assert after[2].params != after[0].params and after[3].params != after[1].params
     assert {t.number: (t.state, t.params, t.user_attrs.get("arch"))
             for t in after[:2]} == first
     # Latency is measured once per architecture and study: the cache file holds each once.
@@ -117,6 +121,9 @@ def test_failing_candidate_fails_its_trial_and_the_search_goes_on(image_folder, 
     ("--baselines", "mobilenet_v9", "mobilenet_v9"),
     ("--data", "/does/not/exist", "/does/not/exist"),
     ("--alpha", "0.5", "alpha"),
+    ("--proxy-batch", "128", "--proxy-batch 128: must be <= --proxy-images 64"),
+    ("--threads", "0", "--threads 0"),
+    ("--storage", "nosuchdb://x", "--storage nosuchdb://x"),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(image_folder, tmp_path, capsys, flag, value,
                                                   fragment):
@@ -190,8 +197,9 @@ def test_killed_worker_leaves_finished_trials_intact(image_folder, tmp_path):
 def test_two_workers_share_one_study(image_folder, tmp_path):
     # Create the study first so both workers resume it rather than racing to create it.
     assert main(args(tmp_path, image_folder, "--trials", "1")) == 0
-    procs = [spawn(args(tmp_path, image_folder, "--trials", "7", "--seed", str(s)))
-             for s in (1, 2)]
+    # The very same command twice, as the README says: same --seed.
+    procs = [spawn(args(tmp_path, image_folder, "--trials", "7", "--sampler", "random"))
+             for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     trials = study_of(tmp_path).trials
@@ -201,6 +209,9 @@ def test_two_workers_share_one_study(image_folder, tmp_path):
     # Both workers did some of the work, and no trial was recorded twice.
     workers = {t.user_attrs["worker"].split(":")[1] for t in trials[1:]}
     assert len(workers) == 2
+    # ...and the two workers did not propose the same architectures.
+    archs = [t.user_attrs["arch"] for t in trials[1:]]
+    assert len(set(archs)) >= len(archs) - 1
     df = pd.read_csv(tmp_path / "s" / "trials.csv")
     assert sorted(df.number) == numbers
 
