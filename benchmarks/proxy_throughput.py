@@ -6,6 +6,7 @@ plain:  torchvision ImageFolder over the JPEG files, PIL RandomCrop/Flip/ToTenso
         DataLoader, default (contiguous) memory format; the seed material's pipeline
 ours:   uint8 tensors in memory, batched crop/flip on tensors, channels-last (nas.proxy)
 ours-nchw: ours with the default memory format, to isolate what channels-last buys
+ours + bf16: ours under bfloat16 autocast (CPUs with avx512_bf16 / AMX)
 Each variant trains the same proxy network (the 32x32 adaptation of --arch) for --steps steps
 after --warmup steps, in one process, in interleaved rounds; the table reports the median.
 """
@@ -44,7 +45,7 @@ def plain_loader(root: Path, batch_size: int, workers: int):
                                        persistent_workers=workers > 0)
 
 
-def time_steps(model, it, steps: int, warmup: int, channels_last: bool) -> float:
+def time_steps(model, it, steps: int, warmup: int, bf16: bool) -> float:
     """Images per second over `steps` SGD steps after `warmup` untimed ones."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     loss_fn = nn.CrossEntropyLoss()
@@ -53,9 +54,8 @@ def time_steps(model, it, steps: int, warmup: int, channels_last: bool) -> float
     for i, (x, y) in enumerate(it):
         if i == warmup:
             start = time.perf_counter()
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        loss = loss_fn(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -84,7 +84,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=ProxyBudget().batch_size)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain pipeline")
     p.add_argument("--out", default="benchmarks/results/proxy_throughput.txt")
@@ -106,13 +106,17 @@ def main() -> int:
             build_model(arch, num_classes=10).to(memory_format=torch.channels_last), batches(
                 data.train, batch_size=args.batch_size, shuffle=True, augment=True,
                 generator=gen, channels_last=True), False),
+        "ours + bf16 autocast": lambda: (
+            build_model(arch, num_classes=10).to(memory_format=torch.channels_last), batches(
+                data.train, batch_size=args.batch_size, shuffle=True, augment=True,
+                generator=gen, channels_last=True), True),
     }
     results: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.rounds):
         for name, make in variants.items():
             torch.manual_seed(0)
-            model, it, cl = make()
-            results[name].append(time_steps(model, it, args.steps, args.warmup, cl))
+            model, it, bf16 = make()
+            results[name].append(time_steps(model, it, args.steps, args.warmup, bf16))
             print(f"round {r + 1} {name}: {results[name][-1]:.1f} img/s", flush=True)
     plain = statistics.median(results["plain (DataLoader+PIL, NCHW)"])
     lines = [

@@ -238,3 +238,22 @@ def test_pareto_objective_with_nsga2(image_folder, tmp_path):
                         for t in done)
     assert json.loads((tmp_path / "s" / "run.json").read_text())["settings"]["sampler"] == "nsga2"
     assert not math.isnan(pd.read_csv(tmp_path / "s" / "pareto.csv").accuracy.iloc[0])
+
+
+def test_candidates_far_over_target_are_not_trained(image_folder, tmp_path):
+    argv = args(tmp_path, image_folder, "--trials", "2")
+    argv[argv.index("--target-ms") + 1] = "0.001"  # every network is > 10x slower than this
+    assert main(argv) == 0
+    trials = study_of(tmp_path).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED] * 2
+    for t in trials:
+        assert "latency above 10 x target" in t.user_attrs["fail_reason"]
+        assert "accuracy" not in t.user_attrs and t.user_attrs["latency_stopped_early"]
+
+
+def test_plot_regenerates_results_from_storage(finished_run):
+    from nas.plot import main as plot_main
+    (finished_run / "pareto.csv").unlink()
+    (finished_run / "pareto.html").unlink()
+    assert plot_main([str(finished_run)]) == 0
+    assert (finished_run / "pareto.csv").exists() and (finished_run / "pareto.html").exists()
