@@ -34,7 +34,10 @@ def load_run_study(run_dir: Path, storage: str | None = None) -> tuple[optuna.St
     meta_path = run_dir / "run.json"
     if not meta_path.exists():
         raise ExportError(f"{run_dir}: not a run folder (no run.json); pass runs/<name>")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{meta_path}: unreadable ({e})") from None
     url = storage or meta.get("storage") or f"sqlite:///{(run_dir / 'study.db').resolve()}"
     name = meta.get("study_name", run_dir.name)
     try:
@@ -116,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output)
     if out.suffix not in (".yaml", ".yml", ".json"):
         p.error(f"-o {out}: must end in .yaml, .yml or .json")
+    for flag, path in (("-o", out), ("--onnx", args.onnx), ("--torchscript", args.torchscript)):
+        if path is not None and not Path(path).parent.is_dir():
+            p.exit(2, f"nas.export: error: {flag} {path}: folder {Path(path).parent} does not "
+                      f"exist\n")
+    if args.checkpoint and not (args.onnx or args.torchscript):
+        p.exit(2, "nas.export: error: --checkpoint only applies with --onnx or --torchscript\n")
     if args.onnx and importlib.util.find_spec("onnx") is None:
         p.exit(2, "nas.export: error: --onnx needs the onnx package: pip install 'nas[onnx]'\n")
     if args.checkpoint and not args.checkpoint.is_file():

@@ -94,3 +94,11 @@ def test_training_another_architecture_into_the_same_folder_is_refused(run, imag
     assert train.main([str(run / "best.yaml"), *common]) == 0
     assert train.main(["mobilenet_v3_small", *common]) == 2
     assert "another architecture" in capsys.readouterr().err
+
+
+def test_export_into_a_missing_folder_is_one_line(run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as code:
+        export.main([str(run), "-o", str(tmp_path / "nope" / "a.yaml")])
+    assert code.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
