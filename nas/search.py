@@ -124,7 +124,8 @@ def make_objective(ctx: Context):
             arch = ctx.space.sample(trial)
             rec = evaluate_architecture(arch, ctx, trial)
         except optuna.TrialPruned as e:
-            trial.set_user_attr("fail_reason", f"pruned: {e}")
+            trial.set_user_attr("fail_reason", str(e) if str(e).startswith("pruned") else
+                                f"pruned: {e}")
             raise
         except KeyboardInterrupt:
             raise
