@@ -158,7 +158,7 @@ def format_details(ours: list[list[dict]], naive: list[list[dict]]) -> str:
     w = max(len(r["network"]) for rows in ours for r in rows)
     lines = [f"{'pass':>4} {'network':<{w}} {'median':>8} {'p10':>8} {'p90':>8} {'in-run CV%':>10} "
              f"{'runs':>5} {'warm':>4} {'s':>5} {'load':>5} | {'naive ms':>9} {'calls':>5}"]
-    for p, (rows, naive_rows) in enumerate(zip(ours, naive), start=1):
+    for p, (rows, naive_rows) in enumerate(zip(ours, naive, strict=True), start=1):
         naive_by = {r["network"]: r for r in naive_rows}
         for r in rows:
             nv = naive_by[r["network"]]

@@ -86,7 +86,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=ProxyBudget().batch_size)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain pipeline")
+    p.add_argument("--workers", type=int, default=2,
+                   help="DataLoader workers of the plain pipeline")
     p.add_argument("--out", default="benchmarks/results/proxy_throughput.txt")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

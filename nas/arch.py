@@ -56,7 +56,8 @@ def _fmt(x: float) -> str:
 
 def _check_choice(where: str, name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ArchError(f"{where}: {name}={value!r} is not allowed; expected one of {list(allowed)}")
+        raise ArchError(f"{where}: {name}={value!r} is not allowed; "
+                        f"expected one of {list(allowed)}")
 
 
 def _check_int(where: str, name: str, value: Any, *, minimum: int) -> None:
@@ -212,7 +213,8 @@ class Head:
 class Settings:
     """Network-wide choices where published families differ (SE form, BN constants, rounding)."""
 
-    se_from: str = "expanded"  # squeeze width = se_ratio * expanded (MobileNetV3) or * input (MnasNet)
+    # squeeze width = se_ratio x expanded width (MobileNetV3) or x block input width (MnasNet)
+    se_from: str = "expanded"
     se_gate: str = "sigmoid"  # MobileNetV3 uses hardsigmoid
     se_act: str = "relu"
     se_divisor: int = 1  # MobileNetV3 rounds the squeeze width to a multiple of 8
@@ -276,7 +278,7 @@ class Architecture:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "architecture") -> Architecture:
-        """Strict: unknown keys are errors; blocks may be strings or mappings of BlockSpec fields."""
+        """Strict: unknown keys are errors; blocks are strings or mappings of BlockSpec fields."""
         if not isinstance(data, Mapping):
             raise ArchError(f"{where}: expected a mapping with keys stem, blocks, head, settings")
         _reject_unknown(where, data, {"name", "stem", "blocks", "head", "settings"})
@@ -285,7 +287,8 @@ class Architecture:
         raw_blocks = data["blocks"]
         if not isinstance(raw_blocks, list):
             raise ArchError(f"{where}: blocks must be a list of block strings or mappings")
-        blocks = tuple(_block_from_any(b, f"{where}: blocks[{i}]") for i, b in enumerate(raw_blocks))
+        blocks = tuple(_block_from_any(b, f"{where}: blocks[{i}]")
+                       for i, b in enumerate(raw_blocks))
         try:
             return cls(
                 blocks=blocks,
@@ -329,7 +332,8 @@ def _reject_unknown(where: str, data: Mapping, allowed: set[str]) -> None:
 
 def _section(cls: type, data: Any, where: str):
     if not isinstance(data, Mapping):
-        raise ArchError(f"{where}: expected a mapping of {[f.name for f in dataclasses.fields(cls)]}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        raise ArchError(f"{where}: expected a mapping of {fields}")
     _reject_unknown(where, data, {f.name for f in dataclasses.fields(cls)})
     obj = cls(**data)
     obj.validate(where)

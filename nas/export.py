@@ -19,7 +19,7 @@ import optuna
 import pandas as pd
 import torch
 
-from nas.arch import Architecture, ArchError, save_architecture
+from nas.arch import ArchError, Architecture, save_architecture
 from nas.model import build_model
 from nas.pareto import best_trial_row, pareto_frame, trials_frame
 from nas.proxy import ProxyBudget, proxy_arch

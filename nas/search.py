@@ -30,7 +30,7 @@ import optuna
 import pandas as pd
 import torch
 
-from nas.arch import Architecture, ArchError, load_architecture
+from nas.arch import ArchError, Architecture, load_architecture
 from nas.data import DataError, DataSplits, load_data
 from nas.latency import (
     DEFAULT_THREADS,
@@ -147,7 +147,7 @@ def make_objective(ctx: Context):
 
 
 def storage_for(args: argparse.Namespace, run_dir: Path) -> optuna.storages.BaseStorage:
-    """SQLite under runs/<name>/ by default (optuna-dashboard opens it); any Optuna URL otherwise."""
+    """SQLite in runs/<name>/ by default (optuna-dashboard opens it); else any Optuna URL."""
     url = args.storage or storage_url(run_dir)
     if url.startswith(("sqlite", "postgresql", "mysql")):
         return optuna.storages.RDBStorage(

@@ -15,14 +15,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nas.arch import Architecture, ArchError, load_architecture, reference_names
+from nas.arch import ArchError, Architecture, load_architecture, reference_names
 from nas.model import build_model
 from nas.profile import count_params
 
 
 @dataclass(frozen=True)
 class StageRow:
-    """One row of the summary: a stage is the stem, one BlockSpec (all repeats), head, or classifier."""
+    """One summary row: the stem, one BlockSpec (all its repeats), the head or the classifier."""
 
     stage: str
     spec: str
@@ -45,7 +45,8 @@ def _stages(arch: Architecture, model: nn.Module) -> list[tuple[str, str, list[n
     return stages
 
 
-def summarize(arch: Architecture, *, input_size: int = 224, num_classes: int = 1000) -> pd.DataFrame:
+def summarize(arch: Architecture, *, input_size: int = 224,
+              num_classes: int = 1000) -> pd.DataFrame:
     """Run one image through each stage, counting parameters and torch-counted multiply-adds."""
     model = build_model(arch, num_classes=num_classes).eval()
     x = torch.zeros(1, 3, input_size, input_size)

@@ -1,6 +1,6 @@
 """Full training of one architecture on the whole training set, scored on the test set.
 
-    python -m nas.train runs/search/best.yaml --epochs 30 --data ../shared/datasets/cifar10-jpg.tar.gz
+    python -m nas.train runs/search/best.yaml --epochs 30 --data cifar10-jpg.tar.gz
 
 Writes runs/<name>/checkpoint.pt (a dict of state_dicts, loadable with weights_only=True) after
 every epoch and runs/<name>/metrics.json at the end; the same command resumes an interrupted run.
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from nas.arch import Architecture, ArchError, load_architecture
+from nas.arch import ArchError, Architecture, load_architecture
 from nas.data import DataError, batches, load_data
 from nas.model import build_model
 from nas.proxy import ProxyBudget, evaluate, proxy_arch
@@ -127,8 +127,9 @@ def _resume(path: Path, arch, cfg: TrainConfig, model, optimizer, scheduler) -> 
         raise ArchError(f"{path}: checkpoint is of another architecture; use another --name")
     changed = [k for k, v in cfg.__dict__.items() if k != "epochs" and saved_cfg.get(k) != v]
     if changed:
-        raise ArchError(f"{path}: checkpoint was trained with {changed[0]}={saved_cfg[changed[0]]}"
-                        f", not {getattr(cfg, changed[0])}; use the same settings or another --name")
+        k = changed[0]
+        raise ArchError(f"{path}: checkpoint was trained with {k}={saved_cfg[k]}, not "
+                        f"{getattr(cfg, k)}; use the same settings or another --name")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"training images")
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           seed=args.seed)
-        run_dir = Path(args.runs_dir) / (args.name or f"train-{arch.name or Path(args.config).stem}")
+        name = args.name or f"train-{arch.name or Path(args.config).stem}"
+        run_dir = Path(args.runs_dir) / name
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics = train(arch, run_dir, cfg, data=data, device=args.device,
                         progress=not args.no_progress)

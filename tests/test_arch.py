@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from nas.arch import (
-    Architecture,
     ArchError,
+    Architecture,
     BlockSpec,
     Stem,
     adapt_to_input,

@@ -316,7 +316,7 @@ def test_cli_table_and_csv_for_a_reference_a_config_and_torchvision(tmp_path, ca
     assert [r["network"] for r in rows] == specs
     models = [build_model(load_architecture("mnasnet_a1")),
               torchvision.models.mobilenet_v3_small(), build_model(load_architecture(config))]
-    for row, model in zip(rows, models):
+    for row, model in zip(rows, models, strict=True):
         assert int(row["params"]) == count_params(model)
         assert int(row["macs"]) == count_macs(model, 64)
         assert float(row["median_ms"]) > 0 and row["input_size"] == "64"
