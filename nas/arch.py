@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from nas.files import write_atomic
 
 OPS = ("conv", "sepconv", "mbconv")
 KERNELS = (1, 3, 5, 7)
@@ -384,11 +385,7 @@ def load_architecture(path_or_name: str | Path) -> Architecture:
 def save_architecture(arch: Architecture, path: str | Path) -> Path:
     """Write YAML (or JSON by suffix) atomically, so an interrupted export leaves no half file."""
     path = Path(path)
-    text = arch.to_json() if path.suffix == ".json" else arch.to_yaml()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, arch.to_json() if path.suffix == ".json" else arch.to_yaml())
 
 
 def adapt_to_input(arch: Architecture, input_size: int, *, min_final: int = 4) -> Architecture:

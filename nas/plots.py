@@ -12,6 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from nas.files import write_atomic
 from nas.pareto import history_frame, pareto_frame, points_frame
 
 _HOVER = "%{hovertext}<extra></extra>"
@@ -91,11 +92,8 @@ def write_plots(df: pd.DataFrame, out_dir: str | os.PathLike, *,
     paths = []
     for name, fig in (("pareto", pareto_figure(df, target_ms=target_ms)),
                       ("history", history_figure(df))):
-        path = out_dir / f"{name}.html"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fig.write_html(tmp, include_plotlyjs=True, full_html=True)
-        tmp.replace(path)  # an interrupted write never leaves half a page
-        paths.append(path)
+        paths.append(write_atomic(out_dir / f"{name}.html",
+                                  fig.to_html(include_plotlyjs=True, full_html=True)))
     return paths
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import optuna
 import pandas as pd
 
 from nas.arch import Architecture, save_architecture
+from nas.files import write_atomic
 from nas.pareto import best_trial_row, pareto_frame, trials_frame
 from nas.plots import write_plots
 
@@ -17,9 +17,7 @@ BASELINES_FILE = "baselines.csv"
 
 
 def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    write_atomic(path, df.to_csv(index=False))
 
 
 def load_baselines(run_dir: Path) -> pd.DataFrame:

@@ -32,6 +32,7 @@ import torch
 
 from nas.arch import ArchError, Architecture, load_architecture
 from nas.data import DataError, DataSplits, load_data
+from nas.files import write_atomic
 from nas.latency import (
     DEFAULT_THREADS,
     LatencyCache,
@@ -462,19 +463,13 @@ def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
     return ctx, run_dir, settings
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run(args: argparse.Namespace) -> int:
     ctx, run_dir, settings = prepare(args)
     if args.train_threads:
         torch.set_num_threads(args.train_threads)
     run_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(args, run_dir, settings)
-    _atomic_text(run_dir / "run.json", json.dumps(
+    write_atomic(run_dir / "run.json", json.dumps(
         {"study_name": args.name, "storage": args.storage, "num_classes": ctx.data.num_classes,
          "classes": list(ctx.data.classes), "settings": settings, "environment": environment()},
         indent=2, default=str))

@@ -170,7 +170,7 @@ def _wait_for(predicate, timeout=120):
 def _states(run_dir):
     try:
         return [t.state for t in study_of(run_dir).trials]
-    except (KeyError, Exception):
+    except Exception:  # the study may not exist yet
         return []
 
 
