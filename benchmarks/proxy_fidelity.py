@@ -47,6 +47,25 @@ def budget_ladder(default: ProxyBudget, fractions: list[float], long_factor: flo
     return ladder
 
 
+def parse_variants(text: str) -> dict[str, ProxyBudget]:
+    """'name:field=value+field=value,...' -> named budgets that override the default proxy."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, spec = item.partition(":")
+        fields = {f.name: f.type for f in dataclasses.fields(ProxyBudget)}
+        changes = {}
+        for pair in filter(None, spec.split("+")):
+            key, _, value = pair.partition("=")
+            if key not in fields:
+                raise SystemExit(f"--variants: unknown budget field {key!r}; allowed: "
+                                 + ", ".join(fields))
+            default = getattr(ProxyBudget(), key)
+            changes[key] = (value.lower() in ("1", "true", "yes") if isinstance(default, bool)
+                            else type(default)(value))
+        out[name] = dataclasses.replace(ProxyBudget(), **changes)
+    return out
+
+
 def sample_archs(space_name: str, n: int, seed: int) -> list[Architecture]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = load_space(space_name)
@@ -65,6 +84,15 @@ def run_one(arch: Architecture, data, budget: ProxyBudget) -> dict:
     return {"accuracy": acc, "seconds": time.perf_counter() - t0}
 
 
+def describe(budget: ProxyBudget) -> str:
+    """Train images x epochs, plus every other field that differs from the default proxy."""
+    default = ProxyBudget()
+    others = [f"{f.name}={getattr(budget, f.name)}" for f in dataclasses.fields(budget)
+              if f.name not in ("train_images", "epochs")
+              and getattr(budget, f.name) != getattr(default, f.name)]
+    return f"{budget.train_images}x{budget.epochs}" + "".join(f" {o}" for o in others)
+
+
 def report(archs, ladder, state, args) -> str:
     names = list(ladder)
     long = names[-1]
@@ -74,7 +102,7 @@ def report(archs, ladder, state, args) -> str:
         f"# command: python {' '.join(sys.argv)}",
         f"# {len(archs)} architectures from space {args.space!r} (RandomSampler seed "
         f"{args.seed}); budgets (train images x epochs): " + ", ".join(
-            f"{k} = {b.train_images}x{b.epochs}" for k, b in ladder.items()),
+            f"{k} = {describe(b)}" for k, b in ladder.items()),
         "",
         f"{'#':>2} {'architecture':70s} " + " ".join(f"{k:>10s}" for k in names),
     ]
@@ -109,6 +137,9 @@ def main() -> int:
     p.add_argument("--archs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fractions", default="0.5,1", help="ladder, as fractions of the default")
+    p.add_argument("--variants", default="",
+                   help="extra budgets as NAME:field=value[+field=value...] separated by commas, "
+                        "e.g. 'fm1 2x:final_map=1+train_images=8000'")
     p.add_argument("--long-factor", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/proxy_fidelity.txt")
@@ -124,6 +155,7 @@ def main() -> int:
     archs = sample_archs(args.space, args.archs, args.seed)
     ladder = budget_ladder(ProxyBudget(), [float(f) for f in args.fractions.split(",")],
                            args.long_factor)
+    ladder = {**parse_variants(args.variants), **ladder}
     state_path = Path(args.state)
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     for extra in filter(None, (args.merge or "").split(",")):

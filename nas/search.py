@@ -285,9 +285,13 @@ def _finished(study: optuna.Study) -> int:
 
 
 def run_baselines(names: list[str], ctx: Context, run_dir: Path) -> pd.DataFrame:
-    """Reference networks through the same latency and proxy; measured once per run folder."""
+    """Reference networks through the same latency and proxy; measured once per run folder.
+
+    A baseline that failed (interrupted, out of memory) is measured again on the next resume.
+    """
     done = load_baselines(run_dir)
-    rows = done.to_dict("records") if len(done) else []
+    rows = [r for r in (done.to_dict("records") if len(done) else [])
+            if r.get("state") == "COMPLETE"]
     have = {r["baseline"] for r in rows}
     for name in names:
         if name in have:
@@ -306,6 +310,8 @@ def run_baselines(names: list[str], ctx: Context, run_dir: Path) -> pd.DataFrame
         print(f"baseline {name}: lat {rec.get('latency_ms', float('nan')):.2f} ms  acc "
               f"{rec.get('accuracy', float('nan')):.4f}  reward "
               f"{rec.get('reward', float('nan')):.4f}", flush=True)
+        rows.sort(key=lambda r: names.index(r["baseline"]) if r["baseline"] in names
+                  else len(names))
         save_baselines(pd.DataFrame(rows), run_dir)
     return pd.DataFrame(rows)
 

@@ -17,7 +17,8 @@ from nas.model import build_model
 from nas.pareto import pareto_mask
 from nas.profile import count_macs, count_params
 from nas.reward import reward
-from nas.search import main
+from nas.proxy import CandidateFailed
+from nas.search import main, run_baselines
 
 FAST = ["--space", "tiny", "--val-size", "30", "--proxy-images", "64",
         "--proxy-batch", "32", "--input-size", "32", "--latency-time", "0.1", "--target-ms", "1",
@@ -257,3 +258,25 @@ def test_plot_regenerates_results_from_storage(finished_run):
     (finished_run / "pareto.html").unlink()
     assert plot_main([str(finished_run)]) == 0
     assert (finished_run / "pareto.csv").exists() and (finished_run / "pareto.html").exists()
+
+
+def test_failed_baseline_is_measured_again_on_resume_and_finished_ones_are_not(tmp_path,
+                                                                               monkeypatch):
+    calls = []
+
+    def fake_evaluate(arch, ctx):
+        calls.append(arch.to_str())
+        if len(calls) == 1:
+            raise CandidateFailed("out of memory: boom")
+        return {"accuracy": 0.5, "latency_ms": 2.0, "reward": 0.5, "arch_dict": arch.to_dict()}
+
+    monkeypatch.setattr("nas.search.evaluate_architecture", fake_evaluate)
+    names = ["mobilenet_v2", "mobilenet_v3_small"]
+    first = run_baselines(names, None, tmp_path)
+    assert list(first.state) == ["FAIL", "COMPLETE"]
+    assert first.fail_reason[0] == "out of memory: boom"
+    second = run_baselines(names, None, tmp_path)
+    assert calls == [load_architecture(n).to_str() for n in [*names, "mobilenet_v2"]]
+    assert list(second.baseline) == names and list(second.state) == ["COMPLETE", "COMPLETE"]
+    saved = pd.read_csv(tmp_path / "baselines.csv")
+    assert list(saved.state) == ["COMPLETE", "COMPLETE"]
