@@ -16,8 +16,8 @@ from nas.arch import Architecture, load_architecture
 from nas.model import build_model
 from nas.pareto import pareto_mask
 from nas.profile import count_macs, count_params
-from nas.reward import reward
 from nas.proxy import CandidateFailed
+from nas.reward import reward
 from nas.search import main, run_baselines
 
 FAST = ["--space", "tiny", "--val-size", "30", "--proxy-images", "64",
