@@ -1,13 +1,15 @@
-"""Does the short proxy rank architectures the way 10x longer training does?
+"""Does the short proxy rank architectures the way much longer training does?
 
     python benchmarks/proxy_fidelity.py --data ../shared/datasets/cifar10-jpg.tar.gz
 
 Samples --archs architectures from the search space (Optuna RandomSampler, --seed), trains each
-with a ladder of budgets (fractions of the default proxy) and with a budget --long-factor times
-the default, all on the same proxy-train subset family and scored on the same validation split,
-then prints accuracy per budget, seconds per candidate, and Kendall tau / Spearman of each
-budget against the long one. Partial results live in --state (JSON), so an interrupted run
-resumes; short budgets run for every architecture before the long ones.
+with every budget in --budgets and with the --reference budget, all scored on the same
+validation split, then prints accuracy per budget, seconds per candidate, and Kendall tau /
+Spearman of each budget against the reference. Budgets are named by what they do, so results
+stay comparable when the default proxy changes: `fm2 4000x2 b64` is final map 2, 4,000 train
+images x 2 epochs, batch 64 (omitted tokens take the ProxyBudget default; `lr0.003` sets the
+peak learning rate). Partial results live in --state (JSON), so an interrupted run resumes;
+short budgets run for every architecture before the reference.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -33,37 +36,26 @@ from nas.latency import cpu_name
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.space import load_space
 
-
-def budget_ladder(default: ProxyBudget, fractions: list[float], long_factor: float
-                  ) -> dict[str, ProxyBudget]:
-    """Scale the training images (same epochs) for the ladder; images and epochs for the long."""
-    ladder = {f"{f:g}x": dataclasses.replace(
-        default, train_images=max(default.batch_size, round(default.train_images * f)))
-        for f in fractions}
-    passes = default.train_images * default.epochs * long_factor
-    epochs = max(default.epochs, int(-(-passes // 45_000)))
-    ladder[f"long {long_factor:g}x"] = dataclasses.replace(
-        default, train_images=round(passes / epochs), epochs=epochs)
-    return ladder
+_TOKEN = re.compile(r"^(?:fm(?P<fm>\d+)|(?P<n>\d+)x(?P<ep>\d+)|b(?P<b>\d+)|lr(?P<lr>[\d.e-]+))$")
 
 
-def parse_variants(text: str) -> dict[str, ProxyBudget]:
-    """'name:field=value+field=value,...' -> named budgets that override the default proxy."""
-    out = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        name, _, spec = item.partition(":")
-        fields = {f.name: f.type for f in dataclasses.fields(ProxyBudget)}
-        changes = {}
-        for pair in filter(None, spec.split("+")):
-            key, _, value = pair.partition("=")
-            if key not in fields:
-                raise SystemExit(f"--variants: unknown budget field {key!r}; allowed: "
-                                 + ", ".join(fields))
-            default = getattr(ProxyBudget(), key)
-            changes[key] = (value.lower() in ("1", "true", "yes") if isinstance(default, bool)
-                            else type(default)(value))
-        out[name] = dataclasses.replace(ProxyBudget(), **changes)
-    return out
+def parse_budget(name: str) -> ProxyBudget:
+    """'fm1 16000x2 b128 lr0.003' -> the default ProxyBudget with those fields replaced."""
+    changes: dict = {}
+    for token in name.split():
+        m = _TOKEN.match(token)
+        if not m:
+            raise SystemExit(f"budget {name!r}: token {token!r} is not one of fm<final map>, "
+                             "<images>x<epochs>, b<batch>, lr<peak lr>")
+        if m["fm"]:
+            changes["final_map"] = int(m["fm"])
+        if m["n"]:
+            changes.update(train_images=int(m["n"]), epochs=int(m["ep"]))
+        if m["b"]:
+            changes["batch_size"] = int(m["b"])
+        if m["lr"]:
+            changes["lr"] = float(m["lr"])
+    return dataclasses.replace(ProxyBudget(), **changes)
 
 
 def sample_archs(space_name: str, n: int, seed: int) -> list[Architecture]:
@@ -84,15 +76,6 @@ def run_one(arch: Architecture, data, budget: ProxyBudget) -> dict:
     return {"accuracy": acc, "seconds": time.perf_counter() - t0}
 
 
-def describe(budget: ProxyBudget) -> str:
-    """Train images x epochs, plus every other field that differs from the default proxy."""
-    default = ProxyBudget()
-    others = [f"{f.name}={getattr(budget, f.name)}" for f in dataclasses.fields(budget)
-              if f.name not in ("train_images", "epochs")
-              and getattr(budget, f.name) != getattr(default, f.name)]
-    return f"{budget.train_images}x{budget.epochs}" + "".join(f" {o}" for o in others)
-
-
 def report(archs, ladder, state, args) -> str:
     names = list(ladder)
     long = names[-1]
@@ -101,17 +84,17 @@ def report(archs, ladder, state, args) -> str:
         f"threads, torch {torch.__version__}, python {platform.python_version()}",
         f"# command: python {' '.join(sys.argv)}",
         f"# {len(archs)} architectures from space {args.space!r} (RandomSampler seed "
-        f"{args.seed}); budgets (train images x epochs): " + ", ".join(
-            f"{k} = {describe(b)}" for k, b in ladder.items()),
+        f"{args.seed}); reference {names[-1]!r}; fm = final feature map of the 32x32 "
+        "adaptation, NxE = train images x epochs, b = batch",
         "",
-        f"{'#':>2} {'architecture':70s} " + " ".join(f"{k:>10s}" for k in names),
+        f"{'#':>2} {'architecture':70s} " + " ".join(f"{k:>12s}" for k in names),
     ]
     for i, a in enumerate(archs):
         row = [state.get(f"{i}|{k}") for k in names]
         cells = [f"{r['accuracy']:10.4f}" if r else f"{'-':>10s}" for r in row]
         lines.append(f"{i:>2} {a.to_str()[:70]:70s} " + " ".join(cells))
     lines.append("")
-    lines.append(f"{'budget':>10s} {'median s/cand':>14s} {'kendall tau':>12s} "
+    lines.append(f"{'budget':>12s} {'median s/cand':>14s} {'kendall tau':>12s} "
                  f"{'spearman':>9s} {'n':>3s}")
     for k in names:
         secs = [state[f"{i}|{k}"]["seconds"] for i in range(len(archs)) if f"{i}|{k}" in state]
@@ -125,7 +108,7 @@ def report(archs, ladder, state, args) -> str:
         else:
             corr = f"{'-':>12s} {'-':>9s}"
         med = f"{statistics.median(secs):14.1f}" if secs else f"{'-':>14s}"
-        lines.append(f"{k:>10s} {med} {corr} {len(pairs):3d}")
+        lines.append(f"{k:>12s} {med} {corr} {len(pairs):3d}")
     return "\n".join(lines)
 
 
@@ -136,11 +119,10 @@ def main() -> int:
     p.add_argument("--space", default="mnasnet")
     p.add_argument("--archs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fractions", default="0.5,1", help="ladder, as fractions of the default")
-    p.add_argument("--variants", default="",
-                   help="extra budgets as NAME:field=value[+field=value...] separated by commas, "
-                        "e.g. 'fm1 2x:final_map=1+train_images=8000'")
-    p.add_argument("--long-factor", type=float, default=10.0)
+    p.add_argument("--budgets", default="fm2 2000x2,fm2 4000x2,fm2 8000x2,fm1 8000x2,fm1 16000x2",
+                   help="comma-separated budgets to rank against the reference")
+    p.add_argument("--reference", default="fm2 40000x2",
+                   help="the long training whose ranking the budgets should reproduce")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/proxy_fidelity.txt")
     p.add_argument("--state", default="benchmarks/results/proxy_fidelity.json")
@@ -153,9 +135,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     data = load_data(args.data)
     archs = sample_archs(args.space, args.archs, args.seed)
-    ladder = budget_ladder(ProxyBudget(), [float(f) for f in args.fractions.split(",")],
-                           args.long_factor)
-    ladder = {**parse_variants(args.variants), **ladder}
+    names = [n.strip() for n in args.budgets.split(",") if n.strip()] + [args.reference]
+    ladder = {n: parse_budget(n) for n in names}
     state_path = Path(args.state)
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     for extra in filter(None, (args.merge or "").split(",")):

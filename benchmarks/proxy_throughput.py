@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import platform
 import statistics
 import sys
@@ -85,6 +86,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=ProxyBudget().batch_size)
+    p.add_argument("--final-map", type=int, default=ProxyBudget().final_map,
+                   help="the proxy's 32x32 adaptation (nas.proxy): smallest final feature map")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--workers", type=int, default=2,
                    help="DataLoader workers of the plain pipeline")
@@ -94,7 +97,8 @@ def main() -> int:
     data = load_data(args.data)
     scratch = tempfile.TemporaryDirectory()
     root = image_folder(args.data, Path(scratch.name))
-    arch = proxy_arch(load_architecture(args.arch), ProxyBudget(), 32)
+    budget = ProxyBudget(final_map=args.final_map)
+    arch = proxy_arch(load_architecture(args.arch), budget, 32)
     gen = torch.Generator().manual_seed(0)
     variants = {
         "plain (DataLoader+PIL, NCHW)": lambda: (build_model(arch, num_classes=10),
@@ -118,13 +122,16 @@ def main() -> int:
             torch.manual_seed(0)
             model, it, bf16 = make()
             results[name].append(time_steps(model, it, args.steps, args.warmup, bf16))
+            del model, it  # stop the plain pipeline's workers before the next variant is timed
+            gc.collect()
             print(f"round {r + 1} {name}: {results[name][-1]:.1f} img/s", flush=True)
     plain = statistics.median(results["plain (DataLoader+PIL, NCHW)"])
     lines = [
         f"# proxy_throughput  {datetime.date.today()}  {cpu_name()}, {args.threads} threads, "
         f"torch {torch.__version__}, python {platform.python_version()}",
         f"# command: python {' '.join(sys.argv)}",
-        f"# network: {args.arch} adapted to 32x32 ({arch.to_str()}), batch {args.batch_size}, "
+        f"# network: {args.arch} adapted to 32x32 with final map {args.final_map} "
+        f"({arch.to_str()}), batch {args.batch_size}, "
         f"{args.steps} timed steps after {args.warmup}, {args.rounds} interleaved rounds",
         f"{'pipeline':32s} {'img/s (median)':>15s} {'rounds':>24s} {'vs plain':>9s}",
     ]

@@ -377,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--proxy-epochs", type=int, default=d.epochs, help="proxy epochs")
     g.add_argument("--proxy-batch", type=int, default=d.batch_size, help="proxy batch size")
     g.add_argument("--proxy-lr", type=float, default=d.lr, help="peak learning rate")
+    g.add_argument("--proxy-final-map", type=int, default=d.final_map,
+                   help="the trained network's earliest strides are reduced until its last "
+                        "feature map is at least this wide (1: train the deployed strides)")
     g.add_argument("--val-size", type=int, default=5000,
                    help="images held out of the training set to score candidates")
     g = p.add_argument_group("results")
@@ -392,8 +395,8 @@ def check_args(args: argparse.Namespace) -> None:
     """User errors found before anything is written."""
     if args.target_ms <= 0:
         raise UsageError(f"--target-ms {args.target_ms:g}: must be > 0")
-    for flag in ("trials", "proxy_images", "proxy_epochs", "proxy_batch", "val_size",
-                 "startup_trials", "population"):
+    for flag in ("trials", "proxy_images", "proxy_epochs", "proxy_batch", "proxy_final_map",
+                 "val_size", "startup_trials", "population"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     if args.input_size < 32:
@@ -452,7 +455,8 @@ def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
         raise UsageError(f"--train-device {args.train_device!r}: expected cpu or cuda")
     space = load_space(args.space)
     budget = ProxyBudget(train_images=args.proxy_images, epochs=args.proxy_epochs,
-                         batch_size=args.proxy_batch, lr=args.proxy_lr, val_images=args.val_size)
+                         batch_size=args.proxy_batch, lr=args.proxy_lr, val_images=args.val_size,
+                         final_map=args.proxy_final_map)
     data = load_data(args.data, val_size=args.val_size)
     run_dir = Path(args.runs_dir) / args.name
     if args.storage:

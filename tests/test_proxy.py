@@ -45,6 +45,9 @@ def test_proxy_arch_adapts_strides_and_bn_momentum():
     assert trained.settings.bn_momentum == 0.1
     assert [b.filters for b in trained.blocks] == [b.filters for b in arch.blocks]
     assert proxy_arch(arch, ProxyBudget(final_map=2), 32).total_stride == 16
+    deployed = proxy_arch(arch, ProxyBudget(final_map=1), 32)  # 32 / 32 = 1: nothing to adapt
+    assert deployed.total_stride == 32 and deployed.to_str() == arch.to_str()
+    assert deployed.stem == arch.stem
 
 
 def test_bn_statistics_are_valid_when_scoring():

@@ -124,6 +124,7 @@ def test_failing_candidate_fails_its_trial_and_the_search_goes_on(image_folder, 
     ("--alpha", "0.5", "alpha"),
     ("--proxy-batch", "128", "--proxy-batch 128: must be <= --proxy-images 64"),
     ("--threads", "0", "--threads 0"),
+    ("--proxy-final-map", "0", "--proxy-final-map 0: must be >= 1"),
     ("--storage", "nosuchdb://x", "--storage nosuchdb://x"),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(image_folder, tmp_path, capsys, flag, value,
