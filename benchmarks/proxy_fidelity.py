@@ -87,14 +87,14 @@ def report(archs, ladder, state, args) -> str:
         f"{args.seed}); reference {names[-1]!r}; fm = final feature map of the 32x32 "
         "adaptation, NxE = train images x epochs, b = batch",
         "",
-        f"{'#':>2} {'architecture':70s} " + " ".join(f"{k:>12s}" for k in names),
+        f"{'#':>2} {'architecture':70s} " + " ".join(f"{k:>16s}" for k in names),
     ]
     for i, a in enumerate(archs):
         row = [state.get(f"{i}|{k}") for k in names]
         cells = [f"{r['accuracy']:10.4f}" if r else f"{'-':>10s}" for r in row]
         lines.append(f"{i:>2} {a.to_str()[:70]:70s} " + " ".join(cells))
     lines.append("")
-    lines.append(f"{'budget':>12s} {'median s/cand':>14s} {'kendall tau':>12s} "
+    lines.append(f"{'budget':>16s} {'median s/cand':>14s} {'kendall tau':>12s} "
                  f"{'spearman':>9s} {'n':>3s}")
     for k in names:
         secs = [state[f"{i}|{k}"]["seconds"] for i in range(len(archs)) if f"{i}|{k}" in state]
@@ -108,7 +108,7 @@ def report(archs, ladder, state, args) -> str:
         else:
             corr = f"{'-':>12s} {'-':>9s}"
         med = f"{statistics.median(secs):14.1f}" if secs else f"{'-':>14s}"
-        lines.append(f"{k:>12s} {med} {corr} {len(pairs):3d}")
+        lines.append(f"{k:>16s} {med} {corr} {len(pairs):3d}")
     return "\n".join(lines)
 
 
@@ -119,7 +119,8 @@ def main() -> int:
     p.add_argument("--space", default="mnasnet")
     p.add_argument("--archs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budgets", default="fm2 2000x2,fm2 4000x2,fm2 8000x2,fm1 8000x2,fm1 16000x2",
+    p.add_argument("--budgets", default=("fm2 2000x2,fm2 4000x2,fm2 8000x2,fm1 4000x2,fm1 8000x2,"
+                            "fm1 16000x2"),
                    help="comma-separated budgets to rank against the reference")
     p.add_argument("--reference", default="fm2 40000x2",
                    help="the long training whose ranking the budgets should reproduce")
