@@ -22,7 +22,7 @@ import torch
 from nas.arch import ArchError, Architecture, save_architecture
 from nas.model import build_model
 from nas.pareto import best_trial_row, pareto_frame, trials_frame
-from nas.proxy import ProxyBudget, proxy_arch
+from nas.train import TrainConfig, trained_arch
 
 
 class ExportError(ValueError):
@@ -81,8 +81,9 @@ def export_network(arch: Architecture, *, num_classes: int, input_size: int,
         if trained != arch:
             raise ExportError(f"--checkpoint {checkpoint}: trained architecture differs from the "
                               f"exported one ({trained.to_str()})")
-        # nas.train trains the 32x32 adaptation; its weights have the same shapes.
-        model = build_model(proxy_arch(arch, ProxyBudget(), input_size), num_classes=num_classes)
+        # The network nas.train trained (strides adapted to its input size; same weight shapes).
+        cfg = TrainConfig(**json.loads(ckpt["config"]))
+        model = build_model(trained_arch(arch, cfg, input_size), num_classes=num_classes)
         model.load_state_dict(ckpt["model"])
     else:
         model = build_model(arch, num_classes=num_classes)

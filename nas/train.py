@@ -37,6 +37,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
+    final_map: int = 2  # train the 32x32 adaptation that ends in a 2x2 map (nas.proxy); full
+    # training wants accuracy more than speed, unlike the proxy's deployed-stride default
     seed: int = 0
 
 
@@ -44,7 +46,7 @@ def train(arch: Architecture, run_dir: Path, cfg: TrainConfig, *, data, device: 
           progress: bool = True) -> dict:
     """Train (resuming from run_dir/checkpoint.pt when present) and return the metrics."""
     torch.manual_seed(cfg.seed)
-    trained = proxy_arch(arch, ProxyBudget(), data.train.images.shape[-1])
+    trained = trained_arch(arch, cfg, data.train.images.shape[-1])
     model = build_model(trained, num_classes=data.num_classes).to(device)
     model = model.to(memory_format=torch.channels_last)
     steps = max(1, len(data.full_train) // cfg.batch_size)
@@ -86,6 +88,11 @@ def train(arch: Architecture, run_dir: Path, cfg: TrainConfig, *, data, device: 
     return {"arch": arch.to_str(), "trained_arch": trained.to_str(), "epochs": cfg.epochs,
             "test_accuracy": history[-1]["test_accuracy"] if history else None,
             "history": history, "data": data.source, "device": device, "config": cfg.__dict__}
+
+
+def trained_arch(arch: Architecture, cfg: TrainConfig, input_size: int) -> Architecture:
+    """The network this config trains at this input size (export rebuilds it from a checkpoint)."""
+    return proxy_arch(arch, ProxyBudget(final_map=cfg.final_map), input_size)
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
@@ -146,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--final-map", type=int, default=d.final_map,
+                   help="reduce the earliest strides until the last feature map is at least "
+                        "this wide (1: the deployed strides)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--data", default=None, help="as nas.search --data")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -154,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    for flag in ("epochs", "batch_size"):
+    for flag in ("epochs", "batch_size", "final_map"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     if args.lr <= 0:
@@ -168,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--batch-size {args.batch_size}: must be <= the {len(data.full_train)} "
                     f"training images")
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          seed=args.seed)
+                          final_map=args.final_map, seed=args.seed)
         name = args.name or f"train-{arch.name or Path(args.config).stem}"
         run_dir = Path(args.runs_dir) / name
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,8 @@ def test_full_training_resumes_and_exports_trained_weights(run, image_folder, tm
                         str(tmp_path / "t" / "checkpoint.pt"), "--torchscript", str(pt),
                         "--onnx", str(onnx_file)]) == 0
     arch = load_architecture(arch_file)
-    model = build_model(proxy_arch(arch, ProxyBudget(), 32), num_classes=3).eval()
+    trained = proxy_arch(arch, ProxyBudget(final_map=train.TrainConfig().final_map), 32)
+    model = build_model(trained, num_classes=3).eval()
     model.load_state_dict(torch.load(tmp_path / "t" / "checkpoint.pt",
                                      weights_only=True)["model"])
     x = torch.randn(2, 3, 32, 32)
@@ -102,3 +103,23 @@ def test_export_into_a_missing_folder_is_one_line(run, tmp_path, capsys):
     assert code.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+@pytest.mark.parametrize("final_map, total_stride", [(2, 16), (1, 32)])
+def test_export_rebuilds_the_strides_the_checkpoint_was_trained_with(tmp_path, final_map,
+                                                                     total_stride):
+    arch = load_architecture("mobilenet_v3_small")
+    cfg = train.TrainConfig(final_map=final_map)
+    trained = train.trained_arch(arch, cfg, 32)
+    assert trained.total_stride == total_stride
+    torch.manual_seed(0)
+    model = build_model(trained, num_classes=10).eval()
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"arch": arch.to_json(), "config": json.dumps(cfg.__dict__),
+                "model": model.state_dict()}, ckpt)
+    pt = tmp_path / "net.pt"
+    export.export_network(arch, num_classes=10, input_size=32, checkpoint=ckpt, onnx=None,
+                          torchscript=pt)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(pt))(x), model(x))
