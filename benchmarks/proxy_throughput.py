@@ -4,7 +4,8 @@
 
 plain:  torchvision ImageFolder over the JPEG files, PIL RandomCrop/Flip/ToTensor/Normalize in a
         DataLoader, default (contiguous) memory format; the seed material's pipeline
-ours:   uint8 tensors in memory, batched crop/flip on tensors, channels-last (nas.proxy)
+ours:   uint8 tensors in memory, batched crop/flip on tensors, channels-last, and nas.proxy's
+        own training step (fused AdamW); plain steps with SGD, as the seed does
 ours-nchw: ours with the default memory format, to isolate what channels-last buys
 ours + bf16: ours under bfloat16 autocast (CPUs with avx512_bf16 / AMX)
 Each variant trains the same proxy network (the 32x32 adaptation of --arch) for --steps steps
@@ -33,7 +34,7 @@ from nas.arch import load_architecture
 from nas.data import CIFAR10_MEAN, CIFAR10_STD, batches, load_data
 from nas.latency import cpu_name
 from nas.model import build_model
-from nas.proxy import ProxyBudget, proxy_arch
+from nas.proxy import ProxyBudget, make_optimizer, proxy_arch, train_step
 
 
 def plain_loader(root: Path, batch_size: int, workers: int):
@@ -46,20 +47,25 @@ def plain_loader(root: Path, batch_size: int, workers: int):
                                        persistent_workers=workers > 0)
 
 
-def time_steps(model, it, steps: int, warmup: int, bf16: bool) -> float:
-    """Images per second over `steps` SGD steps after `warmup` untimed ones."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    loss_fn = nn.CrossEntropyLoss()
+def time_steps(model, it, steps: int, warmup: int, bf16: bool, ours: bool) -> float:
+    """Images per second over `steps` training steps after `warmup` untimed ones.
+
+    Ours runs nas.proxy's own step (fused AdamW, label smoothing); plain runs the seed's
+    SGD + cross-entropy step.
+    """
+    if ours:
+        budget = ProxyBudget()
+        opt, _ = make_optimizer(model, budget, steps + warmup)
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=budget.label_smoothing)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+        loss_fn = nn.CrossEntropyLoss()
     model.train()
     n, start = 0, None
     for i, (x, y) in enumerate(it):
         if i == warmup:
             start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, x, y, loss_fn, opt, bf16, "cpu")
         if i >= warmup:
             n += len(y)
         if i + 1 == warmup + steps:
@@ -121,7 +127,8 @@ def main() -> int:
         for name, make in variants.items():
             torch.manual_seed(0)
             model, it, bf16 = make()
-            results[name].append(time_steps(model, it, args.steps, args.warmup, bf16))
+            results[name].append(time_steps(model, it, args.steps, args.warmup, bf16,
+                                            ours=not name.startswith("plain")))
             del model, it  # stop the plain pipeline's workers before the next variant is timed
             gc.collect()
             print(f"round {r + 1} {name}: {results[name][-1]:.1f} img/s", flush=True)

@@ -114,7 +114,7 @@ def _train(model: nn.Module, trained: Architecture, data: DataSplits, budget: Pr
     gen = torch.Generator().manual_seed(seed)
     n = min(budget.train_images, len(data.train))
     steps_per_epoch = max(1, n // budget.batch_size)
-    optimizer, scheduler = _optimizer(model, budget, steps_per_epoch * budget.epochs)
+    optimizer, scheduler = make_optimizer(model, budget, steps_per_epoch * budget.epochs)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=budget.label_smoothing)
     losses, curve, seen, train_s, eval_s = [], [], 0, 0.0, 0.0
     for epoch in range(budget.epochs):
@@ -124,7 +124,7 @@ def _train(model: nn.Module, trained: Architecture, data: DataSplits, budget: Pr
         for x, y in batches(data.train, batch_size=budget.batch_size, shuffle=True, augment=True,
                             generator=gen, drop_last=True, device=device, mean=data.mean,
                             std=data.std, channels_last=budget.channels_last, limit=n):
-            loss = _step(model, x, y, loss_fn, optimizer, budget.bf16, device)
+            loss = train_step(model, x, y, loss_fn, optimizer, budget.bf16, device)
             if not math.isfinite(loss):
                 raise CandidateFailed(f"non-finite training loss ({loss}) in epoch {epoch + 1}")
             scheduler.step()
@@ -144,14 +144,18 @@ def _train(model: nn.Module, trained: Architecture, data: DataSplits, budget: Pr
                        tuple(curve), trained.to_str())
 
 
-def _optimizer(model: nn.Module, budget: ProxyBudget, total_steps: int):
+def make_optimizer(model: nn.Module, budget: ProxyBudget, total_steps: int):
+    """AdamW without decay on BN and biases, linear warm-up then linear decay to 0."""
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     # AdamW, not SGD: over ~100 steps it trained every sampled candidate (SGD at lr 0.2 sent
     # deep no-skip candidates above chance-level loss first; proxy_fidelity has the numbers).
+    # fused: one kernel for all parameters; on this CPU the step fell from ~14 ms to ~3 ms of a
+    # ~185 ms training step (mnasnet_a1, batch 64, 1 thread)
+    fused = decay[0].device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": budget.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=budget.lr)
+         {"params": no_decay, "weight_decay": 0.0}], lr=budget.lr, fused=fused)
     warm = max(1, int(budget.warmup * total_steps))
 
     def factor(step: int) -> float:
@@ -167,7 +171,8 @@ def _autocast(enabled: bool, device: str):
     return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
-def _step(model, x, y, loss_fn, optimizer, bf16: bool, device: str) -> float:
+def train_step(model, x, y, loss_fn, optimizer, bf16: bool, device: str) -> float:
+    """One optimisation step; returns the loss so the caller can stop on NaN."""
     with _autocast(bf16, device):
         loss = loss_fn(model(x), y)
     optimizer.zero_grad(set_to_none=True)
