@@ -27,6 +27,7 @@ from torch import nn
 
 from nas.arch import Architecture, adapt_to_input
 from nas.data import CIFAR10_MEAN, CIFAR10_STD, DataSplits, ImageDataset, batches
+from nas.latency import pin_malloc_thresholds
 from nas.model import build_model
 
 
@@ -97,6 +98,7 @@ def proxy_train(arch: Architecture, data: DataSplits, budget: ProxyBudget | None
     """Train briefly, score on validation; reports to `trial` so pruners can stop it early."""
     budget = budget or ProxyBudget()
     budget.validate()
+    pin_malloc_thresholds()  # no page faults per step: 2x2-map training ran ~15% faster here
     torch.manual_seed(seed)
     size = data.train.images.shape[-1]
     trained = proxy_arch(arch, budget, size)

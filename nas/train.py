@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from nas.arch import ArchError, Architecture, load_architecture
 from nas.data import DataError, batches, load_data
+from nas.latency import pin_malloc_thresholds
 from nas.model import build_model
 from nas.proxy import ProxyBudget, evaluate, proxy_arch
 
@@ -46,6 +47,7 @@ def train(arch: Architecture, run_dir: Path, cfg: TrainConfig, *, data, device: 
           progress: bool = True) -> dict:
     """Train (resuming from run_dir/checkpoint.pt when present) and return the metrics."""
     torch.manual_seed(cfg.seed)
+    pin_malloc_thresholds()  # as nas.proxy: no page faults in every step
     trained = trained_arch(arch, cfg, data.train.images.shape[-1])
     model = build_model(trained, num_classes=data.num_classes).to(device)
     model = model.to(memory_format=torch.channels_last)
