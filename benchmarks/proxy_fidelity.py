@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import torch
 from scipy import stats
@@ -76,6 +77,15 @@ def run_one(arch: Architecture, data, budget: ProxyBudget) -> dict:
     return {"accuracy": acc, "seconds": time.perf_counter() - t0}
 
 
+def tau_interval(x, y, draws: int = 2000) -> tuple[float, float]:
+    """Bootstrap over architectures: with 10-20 of them one discordant pair moves tau a lot."""
+    x, y = np.asarray(x), np.asarray(y)
+    rng = np.random.default_rng(0)
+    taus = [stats.kendalltau(x[s], y[s]).statistic
+            for s in rng.integers(0, len(x), (draws, len(x)))]
+    return tuple(np.nanpercentile(taus, [5, 95]))
+
+
 def report(archs, ladder, state, args) -> str:
     names = list(ladder)
     long = names[-1]
@@ -95,7 +105,7 @@ def report(archs, ladder, state, args) -> str:
         lines.append(f"{i:>2} {a.to_str()[:70]:70s} " + " ".join(cells))
     lines.append("")
     lines.append(f"{'budget':>16s} {'median s/cand':>14s} {'kendall tau':>12s} "
-                 f"{'spearman':>9s} {'n':>3s}")
+                 f"{'tau 90% CI':>14s} {'spearman':>9s} {'n':>3s}")
     for k in names:
         secs = [state[f"{i}|{k}"]["seconds"] for i in range(len(archs)) if f"{i}|{k}" in state]
         pairs = [(state[f"{i}|{k}"]["accuracy"], state[f"{i}|{long}"]["accuracy"])
@@ -104,9 +114,10 @@ def report(archs, ladder, state, args) -> str:
         if len(pairs) >= 3 and k != long:
             x, y = zip(*pairs, strict=True)
             tau, sp = stats.kendalltau(x, y).statistic, stats.spearmanr(x, y).statistic
-            corr = f"{tau:12.3f} {sp:9.3f}"
+            lo, hi = tau_interval(x, y)
+            corr = f"{tau:12.3f} {f'{lo:.2f}..{hi:.2f}':>14s} {sp:9.3f}"
         else:
-            corr = f"{'-':>12s} {'-':>9s}"
+            corr = f"{'-':>12s} {'-':>14s} {'-':>9s}"
         med = f"{statistics.median(secs):14.1f}" if secs else f"{'-':>14s}"
         lines.append(f"{k:>16s} {med} {corr} {len(pairs):3d}")
     return "\n".join(lines)
