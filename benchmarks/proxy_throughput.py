@@ -8,6 +8,9 @@ ours:   uint8 tensors in memory, batched crop/flip on tensors, channels-last, an
         own training step (fused AdamW); plain steps with SGD, as the seed does
 ours-nchw: ours with the default memory format, to isolate what channels-last buys
 ours + bf16: ours under bfloat16 autocast (CPUs with avx512_bf16 / AMX)
+ours, N x 1 thread: N processes (--parallel, default: one per thread) each training its own
+        copy of ours on 1 thread at the same time; the row is their summed img/s, i.e. what
+        N search workers (`nas.search --train-threads 1` started N times) train together
 Each variant trains the same proxy network (the 32x32 adaptation of --arch) for --steps steps
 after --warmup steps, in one process, in interleaved rounds; the table reports the median.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import multiprocessing as mp
 import platform
 import statistics
 import sys
@@ -30,7 +34,7 @@ import torchvision
 from torch import nn
 from torchvision import transforms
 
-from nas.arch import load_architecture
+from nas.arch import Architecture, load_architecture
 from nas.data import CIFAR10_MEAN, CIFAR10_STD, batches, load_data
 from nas.latency import cpu_name
 from nas.model import build_model
@@ -73,6 +77,33 @@ def time_steps(model, it, steps: int, warmup: int, bf16: bool, ours: bool) -> fl
     return n / (time.perf_counter() - start)
 
 
+def _parallel_worker(args: argparse.Namespace, arch: Architecture, barrier, out) -> None:
+    """One of N concurrent 1-thread trainers; all start timing together after the barrier."""
+    torch.set_num_threads(1)
+    data = load_data(args.data)
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=10).to(
+        memory_format=torch.channels_last)
+    it = batches(data.train, batch_size=args.batch_size, shuffle=True, augment=True,
+                 generator=torch.Generator().manual_seed(0), channels_last=True)
+    barrier.wait()
+    out.put(time_steps(model, it, args.steps, args.warmup, False, ours=True))
+
+
+def parallel_ours(args: argparse.Namespace, arch: Architecture) -> float:
+    """Summed img/s of `args.parallel` concurrent 1-thread processes training ours."""
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(args.parallel), ctx.Queue()
+    procs = [ctx.Process(target=_parallel_worker, args=(args, arch, barrier, out))
+             for _ in range(args.parallel)]
+    for proc in procs:
+        proc.start()
+    rates = [out.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    return sum(rates)
+
+
 def image_folder(source: str, scratch: Path) -> Path:
     """The plain pipeline reads JPEG files: unpack an archive into a scratch folder."""
     path = Path(source)
@@ -97,6 +128,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--workers", type=int, default=2,
                    help="DataLoader workers of the plain pipeline")
+    p.add_argument("--parallel", type=int, default=torch.get_num_threads(),
+                   help="processes of the 'ours, N x 1 thread' row (0 = skip it)")
     p.add_argument("--out", default="benchmarks/results/proxy_throughput.txt")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -122,8 +155,15 @@ def main() -> int:
                 data.train, batch_size=args.batch_size, shuffle=True, augment=True,
                 generator=gen, channels_last=True), True),
     }
+    parallel_name = f"ours, {args.parallel} x 1 thread"
     results: dict[str, list[float]] = {k: [] for k in variants}
+    if args.parallel > 0:
+        results[parallel_name] = []
     for r in range(args.rounds):
+        if args.parallel > 0:
+            results[parallel_name].append(parallel_ours(args, arch))
+            print(f"round {r + 1} {parallel_name}: {results[parallel_name][-1]:.1f} img/s",
+                  flush=True)
         for name, make in variants.items():
             torch.manual_seed(0)
             model, it, bf16 = make()
