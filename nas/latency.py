@@ -175,14 +175,37 @@ class LatencyResult:
 # --------------------------------------------------------------------------- context
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (else what platform knows)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown CPU"
+_VECTOR_ISAS = ("amx_tile", "avx512_bf16", "avx512f", "avx2", "avx", "sse4_2")  # widest first
+
+
+@functools.lru_cache(maxsize=4)
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU as /proc/cpuinfo describes it, precise enough to tell two hosts' timings apart.
+
+    Cloud VMs often name every generation alike ("AMD EPYC"), so the family/model numbers and
+    the widest vector extension are added: a Zen 3 and a Zen 4 VM both called "AMD EPYC" ran
+    these networks 1.4-1.5x apart, and must not share latency-cache entries or a study.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:  # the first processor's block is enough
+                break
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        flags = set(fields.get("flags", "").split())
+        isa = next((f for f in _VECTOR_ISAS if f in flags), "")
+        name += (f" (family {fields['cpu family']} model {fields['model']}"
+                 f"{', ' + isa if isa else ''})")
+    return name
 
 
 def available_cpus() -> int:

@@ -54,7 +54,11 @@ OBJECTIVES = ("reward", "pareto")
 LATENCY_BOUND = 10.0
 HEARTBEAT_S, GRACE_S = 30, 120  # a worker silent for 2 minutes is presumed dead
 SETTINGS_THAT_MUST_MATCH = ("target_ms", "alpha", "beta", "objective", "space", "device",
-                            "input_size", "threads", "budget", "val_size", "data_fingerprint")
+                            "input_size", "threads", "budget", "val_size", "data_fingerprint",
+                            "latency_device")
+# latencies from another CPU or GPU model would mix two hardware targets in one reward;
+# studies saved before a setting existed are not refused for lacking it
+SETTINGS_ADDED_LATER = ("latency_device",)
 
 
 class UsageError(ValueError):
@@ -204,7 +208,8 @@ def open_study(args: argparse.Namespace, run_dir: Path, settings: dict[str, Any]
     if saved is None:
         study.set_user_attr("settings", settings)
     else:
-        diff = [k for k in SETTINGS_THAT_MUST_MATCH if saved.get(k) != settings.get(k)]
+        diff = [k for k in SETTINGS_THAT_MUST_MATCH if saved.get(k) != settings.get(k)
+                and (k in saved or k not in SETTINGS_ADDED_LATER)]
         if diff:
             k = diff[0]
             was, now = (saved.get(k), settings.get(k))
@@ -446,7 +451,7 @@ def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
         alpha, beta = exponents(args.mode, args.alpha, args.beta)
     except ValueError as e:
         raise UsageError(f"--alpha/--beta: {e}") from None
-    latency_context(args.input_size, device=args.device, threads=args.threads)  # checks them
+    lat_ctx = latency_context(args.input_size, device=args.device, threads=args.threads)
     try:
         torch.device(args.train_device)
     except RuntimeError:
@@ -467,7 +472,8 @@ def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
                 "threads": DEFAULT_THREADS if args.threads is None else args.threads,
                 "val_size": args.val_size, "data_fingerprint": data.fingerprint,
                 "budget": dataclasses.asdict(budget), "data": data.source, "seed": args.seed,
-                "sampler": args.sampler, "pruner": args.pruner}
+                "sampler": args.sampler, "pruner": args.pruner,
+                "latency_device": lat_ctx.device_name}
     ctx = Context(args, space, data, budget, LatencyCache(run_dir / "latency_cache.json"),
                   alpha, beta)
     return ctx, run_dir, settings

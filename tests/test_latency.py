@@ -23,6 +23,7 @@ from nas.latency import (
     LatencyResult,
     architecture_key,
     available_cpus,
+    cpu_name,
     latency_context,
     main,
     measure_latency,
@@ -358,3 +359,22 @@ def test_context_type_is_frozen_and_hashable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         ctx.threads = 2  # type: ignore[misc]
     assert {ctx: 1}[latency_context(32)] == 1
+
+
+ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC
+flags\t\t: fpu sse4_2 avx avx2 fma
+
+processor\t: 1
+model name\t: something else
+"""
+
+
+def test_cpu_name_tells_apart_cpus_that_share_a_model_name():
+    zen4 = ZEN3.replace("model\t\t: 1", "model\t\t: 17").replace("avx2", "avx2 avx512f")
+    assert cpu_name(ZEN3) == "AMD EPYC (family 25 model 1, avx2)"
+    assert cpu_name(zen4) == "AMD EPYC (family 25 model 17, avx512f)"
+    assert cpu_name("model name\t: Neoverse\n") == "Neoverse"  # no x86 family: name only

@@ -104,6 +104,21 @@ def test_resume_with_other_settings_is_refused(image_folder, tmp_path, capsys):
     assert len(study_of(tmp_path).trials) == 1
 
 
+def test_resume_on_another_cpu_model_is_refused_but_an_older_study_is_not(
+        image_folder, tmp_path, capsys, monkeypatch):
+    assert main(args(tmp_path, image_folder, "--trials", "1")) == 0
+    monkeypatch.setattr("nas.latency.cpu_name", lambda: "AMD EPYC (family 25 model 17, avx512f)")
+    assert main(args(tmp_path, image_folder, "--trials", "2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "latency_device=" in err[0] and "model 17" in err[0]
+    assert len(study_of(tmp_path).trials) == 1
+    study = study_of(tmp_path)  # a study saved before latency_device existed still resumes
+    study.set_user_attr("settings", {k: v for k, v in study.user_attrs["settings"].items()
+                                     if k != "latency_device"})
+    assert main(args(tmp_path, image_folder, "--trials", "2")) == 0
+    assert len(study_of(tmp_path).trials) == 2
+
+
 def test_failing_candidate_fails_its_trial_and_the_search_goes_on(image_folder, tmp_path):
     assert main(args(tmp_path, image_folder, "--trials", "2", "--proxy-lr", "1e30",
                      "--proxy-epochs", "3")) == 0
