@@ -133,6 +133,7 @@ def test_failing_candidate_fails_its_trial_and_the_search_goes_on(image_folder, 
 @pytest.mark.parametrize("flag, value, fragment", [
     ("--target-ms", "-3", "--target-ms -3: must be > 0"),
     ("--trials", "0", "--trials 0: must be >= 1"),
+    ("--workers", "0", "--workers 0: must be >= 1"),
     ("--space", "nope", "nope"),
     ("--baselines", "mobilenet_v9", "mobilenet_v9"),
     ("--data", "/does/not/exist", "/does/not/exist"),
@@ -231,6 +232,29 @@ def test_two_workers_share_one_study(image_folder, tmp_path):
     assert len(set(archs)) >= len(archs) - 1
     df = pd.read_csv(tmp_path / "s" / "trials.csv")
     assert sorted(df.number) == numbers
+
+
+def test_workers_flag_runs_processes_that_share_a_fresh_study(image_folder, tmp_path):
+    assert main(args(tmp_path, image_folder, "--trials", "6", "--workers", "2",
+                     "--sampler", "random")) == 0
+    trials = study_of(tmp_path).trials
+    assert len(trials) >= 6 and all(t.state.is_finished() for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes evaluated
+    archs = [t.user_attrs["arch"] for t in trials]
+    assert len(set(archs)) >= len(archs) - 1  # differently seeded, not the same proposals
+    df = pd.read_csv(tmp_path / "s" / "trials.csv")  # written after every worker finished
+    assert sorted(df.number) == [t.number for t in trials]
+
+
+def test_interrupting_the_first_worker_stops_the_others(image_folder, tmp_path):
+    proc = spawn(args(tmp_path, image_folder, "--trials", "200", "--workers", "2"))
+    assert _wait_for(lambda: _states(tmp_path).count(optuna.trial.TrialState.COMPLETE) >= 3)
+    proc.send_signal(signal.SIGINT)  # to the first process only, not its group
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130 and "Traceback" not in out, out
+    states = _states(tmp_path)
+    assert optuna.trial.TrialState.RUNNING not in states and len(states) < 200
+    assert (pd.read_csv(tmp_path / "s" / "trials.csv").state == "COMPLETE").sum() >= 3
 
 
 def test_ctrl_c_stops_cleanly_and_writes_results(image_folder, tmp_path):
