@@ -385,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "by --workers)")
     g.add_argument("--workers", type=int, default=1,
                    help="processes on this machine that evaluate candidates at once, sharing "
-                        "the study; on a 2-core CPU, 2 workers x 1 thread trained 1.8x the "
-                        "images/s of 1 worker x 2 threads (benchmarks/proxy_throughput.py)")
+                        "the study; on a 2-core Zen 3 CPU, 2 workers x 1 thread finished 1.26x "
+                        "the trials per minute of 1 x 2 (benchmarks/results/"
+                        "search_workers_zen3.txt), with latency measured beside training")
     d = ProxyBudget()
     g.add_argument("--proxy-images", type=int, default=d.train_images,
                    help="training images per epoch (seeded subset of the proxy-train split)")
