@@ -176,13 +176,19 @@ def test_default_is_one_thread():
     assert {c["threads"] for c in model.calls} == {1}
 
 
-def test_stop_above_bound_stops_after_two_runs():
+def test_stop_above_bound_stops_after_two_runs_past_the_cold_one():
     model = Sleeper(5)
     result = measure_latency(model, 32, stop_above_ms=1.0, **FAST)
-    assert result.stopped_early and len(model.calls) == 2
+    assert result.stopped_early and len(model.calls) == 3
     assert result.median_ms > 1.0 and result.runs == 2 and result.warmup_runs == 0
     assert result.seconds < 0.1
     assert not measure_latency(Sleeper(1), 32, stop_above_ms=50.0, **FAST).stopped_early
+
+
+def test_a_slow_cold_first_run_does_not_stop_the_measurement():
+    model = Sleeper(0.5, slow_first=1, slow_ms=30)
+    result = measure_latency(model, 32, stop_above_ms=5.0, **FAST)
+    assert not result.stopped_early and result.median_ms < 5.0
 
 
 def test_context_says_where_the_number_was_taken():

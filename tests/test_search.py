@@ -42,8 +42,10 @@ def spawn(argv, env_extra=None):
 @pytest.fixture(scope="module")
 def finished_run(image_folder, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
+    # T = 5 ms: the baseline must stay under the 10x-target early stop on slow CPUs too
+    # (mobilenet_v3_small at 32x32 took 6-9 ms per run on a Zen 3 VM)
     assert main(args(runs, image_folder, "--trials", "4", "--baselines", "mobilenet_v3_small",
-                     "--sampler", "random")) == 0
+                     "--sampler", "random", "--target-ms", "5")) == 0
     return runs / "s"
 
 
@@ -57,7 +59,7 @@ def test_results_files_hold_what_the_trials_measured(finished_run):
         model = build_model(arch, num_classes=3)
         assert row.params == count_params(model)
         assert row.macs == count_macs(model, 32)
-        assert row.reward == pytest.approx(reward(row.accuracy, row.latency_ms, 1.0,
+        assert row.reward == pytest.approx(reward(row.accuracy, row.latency_ms, 5.0,
                                                   alpha=-0.07, beta=-0.07))
         assert row.latency_p10_ms <= row.latency_ms <= row.latency_p90_ms
         assert 0 <= row.accuracy <= 1 and row.accuracy * 30 == pytest.approx(
@@ -73,7 +75,7 @@ def test_results_files_hold_what_the_trials_measured(finished_run):
     assert baselines.params[0] == count_params(
         build_model(load_architecture("mobilenet_v3_small"), num_classes=3))
     meta = json.loads((finished_run / "run.json").read_text())
-    assert meta["settings"]["target_ms"] == 1.0 and meta["environment"]["torch"]
+    assert meta["settings"]["target_ms"] == 5.0 and meta["environment"]["torch"]
 
 
 def test_resume_continues_with_finished_trials_intact(image_folder, tmp_path):
