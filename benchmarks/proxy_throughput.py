@@ -10,7 +10,7 @@ ours-nchw: ours with the default memory format, to isolate what channels-last bu
 ours + bf16: ours under bfloat16 autocast (CPUs with avx512_bf16 / AMX)
 ours, N x 1 thread: N processes (--parallel, default: one per thread) each training its own
         copy of ours on 1 thread at the same time; the row is their summed img/s, i.e. what
-        N search workers (`nas.search --train-threads 1` started N times) train together
+        `nas.search --workers N` trains together on an N-core CPU
 Each variant trains the same proxy network (the 32x32 adaptation of --arch) for --steps steps
 after --warmup steps, in one process, in interleaved rounds; the table reports the median.
 """
@@ -35,7 +35,7 @@ from torch import nn
 from torchvision import transforms
 
 from nas.arch import Architecture, load_architecture
-from nas.data import CIFAR10_MEAN, CIFAR10_STD, batches, load_data
+from nas.data import CIFAR10_MEAN, CIFAR10_STD, DataSplits, batches, load_data
 from nas.latency import cpu_name
 from nas.model import build_model
 from nas.proxy import ProxyBudget, make_optimizer, proxy_arch, train_step
@@ -77,15 +77,21 @@ def time_steps(model, it, steps: int, warmup: int, bf16: bool, ours: bool) -> fl
     return n / (time.perf_counter() - start)
 
 
+def ours(arch: Architecture, data: DataSplits, batch_size: int, gen: torch.Generator,
+         channels_last: bool = True):
+    """Our proxy's network and one epoch of its batches, in the chosen memory format."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return build_model(arch, num_classes=10).to(memory_format=fmt), batches(
+        data.train, batch_size=batch_size, shuffle=True, augment=True, generator=gen,
+        channels_last=channels_last)
+
+
 def _parallel_worker(args: argparse.Namespace, arch: Architecture, barrier, out) -> None:
     """One of N concurrent 1-thread trainers; all start timing together after the barrier."""
     torch.set_num_threads(1)
     data = load_data(args.data)
     torch.manual_seed(0)
-    model = build_model(arch, num_classes=10).to(
-        memory_format=torch.channels_last)
-    it = batches(data.train, batch_size=args.batch_size, shuffle=True, augment=True,
-                 generator=torch.Generator().manual_seed(0), channels_last=True)
+    model, it = ours(arch, data, args.batch_size, torch.Generator().manual_seed(0))
     barrier.wait()
     out.put(time_steps(model, it, args.steps, args.warmup, False, ours=True))
 
@@ -143,17 +149,10 @@ def main() -> int:
         "plain (DataLoader+PIL, NCHW)": lambda: (build_model(arch, num_classes=10),
                                                  iter(plain_loader(root, args.batch_size,
                                                                    args.workers)), False),
-        "ours-nchw (tensors, NCHW)": lambda: (build_model(arch, num_classes=10), batches(
-            data.train, batch_size=args.batch_size, shuffle=True, augment=True, generator=gen,
-            channels_last=False), False),
-        "ours (tensors, channels-last)": lambda: (
-            build_model(arch, num_classes=10).to(memory_format=torch.channels_last), batches(
-                data.train, batch_size=args.batch_size, shuffle=True, augment=True,
-                generator=gen, channels_last=True), False),
-        "ours + bf16 autocast": lambda: (
-            build_model(arch, num_classes=10).to(memory_format=torch.channels_last), batches(
-                data.train, batch_size=args.batch_size, shuffle=True, augment=True,
-                generator=gen, channels_last=True), True),
+        "ours-nchw (tensors, NCHW)": lambda: (
+            *ours(arch, data, args.batch_size, gen, channels_last=False), False),
+        "ours (tensors, channels-last)": lambda: (*ours(arch, data, args.batch_size, gen), False),
+        "ours + bf16 autocast": lambda: (*ours(arch, data, args.batch_size, gen), True),
     }
     parallel_name = f"ours, {args.parallel} x 1 thread"
     results: dict[str, list[float]] = {k: [] for k in variants}
