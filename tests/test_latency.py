@@ -186,7 +186,8 @@ def test_stop_above_bound_stops_after_two_runs_past_the_cold_one():
 
 
 def test_a_slow_cold_first_run_does_not_stop_the_measurement():
-    model = Sleeper(0.5, slow_first=1, slow_ms=30)
+    # runs 1-2 over the bound, then fast: judging the first two runs would stop here
+    model = Sleeper(0.5, slow_first=2, slow_ms=30)
     result = measure_latency(model, 32, stop_above_ms=5.0, **FAST)
     assert not result.stopped_early and result.median_ms < 5.0
 
