@@ -177,7 +177,8 @@ class LatencyResult:
 # --------------------------------------------------------------------------- context
 
 
-_VECTOR_ISAS = ("amx_tile", "avx512_bf16", "avx512f", "avx2", "avx", "sse4_2")  # widest first
+# widest first; avx512_vnni tells Cascade Lake from Skylake-SP, which share family 6 model 85
+_VECTOR_ISAS = ("amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx2", "avx", "sse4_2")
 
 
 @functools.lru_cache(maxsize=4)

@@ -385,3 +385,8 @@ def test_cpu_name_tells_apart_cpus_that_share_a_model_name():
     assert cpu_name(ZEN3) == "AMD EPYC (family 25 model 1, avx2)"
     assert cpu_name(zen4) == "AMD EPYC (family 25 model 17, avx512f)"
     assert cpu_name("model name\t: Neoverse\n") == "Neoverse"  # no x86 family: name only
+    skylake = ("model name\t: Intel(R) Xeon(R) Processor @ 2.50GHz\ncpu family\t: 6\n"
+               "model\t\t: 85\nflags\t\t: avx2 avx512f avx512bw\n")
+    cascade_lake = skylake.replace("avx512bw", "avx512bw avx512_vnni")
+    assert cpu_name(skylake) != cpu_name(cascade_lake)
+    assert cpu_name(cascade_lake).endswith("(family 6 model 85, avx512_vnni)")
