@@ -37,17 +37,20 @@ from nas.latency import cpu_name
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.space import load_space
 
-_TOKEN = re.compile(r"^(?:fm(?P<fm>\d+)|(?P<n>\d+)x(?P<ep>\d+)|b(?P<b>\d+)|lr(?P<lr>[\d.e-]+))$")
+_TOKEN = re.compile(r"^(?:fm(?P<fm>\d+)|(?P<n>\d+)x(?P<ep>\d+)|b(?P<b>\d+)|lr(?P<lr>[\d.e-]+)"
+                    r"|@(?P<tag>\w+))$")
 
 
 def parse_budget(name: str) -> ProxyBudget:
-    """'fm1 16000x2 b128 lr0.003' -> the default ProxyBudget with those fields replaced."""
+    """'fm1 16000x2 b128 lr0.003' -> the default ProxyBudget with those fields replaced.
+
+    A trailing '@tag' only labels results merged from another run (--merge FILE@tag)."""
     changes: dict = {}
     for token in name.split():
         m = _TOKEN.match(token)
         if not m:
             raise SystemExit(f"budget {name!r}: token {token!r} is not one of fm<final map>, "
-                             "<images>x<epochs>, b<batch>, lr<peak lr>")
+                             "<images>x<epochs>, b<batch>, lr<peak lr>, @<tag>")
         if m["fm"]:
             changes["final_map"] = int(m["fm"])
         if m["n"]:
@@ -77,6 +80,16 @@ def run_one(arch: Architecture, data, budget: ProxyBudget) -> dict:
     return {"accuracy": acc, "seconds": time.perf_counter() - t0}
 
 
+def merged_state(spec: str) -> dict:
+    """'FILE' or 'FILE@tag': another run's results; with a tag its budgets become 'budget @tag'
+    columns, so a run on another machine (or an older reference) ranks beside this one."""
+    path, _, tag = spec.partition("@")
+    state = json.loads(Path(path).read_text())
+    if not tag:
+        return state
+    return {f"{key} @{tag}": value for key, value in state.items()}
+
+
 def tau_interval(x, y, draws: int = 2000) -> tuple[float, float]:
     """Bootstrap over architectures: with 10-20 of them one discordant pair moves tau a lot."""
     x, y = np.asarray(x), np.asarray(y)
@@ -89,6 +102,8 @@ def tau_interval(x, y, draws: int = 2000) -> tuple[float, float]:
 def report(archs, ladder, state, args) -> str:
     names = list(ladder)
     long = names[-1]
+    widths = [max(10, len(k)) for k in names]
+    bw = max(16, *map(len, names))
     lines = [
         f"# proxy_fidelity  {datetime.date.today()}  {cpu_name()}, {torch.get_num_threads()} "
         f"threads, torch {torch.__version__}, python {platform.python_version()}",
@@ -97,14 +112,16 @@ def report(archs, ladder, state, args) -> str:
         f"{args.seed}); reference {names[-1]!r}; fm = final feature map of the 32x32 "
         "adaptation, NxE = train images x epochs, b = batch",
         "",
-        f"{'#':>2} {'architecture':70s} " + " ".join(f"{k:>16s}" for k in names),
+        f"{'#':>2} {'architecture':70s} "
+        + " ".join(f"{k:>{w}s}" for k, w in zip(names, widths, strict=True)),
     ]
     for i, a in enumerate(archs):
         row = [state.get(f"{i}|{k}") for k in names]
-        cells = [f"{r['accuracy']:10.4f}" if r else f"{'-':>10s}" for r in row]
+        cells = [f"{r['accuracy']:{w}.4f}" if r else f"{'-':>{w}s}"
+                 for r, w in zip(row, widths, strict=True)]
         lines.append(f"{i:>2} {a.to_str()[:70]:70s} " + " ".join(cells))
     lines.append("")
-    lines.append(f"{'budget':>16s} {'median s/cand':>14s} {'kendall tau':>12s} "
+    lines.append(f"{'budget':>{bw}s} {'median s/cand':>14s} {'kendall tau':>12s} "
                  f"{'tau 90% CI':>14s} {'spearman':>9s} {'n':>3s}")
     for k in names:
         secs = [state[f"{i}|{k}"]["seconds"] for i in range(len(archs)) if f"{i}|{k}" in state]
@@ -119,8 +136,31 @@ def report(archs, ladder, state, args) -> str:
         else:
             corr = f"{'-':>12s} {'-':>14s} {'-':>9s}"
         med = f"{statistics.median(secs):14.1f}" if secs else f"{'-':>14s}"
-        lines.append(f"{k:>16s} {med} {corr} {len(pairs):3d}")
+        lines.append(f"{k:>{bw}s} {med} {corr} {len(pairs):3d}")
+    lines += twin_agreement(len(archs), names, state)
     return "\n".join(lines)
+
+
+def twin_agreement(n_archs: int, names: list[str], state: dict) -> list[str]:
+    """The same budget in two runs ('b' and 'b @tag'): how far the proxy's own noise goes."""
+    lines = []
+    for tagged in names:
+        base = tagged.split(" @")[0]
+        if tagged == base or base not in names:
+            continue
+        pairs = [(state[f"{i}|{base}"]["accuracy"], state[f"{i}|{tagged}"]["accuracy"])
+                 for i in range(n_archs) if f"{i}|{base}" in state and f"{i}|{tagged}" in state]
+        pairs = [p for p in pairs if p[0] == p[0] and p[1] == p[1]]
+        if len(pairs) < 3:
+            continue
+        x, y = zip(*pairs, strict=True)
+        gaps = [abs(a - b) for a, b in pairs]
+        if not lines:
+            lines += ["", "same budget, same seed, two runs (other machine or numerics):"]
+        lines.append(f"  {base!r} vs {tagged!r}: kendall tau {stats.kendalltau(x, y).statistic:.3f}"
+                     f", |acc difference| median {statistics.median(gaps):.4f} max "
+                     f"{max(gaps):.4f}, n {len(pairs)}")
+    return lines
 
 
 def main() -> int:
@@ -142,7 +182,9 @@ def main() -> int:
                    help="comma-separated architecture indices this process trains (to split the "
                         "work over processes, each with its own --state)")
     p.add_argument("--merge", default=None,
-                   help="comma-separated extra state files to merge into the report (no training)")
+                   help="comma-separated extra state files to merge into the report (no "
+                        "training); FILE@tag renames its budgets to 'budget @tag', so they can be "
+                        "listed in --budgets beside this run's")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = load_data(args.data)
@@ -152,7 +194,7 @@ def main() -> int:
     state_path = Path(args.state)
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     for extra in filter(None, (args.merge or "").split(",")):
-        state.update(json.loads(Path(extra).read_text()))
+        state.update(merged_state(extra))
     mine = (range(len(archs)) if args.only is None
             else [int(i) for i in args.only.split(",")])
     order = [(k, i) for k in list(ladder)[:-1] for i in mine]
