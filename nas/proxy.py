@@ -57,6 +57,11 @@ class ProxyBudget:
         for name in ("train_images", "epochs", "batch_size", "val_images", "final_map"):
             if getattr(self, name) < 1:
                 raise ValueError(f"proxy budget: {name}={getattr(self, name)} must be >= 1")
+        if self.report_every < 1:
+            raise ValueError(f"proxy budget: report_every={self.report_every} must be >= 1")
+        if self.bn_recalibrate < 0:
+            raise ValueError(f"proxy budget: bn_recalibrate={self.bn_recalibrate} must be >= 0 "
+                             "(0 = off)")
         for name in ("lr", "bn_momentum"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"proxy budget: {name}={getattr(self, name)} must be > 0")
@@ -115,6 +120,9 @@ def _train(model: nn.Module, trained: Architecture, data: DataSplits, budget: Pr
            device: str, seed: int, trial: Any) -> ProxyResult:
     gen = torch.Generator().manual_seed(seed)
     n = min(budget.train_images, len(data.train))
+    if n < budget.batch_size:
+        raise ValueError(f"proxy budget: batch_size={budget.batch_size} must be <= the {n} "
+                         "training images (else no training step is taken)")
     steps_per_epoch = max(1, n // budget.batch_size)
     optimizer, scheduler = make_optimizer(model, budget, steps_per_epoch * budget.epochs)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=budget.label_smoothing)
@@ -147,7 +155,10 @@ def _train(model: nn.Module, trained: Architecture, data: DataSplits, budget: Pr
 
 
 def make_optimizer(model: nn.Module, budget: ProxyBudget, total_steps: int):
-    """AdamW without decay on BN and biases, linear warm-up then linear decay to 0."""
+    """AdamW without decay on BN and biases, linear warm-up then linear decay.
+
+    The peak is held for two steps and the last step runs at peak / (decay steps), not 0: the
+    fidelity benchmark chose the default budget with exactly this schedule."""
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     # AdamW, not SGD: over ~100 steps it trained every sampled candidate (SGD at lr 0.2 sent
@@ -195,7 +206,13 @@ def _score(model: nn.Module, data: DataSplits, budget: ProxyBudget, *, device: s
            gen: torch.Generator) -> float:
     """Top-1 on validation in eval mode, after re-estimating BN statistics on training data."""
     if budget.bn_recalibrate:
-        recalibrate_bn(model, data, budget, device=device, gen=gen)
+        # copies of the batch stream and of dropout's global RNG: scoring after an epoch (for a
+        # pruner) must not change what later epochs train on, or a candidate's score would
+        # depend on whether a pruner was watching
+        fork = torch.Generator().set_state(gen.get_state())
+        dev = torch.device(device)
+        with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+            recalibrate_bn(model, data, budget, device=device, gen=fork)
     return evaluate(model, data.val, batch_size=256, device=device, limit=budget.val_images,
                     channels_last=budget.channels_last, bf16=budget.bf16, mean=data.mean,
                     std=data.std)
@@ -224,13 +241,16 @@ def recalibrate_bn(model: nn.Module, data: DataSplits, budget: ProxyBudget, *, d
 def evaluate(model: nn.Module, split: ImageDataset, *, batch_size: int = 256, device: str = "cpu",
              limit: int | None = None, channels_last: bool = True, bf16: bool = False,
              mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD) -> float:
-    """Top-1 accuracy in eval mode."""
+    """Top-1 accuracy in eval mode; diverged weights fail rather than score as one class."""
     model.eval()
     correct = total = 0
     for x, y in batches(split, batch_size=batch_size, shuffle=False, augment=False, device=device,
                         channels_last=channels_last, limit=limit, mean=mean, std=std):
         with _autocast(bf16, device):
-            pred = model(x).argmax(1)
+            logits = model(x)
+        if not torch.isfinite(logits).all():  # argmax would call NaN the largest: class 0
+            raise CandidateFailed("non-finite network outputs when scoring (diverged weights)")
+        pred = logits.argmax(1)
         correct += (pred == y).sum().item()
         total += len(y)
     return correct / max(total, 1)

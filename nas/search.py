@@ -475,6 +475,9 @@ def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
                          batch_size=args.proxy_batch, lr=args.proxy_lr, val_images=args.val_size,
                          final_map=args.proxy_final_map)
     data = load_data(args.data, val_size=args.val_size)
+    if args.proxy_batch > len(data.train):
+        raise UsageError(f"--proxy-batch {args.proxy_batch}: must be <= the {len(data.train)} "
+                         f"training images left after --val-size {args.val_size}")
     run_dir = Path(args.runs_dir) / args.name
     if args.storage:
         open_storage(args, run_dir)  # a bad URL fails before the run folder is made

@@ -8,7 +8,7 @@ import torch
 
 from nas.arch import Architecture, BlockSpec, Settings, Stem, load_architecture
 from nas.data import DataSplits, ImageDataset
-from nas.proxy import CandidateFailed, ProxyBudget, proxy_arch, proxy_train
+from nas.proxy import CandidateFailed, ProxyBudget, evaluate, proxy_arch, proxy_train
 
 
 def synthetic_splits(n_train=256, n_val=96, classes=4, size=16, seed=0) -> DataSplits:
@@ -17,14 +17,16 @@ def synthetic_splits(n_train=256, n_val=96, classes=4, size=16, seed=0) -> DataS
     palette = torch.tensor([[220, 30, 30], [30, 220, 30], [30, 30, 220], [220, 220, 30],
                             [30, 220, 220], [220, 30, 220]], dtype=torch.float32)[:classes]
 
-    def make(n):
+    def make(n, random_labels=False):
         labels = torch.arange(n) % classes
+        if random_labels:  # a test split no classifier can learn: scoring on it gives chance
+            labels = torch.randint(0, classes, (n,), generator=g)
         base = palette[labels][:, :, None, None].expand(n, 3, size, size)
         noise = torch.randn(n, 3, size, size, generator=g) * 40
         images = (base + noise).clamp(0, 255).to(torch.uint8).contiguous()
         return ImageDataset(images, labels.to(torch.int64))
 
-    return DataSplits(train=make(n_train), val=make(n_val), test=make(n_val),
+    return DataSplits(train=make(n_train), val=make(n_val), test=make(n_val, random_labels=True),
                       classes=tuple(f"c{i}" for i in range(classes)), source="synthetic")
 
 
@@ -99,14 +101,41 @@ def test_uses_the_budget_and_scores_on_validation():
     data = synthetic_splits(n_train=256, n_val=96)
     r = proxy_train(SLOW_BN, data, dataclasses.replace(FAST, train_images=128, epochs=1))
     assert len(r.epoch_losses) == 1
-    assert r.images_per_second > 0
+    assert r.images_per_second * r.train_seconds == pytest.approx(128)  # 4 steps of 32
+    assert r.accuracy > 0.9  # scored on the learnable validation split, not on test
     assert r.trained_arch == proxy_arch(SLOW_BN, FAST, 16).to_str()
     # Accuracy is a fraction of the 96 validation images.
     assert round(r.accuracy * 96) == pytest.approx(r.accuracy * 96, abs=1e-9)
 
 
 @pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 0), ("lr", 0.0),
-                                          ("warmup", 1.0)])
+                                          ("warmup", 1.0), ("report_every", 0),
+                                          ("bn_recalibrate", -1)])
 def test_bad_budget_is_a_clear_error(field, value):
     with pytest.raises(ValueError, match=field):
         proxy_train(SLOW_BN, synthetic_splits(), dataclasses.replace(FAST, **{field: value}))
+
+
+def test_a_batch_larger_than_the_training_split_is_a_clear_error():
+    data = synthetic_splits(n_train=16)
+    with pytest.raises(ValueError, match="batch_size=32 must be <= the 16 training images"):
+        proxy_train(SLOW_BN, data, FAST)
+
+
+def test_reporting_to_a_trial_does_not_change_what_is_trained():
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    reported = proxy_train(SLOW_BN, synthetic_splits(), FAST, trial=study.ask())
+    alone = proxy_train(SLOW_BN, synthetic_splits(), FAST)
+    assert len(reported.val_curve) == 2 and len(alone.val_curve) == 1
+    assert reported.epoch_losses == alone.epoch_losses
+    assert reported.accuracy == alone.accuracy
+
+
+def test_diverged_weights_fail_when_scored_instead_of_counting_as_class_0():
+    class Diverged(torch.nn.Module):
+        def forward(self, x):
+            return torch.full((len(x), 4), float("nan"))
+
+    data = synthetic_splits()
+    with pytest.raises(CandidateFailed, match="non-finite network outputs"):
+        evaluate(Diverged(), data.val, mean=data.mean, std=data.std)
