@@ -25,7 +25,7 @@ from nas.arch import ArchError, Architecture, load_architecture
 from nas.data import DataError, batches, load_data
 from nas.latency import pin_malloc_thresholds
 from nas.model import build_model
-from nas.proxy import ProxyBudget, evaluate, proxy_arch
+from nas.proxy import CandidateFailed, ProxyBudget, evaluate, proxy_arch
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class TrainConfig:
 
     epochs: int = 30
     batch_size: int = 128
-    lr: float = 0.1  # peak SGD learning rate, cosine-annealed to 0 after a 1-epoch warm-up
+    lr: float = 0.1  # peak SGD learning rate: linear warm-up over the first epoch (at most a
+    # tenth of all steps), then cosine-annealed to 0 on the last step
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
@@ -54,7 +55,7 @@ def train(arch: Architecture, run_dir: Path, cfg: TrainConfig, *, data, device: 
     steps = max(1, len(data.full_train) // cfg.batch_size)
     optimizer, scheduler = _optimizer(model, cfg, steps)
     ckpt_path = run_dir / "checkpoint.pt"
-    start, history = _resume(ckpt_path, arch, cfg, model, optimizer, scheduler)
+    start, history = _resume(ckpt_path, arch, cfg, model, optimizer, scheduler, data)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     amp = torch.device(device).type == "cuda"
     for epoch in range(start, cfg.epochs):
@@ -75,18 +76,19 @@ def train(arch: Architecture, run_dir: Path, cfg: TrainConfig, *, data, device: 
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            value = loss.item()  # one device sync per step
+            if not math.isfinite(value):
+                raise ArchError(f"training diverged in epoch {epoch + 1} (loss {value}); "
+                                f"try a lower --lr")
+            total += value
+            bar.set_postfix(loss=f"{value:.3f}")
         mean_loss = total / steps
-        if not math.isfinite(mean_loss):
-            raise ArchError(f"training diverged in epoch {epoch + 1} (loss {mean_loss}); "
-                            f"try a lower --lr")
         acc = evaluate(model, data.test, device=device, bf16=amp, mean=data.mean, std=data.std)
         history.append({"epoch": epoch + 1, "loss": mean_loss, "test_accuracy": acc,
                         "seconds": time.perf_counter() - t0})
         print(f"epoch {epoch + 1}/{cfg.epochs}  loss {mean_loss:.4f}  test acc {acc:.4f}  "
               f"{history[-1]['seconds']:.0f}s", flush=True)
-        _save(ckpt_path, arch, cfg, model, optimizer, scheduler, epoch + 1, history)
+        _save(ckpt_path, arch, cfg, model, optimizer, scheduler, epoch + 1, history, data)
     return {"arch": arch.to_str(), "trained_arch": trained.to_str(), "epochs": cfg.epochs,
             "test_accuracy": history[-1]["test_accuracy"] if history else None,
             "history": history, "data": data.source, "device": device, "config": cfg.__dict__}
@@ -103,28 +105,47 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
     opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    total, warm = cfg.epochs * steps_per_epoch, steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+    warm = min(steps_per_epoch, max(1, total // 10))  # a 1-epoch run must still anneal
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        return 0.5 * (1 + math.cos(math.pi * (step - warm + 1) / max(1, total - warm)))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def _data_record(data) -> str:
+    """What a resumed run must train on again: classes and split sizes (survives moving files)."""
+    return json.dumps({"classes": list(data.classes), "train": len(data.full_train),
+                       "test": len(data.test)})
+
+
 def _save(path: Path, arch, cfg: TrainConfig, model, optimizer, scheduler, epoch: int,
-          history: list) -> None:
-    """Atomic: an interrupt mid-write leaves the previous checkpoint intact."""
+          history: list, data) -> None:
+    """Atomic and durable: an interrupt or power cut mid-write leaves the previous checkpoint."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"arch": arch.to_json(), "config": json.dumps(cfg.__dict__),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch, "history": json.dumps(history)}, tmp)
-    os.replace(tmp, path)
+    state = {"arch": arch.to_json(), "config": json.dumps(cfg.__dict__),
+             "data": _data_record(data), "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "epoch": epoch, "history": json.dumps(history),
+             # dropout's random stream, so a resumed run trains exactly as an uninterrupted one
+             "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _resume(path: Path, arch, cfg: TrainConfig, model, optimizer, scheduler) -> tuple[int, list]:
+def _resume(path: Path, arch, cfg: TrainConfig, model, optimizer, scheduler,
+            data) -> tuple[int, list]:
     if not path.exists():
         return 0, []
     try:
@@ -134,14 +155,22 @@ def _resume(path: Path, arch, cfg: TrainConfig, model, optimizer, scheduler) -> 
         raise ArchError(f"{path}: not a nas.train checkpoint ({type(e).__name__})") from None
     if saved_arch != arch:
         raise ArchError(f"{path}: checkpoint is of another architecture; use another --name")
-    changed = [k for k, v in cfg.__dict__.items() if k != "epochs" and saved_cfg.get(k) != v]
+    # epochs too: the cosine schedule spans them, so a changed count is a different run
+    changed = [k for k, v in cfg.__dict__.items() if saved_cfg.get(k) != v]
     if changed:
         k = changed[0]
-        raise ArchError(f"{path}: checkpoint was trained with {k}={saved_cfg[k]}, not "
+        raise ArchError(f"{path}: checkpoint was trained with {k}={saved_cfg.get(k)}, not "
                         f"{getattr(cfg, k)}; use the same settings or another --name")
+    if "data" in ckpt and json.loads(ckpt["data"]) != json.loads(_data_record(data)):
+        raise ArchError(f"{path}: checkpoint was trained on other data ({ckpt['data']}); use "
+                        f"the same --data or another --name")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
+    if "rng" in ckpt:
+        torch.set_rng_state(ckpt["rng"])
+    if ckpt.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
     print(f"resuming {path} after epoch {ckpt['epoch']}", flush=True)
     return int(ckpt["epoch"]), json.loads(ckpt["history"])
 
@@ -173,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--lr {args.lr}: must be > 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is available on this machine; use cpu")
+    run_dir = None
     try:
         arch = load_architecture(args.config)
         data = load_data(args.data, val_size=0)  # full training uses every training image
@@ -186,9 +216,15 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics = train(arch, run_dir, cfg, data=data, device=args.device,
                         progress=not args.no_progress)
-    except (ArchError, DataError) as e:
+    except (ArchError, DataError, CandidateFailed) as e:
         print(f"nas.train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        ckpt = run_dir / "checkpoint.pt" if run_dir else None
+        kept = (f"; {ckpt} holds the last finished epoch, and the same command resumes from it"
+                if ckpt and ckpt.exists() else "")
+        print(f"nas.train: interrupted{kept}", file=sys.stderr)
+        return 130
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"test accuracy {metrics['test_accuracy']:.4f}; checkpoint {run_dir / 'checkpoint.pt'}")
     return 0

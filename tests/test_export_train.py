@@ -1,6 +1,8 @@
 """Export rebuilds exactly the searched network; full training checkpoints, resumes and exports."""
 
 import json
+import shutil
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -56,21 +58,43 @@ def test_export_not_a_run_folder(tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
 
 
-def test_full_training_resumes_and_exports_trained_weights(run, image_folder, tmp_path):
-    arch_file = run / "best.yaml"
+def test_interrupted_training_resumes_exactly_where_it_stopped(
+        run, image_folder, tmp_path, monkeypatch, capsys):
+    best = load_architecture(run / "best.yaml")  # with dropout, to draw from the global RNG
+    arch_file = tmp_path / "best-dropout.yaml"
+    arch_file.write_text(replace(best, head=replace(best.head, dropout=0.5)).to_yaml())
     common = [str(arch_file), "--data", str(image_folder), "--runs-dir", str(tmp_path),
-              "--name", "t", "--batch-size", "32", "--no-progress"]
-    assert train.main([*common, "--epochs", "1"]) == 0
-    ckpt = torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 1
-    first = json.loads((tmp_path / "t" / "metrics.json").read_text())["history"]
-    assert train.main([*common, "--epochs", "2"]) == 0  # resumes after epoch 1
+              "--batch-size", "32", "--no-progress", "--epochs", "3"]
+    assert train.main([*common, "--name", "whole"]) == 0
+    real_save = train._save
+
+    def save_then_interrupt(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_save", save_then_interrupt)
+    assert train.main([*common, "--name", "t"]) == 130
+    assert "the same command resumes" in capsys.readouterr().err
+    assert torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.undo()
+    assert train.main([*common, "--name", "t"]) == 0  # resumes after epoch 1
+    assert "resuming" in capsys.readouterr().out
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=True)
+    for key, value in whole["model"].items():  # model, optimiser, schedule and dropout restored
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0)
     metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
-    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
-    assert metrics["history"][0] == first[0]
+    expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    assert [h["loss"] for h in metrics["history"]] == [h["loss"] for h in expected["history"]]
     assert metrics["test_accuracy"] == metrics["history"][-1]["test_accuracy"]
     assert metrics["test_accuracy"] > 0.5  # colour classes are easy; chance is 1/3
 
+
+def test_export_puts_the_trained_weights_into_torchscript_and_onnx(run, image_folder, tmp_path):
+    arch_file = run / "best.yaml"
+    assert train.main([str(arch_file), "--data", str(image_folder), "--runs-dir", str(tmp_path),
+                       "--name", "t", "--batch-size", "32", "--no-progress", "--epochs", "1"]) == 0
     pt = tmp_path / "net.pt"
     onnx_file = tmp_path / "net.onnx"
     assert export.main([str(run), "-o", str(tmp_path / "a.yaml"), "--checkpoint",
@@ -86,6 +110,36 @@ def test_full_training_resumes_and_exports_trained_weights(run, image_folder, tm
         torch.testing.assert_close(torch.jit.load(str(pt))(x), model(x))
     onnx = pytest.importorskip("onnx")
     onnx.checker.check_model(onnx.load(str(onnx_file)))
+
+
+def test_a_one_epoch_run_warms_up_then_anneals_to_zero():
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = train._optimizer(model, train.TrainConfig(epochs=1, lr=1.0), 10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 1.0 and lrs.count(1.0) == 1  # a tenth of the steps warms up, peak once
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    optimizer, scheduler = train._optimizer(model, train.TrainConfig(epochs=30, lr=1.0), 10)
+    assert [scheduler.lr_lambdas[0](s) for s in (0, 9, 10)] == [pytest.approx(0.1), 1.0,
+                                                               pytest.approx(1.0, abs=1e-3)]
+
+
+def test_resume_with_other_epochs_or_other_data_is_refused(run, image_folder, tmp_path, capsys):
+    common = [str(run / "best.yaml"), "--runs-dir", str(tmp_path), "--name", "t",
+              "--batch-size", "32", "--no-progress"]
+    assert train.main([*common, "--data", str(image_folder), "--epochs", "1"]) == 0
+    assert train.main([*common, "--data", str(image_folder), "--epochs", "2"]) == 2
+    assert "epochs=1, not 2" in capsys.readouterr().err
+    other = tmp_path / "two-classes"
+    shutil.copytree(image_folder, other)
+    for split in ("train", "test"):
+        shutil.rmtree(other / split / "class2")
+    assert train.main([*common, "--data", str(other), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained on other data" in err[0]
 
 
 def test_training_another_architecture_into_the_same_folder_is_refused(run, image_folder,
