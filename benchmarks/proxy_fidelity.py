@@ -83,10 +83,12 @@ def run_one(arch: Architecture, data, budget: ProxyBudget) -> dict:
 def merged_state(spec: str) -> dict:
     """'FILE' or 'FILE@tag': another run's results; with a tag its budgets become 'budget @tag'
     columns, so a run on another machine (or an older reference) ranks beside this one."""
-    path, _, tag = spec.partition("@")
+    path, _, tag = spec.rpartition("@") if "@" in spec else (spec, "", "")
     state = json.loads(Path(path).read_text())
     if not tag:
         return state
+    if not re.fullmatch(r"\w+", tag):
+        raise SystemExit(f"--merge {spec!r}: the tag after '@' must be letters, digits or _")
     return {f"{key} @{tag}": value for key, value in state.items()}
 
 
@@ -156,7 +158,7 @@ def twin_agreement(n_archs: int, names: list[str], state: dict) -> list[str]:
         x, y = zip(*pairs, strict=True)
         gaps = [abs(a - b) for a, b in pairs]
         if not lines:
-            lines += ["", "same budget, same seed, two runs (other machine or numerics):"]
+            lines += ["", "same budget in two runs (another machine or other numerics):"]
         lines.append(f"  {base!r} vs {tagged!r}: kendall tau {stats.kendalltau(x, y).statistic:.3f}"
                      f", |acc difference| median {statistics.median(gaps):.4f} max "
                      f"{max(gaps):.4f}, n {len(pairs)}")
@@ -205,6 +207,9 @@ def main() -> int:
         key = f"{i}|{k}"
         if key in state:
             continue
+        if " @" in k:
+            raise SystemExit(f"budget {k!r}: tagged budgets come from --merge FILE@tag, and "
+                             f"{key!r} is not in it")
         print(f"arch {i} budget {k}: {archs[i].to_str()}", flush=True)
         state[key] = run_one(archs[i], data, ladder[k])
         print(f"  acc {state[key]['accuracy']:.4f} in {state[key]['seconds']:.1f}s", flush=True)

@@ -38,7 +38,7 @@ class ProxyBudget:
     train_images: int = 16_000  # fixed stratified subset of the proxy-train split
     epochs: int = 2
     batch_size: int = 64  # batch 128 (lr 3e-3) ranked worse in proxy_fidelity, barely faster
-    lr: float = 2e-3  # peak AdamW learning rate, linear warm-up then linear decay to 0
+    lr: float = 2e-3  # peak AdamW learning rate, linear warm-up then linear decay (make_optimizer)
     warmup: float = 0.2  # fraction of all steps spent warming up
     weight_decay: float = 0.05  # decoupled (AdamW), on conv/linear weights only, not BN or biases
     label_smoothing: float = 0.1
@@ -211,7 +211,9 @@ def _score(model: nn.Module, data: DataSplits, budget: ProxyBudget, *, device: s
         # depend on whether a pruner was watching
         fork = torch.Generator().set_state(gen.get_state())
         dev = torch.device(device)
-        with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        gpus = [torch.cuda.current_device() if dev.index is None else dev.index] \
+            if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=gpus):
             recalibrate_bn(model, data, budget, device=device, gen=fork)
     return evaluate(model, data.val, batch_size=256, device=device, limit=budget.val_images,
                     channels_last=budget.channels_last, bf16=budget.bf16, mean=data.mean,

@@ -35,7 +35,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 128
     lr: float = 0.1  # peak SGD learning rate: linear warm-up over the first epoch (at most a
-    # tenth of all steps), then cosine-annealed to 0 on the last step
+    # tenth of all steps), then cosine-annealed towards 0 at the end of the last step
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
@@ -111,15 +111,18 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm + 1) / max(1, total - warm)))
+        # as CosineAnnealingLR over the decay steps: the last step runs just above 0
+        return 0.5 * (1 + math.cos(math.pi * (step - warm + 1) / (total - warm + 1)))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def _data_record(data) -> str:
-    """What a resumed run must train on again: classes and split sizes (survives moving files)."""
+    """What a resumed run must train on again, in terms that survive moving the files."""
     return json.dumps({"classes": list(data.classes), "train": len(data.full_train),
-                       "test": len(data.test)})
+                       "test": len(data.test), "image": list(data.train.images.shape[1:]),
+                       "mean": [round(v, 6) for v in data.mean],
+                       "std": [round(v, 6) for v in data.std]})
 
 
 def _save(path: Path, arch, cfg: TrainConfig, model, optimizer, scheduler, epoch: int,
@@ -132,7 +135,7 @@ def _save(path: Path, arch, cfg: TrainConfig, model, optimizer, scheduler, epoch
              "epoch": epoch, "history": json.dumps(history),
              # dropout's random stream, so a resumed run trains exactly as an uninterrupted one
              "rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+             "cuda_rng": _cuda_rng(model)}
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -142,6 +145,17 @@ def _save(path: Path, arch, cfg: TrainConfig, model, optimizer, scheduler, epoch
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _cuda_rng(model: nn.Module) -> torch.Tensor | list:
+    """The training GPU's RNG state (dropout on CUDA draws from it); [] when training on CPU."""
+    device = next(model.parameters()).device
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else []
 
 
 def _resume(path: Path, arch, cfg: TrainConfig, model, optimizer, scheduler,
@@ -162,15 +176,16 @@ def _resume(path: Path, arch, cfg: TrainConfig, model, optimizer, scheduler,
         raise ArchError(f"{path}: checkpoint was trained with {k}={saved_cfg.get(k)}, not "
                         f"{getattr(cfg, k)}; use the same settings or another --name")
     if "data" in ckpt and json.loads(ckpt["data"]) != json.loads(_data_record(data)):
-        raise ArchError(f"{path}: checkpoint was trained on other data ({ckpt['data']}); use "
-                        f"the same --data or another --name")
+        raise ArchError(f"{path}: checkpoint was trained on other data (classes, sizes or "
+                        "normalisation differ); use the same --data or another --name")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     if "rng" in ckpt:
         torch.set_rng_state(ckpt["rng"])
-    if ckpt.get("cuda_rng") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    device = next(model.parameters()).device
+    if device.type == "cuda" and isinstance(ckpt.get("cuda_rng"), torch.Tensor):
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
     print(f"resuming {path} after epoch {ckpt['epoch']}", flush=True)
     return int(ckpt["epoch"]), json.loads(ckpt["history"])
 
@@ -216,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics = train(arch, run_dir, cfg, data=data, device=args.device,
                         progress=not args.no_progress)
-    except (ArchError, DataError, CandidateFailed) as e:
+    except CandidateFailed as e:
+        print(f"nas.train: error: {e}; try a lower --lr", file=sys.stderr)
+        return 2
+    except (ArchError, DataError) as e:
         print(f"nas.train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -121,7 +121,7 @@ def test_a_one_epoch_run_warms_up_then_anneals_to_zero():
         optimizer.step()
         scheduler.step()
     assert lrs[0] == 1.0 and lrs.count(1.0) == 1  # a tenth of the steps warms up, peak once
-    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert lrs == sorted(lrs, reverse=True) and 0 < lrs[-1] < 0.03  # annealed, last step useful
     optimizer, scheduler = train._optimizer(model, train.TrainConfig(epochs=30, lr=1.0), 10)
     assert [scheduler.lr_lambdas[0](s) for s in (0, 9, 10)] == [pytest.approx(0.1), 1.0,
                                                                pytest.approx(1.0, abs=1e-3)]
