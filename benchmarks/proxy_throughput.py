@@ -4,8 +4,10 @@
 
 plain:  torchvision ImageFolder over the JPEG files, PIL RandomCrop/Flip/ToTensor/Normalize in a
         DataLoader, default (contiguous) memory format; the seed material's pipeline
-ours:   uint8 tensors in memory, batched crop/flip on tensors, channels-last, and nas.proxy's
-        own training step (fused AdamW); plain steps with SGD, as the seed does
+ours:   uint8 tensors in memory, batched crop/flip on tensors, channels-last, convolutions on
+        1x1 maps as matrix products (nas.fastconv), and nas.proxy's own training step (fused
+        AdamW); plain steps with SGD, as the seed does
+ours, 1x1 maps as oneDNN convs: ours without nas.fastconv, to isolate what it buys
 ours-nchw: ours with the default memory format, to isolate what channels-last buys
 ours + bf16: ours under bfloat16 autocast (CPUs with avx512_bf16 / AMX)
 ours, N x 1 thread: N processes (--parallel, default: one per thread) each training its own
@@ -38,7 +40,7 @@ from nas.arch import Architecture, load_architecture
 from nas.data import CIFAR10_MEAN, CIFAR10_STD, DataSplits, batches, load_data
 from nas.latency import cpu_name
 from nas.model import build_model
-from nas.proxy import ProxyBudget, make_optimizer, proxy_arch, train_step
+from nas.proxy import ProxyBudget, make_optimizer, proxy_arch, train_step, training_model
 
 
 def plain_loader(root: Path, batch_size: int, workers: int):
@@ -78,12 +80,15 @@ def time_steps(model, it, steps: int, warmup: int, bf16: bool, ours: bool) -> fl
 
 
 def ours(arch: Architecture, data: DataSplits, batch_size: int, gen: torch.Generator,
-         channels_last: bool = True):
+         channels_last: bool = True, one_pixel_matmul: bool = True):
     """Our proxy's network and one epoch of its batches, in the chosen memory format."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return build_model(arch, num_classes=10).to(memory_format=fmt), batches(
-        data.train, batch_size=batch_size, shuffle=True, augment=True, generator=gen,
-        channels_last=channels_last)
+    if one_pixel_matmul:
+        model = training_model(arch, 10, channels_last=channels_last)
+    else:  # the convolutions as built, to isolate what nas.fastconv buys
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        model = build_model(arch, num_classes=10).to(memory_format=fmt)
+    return model, batches(data.train, batch_size=batch_size, shuffle=True, augment=True,
+                          generator=gen, channels_last=channels_last)
 
 
 def _parallel_worker(args: argparse.Namespace, arch: Architecture, barrier, out) -> None:
@@ -152,6 +157,8 @@ def main() -> int:
         "ours-nchw (tensors, NCHW)": lambda: (
             *ours(arch, data, args.batch_size, gen, channels_last=False), False),
         "ours (tensors, channels-last)": lambda: (*ours(arch, data, args.batch_size, gen), False),
+        "ours, 1x1 maps as oneDNN convs": lambda: (
+            *ours(arch, data, args.batch_size, gen, one_pixel_matmul=False), False),
         "ours + bf16 autocast": lambda: (*ours(arch, data, args.batch_size, gen), True),
     }
     parallel_name = f"ours, {args.parallel} x 1 thread"

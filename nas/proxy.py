@@ -1,7 +1,8 @@
 """Short proxy training on CIFAR-10: the ACC(m) of the MnasNet reward.
 
 Airbench-style: data lives in memory as uint8 tensors, augmentation runs on whole batches, the
-network runs channels-last, and every hyperparameter sits in `ProxyBudget` with its unit.
+network runs channels-last with its convolutions on 1x1 maps as matrix products (`nas.fastconv`),
+and every hyperparameter sits in `ProxyBudget` with its unit.
 
 The network trained is the *deployed* architecture adapted to the data (`adapt_to_input`): if
 its downsampling would leave less than `final_map` pixels at the end, the earliest stride-2
@@ -27,6 +28,7 @@ from torch import nn
 
 from nas.arch import Architecture, adapt_to_input
 from nas.data import CIFAR10_MEAN, CIFAR10_STD, DataSplits, ImageDataset, batches
+from nas.fastconv import fast_one_pixel_convs
 from nas.latency import pin_malloc_thresholds
 from nas.model import build_model
 
@@ -90,6 +92,15 @@ class CandidateFailed(RuntimeError):
     """The candidate cannot be scored (NaN loss, out of memory); the reason goes in the trial."""
 
 
+def training_model(trained: Architecture, num_classes: int, *, device: str = "cpu",
+                   channels_last: bool = True) -> nn.Module:
+    """The network as built, laid out and computed for fast training (same parameters)."""
+    model = build_model(trained, num_classes=num_classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return fast_one_pixel_convs(model)
+
+
 def proxy_arch(arch: Architecture, budget: ProxyBudget, input_size: int = 32) -> Architecture:
     """The architecture that is trained: strides adapted to the data, fast-moving BN statistics."""
     adapted = adapt_to_input(arch, input_size, min_final=budget.final_map)
@@ -107,9 +118,8 @@ def proxy_train(arch: Architecture, data: DataSplits, budget: ProxyBudget | None
     torch.manual_seed(seed)
     size = data.train.images.shape[-1]
     trained = proxy_arch(arch, budget, size)
-    model = build_model(trained, num_classes=data.num_classes).to(device)
-    if budget.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = training_model(trained, data.num_classes, device=device,
+                           channels_last=budget.channels_last)
     try:
         return _train(model, trained, data, budget, device=device, seed=seed, trial=trial)
     except torch.OutOfMemoryError as e:

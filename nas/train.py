@@ -24,8 +24,7 @@ from tqdm import tqdm
 from nas.arch import ArchError, Architecture, load_architecture
 from nas.data import DataError, batches, load_data
 from nas.latency import pin_malloc_thresholds
-from nas.model import build_model
-from nas.proxy import CandidateFailed, ProxyBudget, evaluate, proxy_arch
+from nas.proxy import CandidateFailed, ProxyBudget, evaluate, proxy_arch, training_model
 
 
 @dataclass(frozen=True)
@@ -50,8 +49,7 @@ def train(arch: Architecture, run_dir: Path, cfg: TrainConfig, *, data, device: 
     torch.manual_seed(cfg.seed)
     pin_malloc_thresholds()  # as nas.proxy: no page faults in every step
     trained = trained_arch(arch, cfg, data.train.images.shape[-1])
-    model = build_model(trained, num_classes=data.num_classes).to(device)
-    model = model.to(memory_format=torch.channels_last)
+    model = training_model(trained, data.num_classes, device=device)
     steps = max(1, len(data.full_train) // cfg.batch_size)
     optimizer, scheduler = _optimizer(model, cfg, steps)
     ckpt_path = run_dir / "checkpoint.pt"

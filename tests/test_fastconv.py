@@ -1,0 +1,64 @@
+"""Convolutions on 1x1 maps as matrix products: the same function, gradients and parameters."""
+
+import pytest
+import torch
+from torch import nn
+
+from nas.arch import load_architecture
+from nas.fastconv import OnePixelConv2d, fast_one_pixel_convs
+from nas.model import build_model
+from nas.proxy import ProxyBudget, proxy_arch, training_model
+
+
+def _pair(cin, cout, kernel, stride, groups, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=bias)
+    fast = OnePixelConv2d.from_conv(nn.Conv2d(cin, cout, kernel, stride, kernel // 2,
+                                              groups=groups, bias=bias))
+    fast.load_state_dict(conv.state_dict())
+    return conv, fast
+
+
+@pytest.mark.parametrize("cin, cout, kernel, stride, groups, bias", [
+    (8, 16, 3, 1, 1, False), (8, 16, 5, 2, 1, True), (16, 4, 1, 1, 1, True),  # dense
+    (12, 12, 3, 1, 12, False), (12, 12, 5, 2, 12, True)])  # depthwise
+@pytest.mark.parametrize("size", [1, 3])  # a 1x1 map takes the product, 3x3 the convolution
+def test_same_outputs_and_gradients_as_the_convolution(cin, cout, kernel, stride, groups, bias,
+                                                       size):
+    conv, fast = _pair(cin, cout, kernel, stride, groups, bias)
+    x = torch.randn(4, cin, size, size).to(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = conv(xa), fast(xb)
+    torch.testing.assert_close(yb, ya)
+    assert yb.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xb.grad, xa.grad)
+    torch.testing.assert_close(fast.weight.grad, conv.weight.grad)  # off-centre taps get 0
+    if bias:
+        torch.testing.assert_close(fast.bias.grad, conv.bias.grad)
+
+
+def test_only_centre_tap_convolutions_are_swapped():
+    valid = nn.Conv2d(8, 8, 3, padding=0)  # 'valid' padding: every tap meets data
+    grouped = nn.Conv2d(8, 16, 3, padding=1, groups=2)  # neither dense nor depthwise
+    dilated = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), valid, grouped, dilated)
+    fast_one_pixel_convs(model)
+    assert [type(m) for m in model] == [OnePixelConv2d, nn.Conv2d, nn.Conv2d, nn.Conv2d]
+
+
+def test_the_training_model_is_the_built_network():
+    arch = proxy_arch(load_architecture("mnasnet_a1"), ProxyBudget(), 32)  # SE; ends at 1x1
+    torch.manual_seed(0)
+    built = build_model(arch, num_classes=10).eval()
+    torch.manual_seed(0)
+    fast = training_model(arch, 10).eval()
+    swapped = [m for m in fast.modules() if isinstance(m, OnePixelConv2d)]
+    assert len(swapped) > 20  # every SE pair, the 1x1-map stages and the head conv
+    assert built.state_dict().keys() == fast.state_dict().keys()  # checkpoints load in both
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x.to(memory_format=torch.channels_last)), built(x),
+                                   rtol=1e-4, atol=1e-5)
