@@ -384,6 +384,9 @@ def _warm_up(run: Callable[[], float], *, until: float,
     """Runs until timings settle or the warm-up budget ends; True if the early stop fired."""
     times: list[float] = []
     start = time.perf_counter()
+    # the early stop needs its runs even when they overrun the budget: a slow network (or a
+    # busy machine) is exactly when it must fire
+    min_runs = max(WARMUP_MIN_RUNS, 1 + EARLY_STOP_RUNS if stop_above_ms is not None else 0)
     while True:
         times.append(run())
         if (stop_above_ms is not None and len(times) == 1 + EARLY_STOP_RUNS
@@ -391,7 +394,7 @@ def _warm_up(run: Callable[[], float], *, until: float,
             return times[1:], True
         if _settled(times):
             return times, False
-        if len(times) >= WARMUP_MIN_RUNS and _overruns(start, len(times), until):
+        if len(times) >= min_runs and _overruns(start, len(times), until):
             return times, False
 
 

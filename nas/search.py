@@ -226,16 +226,19 @@ def open_study(args: argparse.Namespace, run_dir: Path, settings: dict[str, Any]
     return study
 
 
-def fail_dead_local_trials(study: optuna.Study) -> list[int]:
+def fail_dead_local_trials(study: optuna.Study, *, ours: bool = False) -> list[int]:
     """A RUNNING trial whose worker was on this host and is gone was killed: fail it now.
 
-    Workers elsewhere are covered by the storage heartbeat (failed after GRACE_S seconds).
+    With `ours`, this process's own RUNNING trials count as gone too (it has left its loop, e.g.
+    an interrupt that landed in Optuna's own code rather than in the objective). Workers
+    elsewhere are covered by the storage heartbeat (failed after GRACE_S seconds).
     """
     host, failed = socket.gethostname(), []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker", "")
         wh, _, pid = worker.rpartition(":")
-        if wh == host and pid.isdigit() and not _alive(int(pid)):
+        if wh == host and pid.isdigit() and (
+                (ours and int(pid) == os.getpid()) or not _alive(int(pid))):
             study._storage.set_trial_user_attr(t._trial_id, "fail_reason",
                                                f"worker {worker} died (killed?)")
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
@@ -594,6 +597,8 @@ def run(args: argparse.Namespace, write: bool = True, ready=None) -> int:
         interrupted = True
         if workers:
             workers.interrupt()
+        # an interrupt inside Optuna's ask/tell (not the objective) leaves a trial RUNNING
+        fail_dead_local_trials(study, ours=True)
         print("interrupted: writing results of the finished trials", file=sys.stderr)
     if not write:
         return 130 if interrupted else 0

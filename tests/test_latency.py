@@ -185,6 +185,14 @@ def test_stop_above_bound_stops_after_two_runs_past_the_cold_one():
     assert not measure_latency(Sleeper(1), 32, stop_above_ms=50.0, **FAST).stopped_early
 
 
+def test_stop_above_bound_fires_when_two_runs_already_spend_the_warm_up_budget():
+    # 0.4 x 50 ms of warm-up: two 30 ms runs overrun it (as a busy CI machine did at T = 1 us)
+    model = Sleeper(30)
+    result = measure_latency(model, 32, stop_above_ms=1.0, min_runs=3, min_time_s=0.01,
+                             max_time_s=0.05, clock="wall")
+    assert result.stopped_early and len(model.calls) == 3
+
+
 def test_a_slow_cold_first_run_does_not_stop_the_measurement():
     # runs 1-2 over the bound, then fast: judging the first two runs would stop here
     model = Sleeper(0.5, slow_first=2, slow_ms=30)

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from nas.pareto import pareto_mask
 from nas.profile import count_macs, count_params
 from nas.proxy import CandidateFailed
 from nas.reward import reward
-from nas.search import main, run_baselines
+from nas.search import fail_dead_local_trials, main, run_baselines
 
 FAST = ["--space", "tiny", "--val-size", "30", "--proxy-images", "64",
         "--proxy-batch", "32", "--input-size", "32", "--latency-time", "0.1", "--target-ms", "1",
@@ -323,3 +324,15 @@ def test_failed_baseline_is_measured_again_on_resume_and_finished_ones_are_not(t
     assert list(second.baseline) == names and list(second.state) == ["COMPLETE", "COMPLETE"]
     saved = pd.read_csv(tmp_path / "baselines.csv")
     assert list(saved.state) == ["COMPLETE", "COMPLETE"]
+
+
+def test_an_interrupted_process_fails_its_own_running_trial_but_not_others():
+    study = optuna.create_study()
+    host = socket.gethostname()
+    mine, alive_elsewhere = study.ask(), study.ask()
+    mine.set_user_attr("worker", f"{host}:{os.getpid()}")
+    alive_elsewhere.set_user_attr("worker", f"{host}:{os.getppid()}")  # a live process
+    assert fail_dead_local_trials(study) == []  # without `ours`, this process counts as alive
+    assert fail_dead_local_trials(study, ours=True) == [mine.number]
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING]
