@@ -101,6 +101,13 @@ def tau_interval(x, y, draws: int = 2000) -> tuple[float, float]:
     return tuple(np.nanpercentile(taus, [5, 95]))
 
 
+def accuracy_pairs(state: dict, n_archs: int, a: str, b: str) -> list[tuple[float, float]]:
+    """(accuracy under a, under b) for every architecture that has both, failures left out."""
+    pairs = [(state[f"{i}|{a}"]["accuracy"], state[f"{i}|{b}"]["accuracy"])
+             for i in range(n_archs) if f"{i}|{a}" in state and f"{i}|{b}" in state]
+    return [p for p in pairs if p[0] == p[0] and p[1] == p[1]]
+
+
 def report(archs, ladder, state, args) -> str:
     names = list(ladder)
     long = names[-1]
@@ -127,9 +134,7 @@ def report(archs, ladder, state, args) -> str:
                  f"{'tau 90% CI':>14s} {'spearman':>9s} {'n':>3s}")
     for k in names:
         secs = [state[f"{i}|{k}"]["seconds"] for i in range(len(archs)) if f"{i}|{k}" in state]
-        pairs = [(state[f"{i}|{k}"]["accuracy"], state[f"{i}|{long}"]["accuracy"])
-                 for i in range(len(archs)) if f"{i}|{k}" in state and f"{i}|{long}" in state]
-        pairs = [p for p in pairs if p[0] == p[0] and p[1] == p[1]]
+        pairs = accuracy_pairs(state, len(archs), k, long)
         if len(pairs) >= 3 and k != long:
             x, y = zip(*pairs, strict=True)
             tau, sp = stats.kendalltau(x, y).statistic, stats.spearmanr(x, y).statistic
@@ -150,9 +155,7 @@ def twin_agreement(n_archs: int, names: list[str], state: dict) -> list[str]:
         base = tagged.split(" @")[0]
         if tagged == base or base not in names:
             continue
-        pairs = [(state[f"{i}|{base}"]["accuracy"], state[f"{i}|{tagged}"]["accuracy"])
-                 for i in range(n_archs) if f"{i}|{base}" in state and f"{i}|{tagged}" in state]
-        pairs = [p for p in pairs if p[0] == p[0] and p[1] == p[1]]
+        pairs = accuracy_pairs(state, n_archs, base, tagged)
         if len(pairs) < 3:
             continue
         x, y = zip(*pairs, strict=True)

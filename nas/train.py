@@ -9,9 +9,9 @@ every epoch and runs/<name>/metrics.json at the end; the same command resumes an
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from nas.arch import ArchError, Architecture, load_architecture
 from nas.data import DataError, batches, load_data
+from nas.files import write_atomic
 from nas.latency import pin_malloc_thresholds
 from nas.proxy import CandidateFailed, ProxyBudget, evaluate, proxy_arch, training_model
 
@@ -126,28 +127,14 @@ def _data_record(data) -> str:
 def _save(path: Path, arch, cfg: TrainConfig, model, optimizer, scheduler, epoch: int,
           history: list, data) -> None:
     """Atomic and durable: an interrupt or power cut mid-write leaves the previous checkpoint."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    state = {"arch": arch.to_json(), "config": json.dumps(cfg.__dict__),
-             "data": _data_record(data), "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "epoch": epoch, "history": json.dumps(history),
-             # dropout's random stream, so a resumed run trains exactly as an uninterrupted one
-             "rng": torch.get_rng_state(),
-             "cuda_rng": _cuda_rng(model)}
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    buffer = io.BytesIO()
+    torch.save({"arch": arch.to_json(), "config": json.dumps(cfg.__dict__),
+                "data": _data_record(data), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "history": json.dumps(history),
+                # dropout's random stream, so a resumed run trains exactly as an uninterrupted one
+                "rng": torch.get_rng_state(), "cuda_rng": _cuda_rng(model)}, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 def _cuda_rng(model: nn.Module) -> torch.Tensor | list:
@@ -241,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 if ckpt and ckpt.exists() else "")
         print(f"nas.train: interrupted{kept}", file=sys.stderr)
         return 130
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     print(f"test accuracy {metrics['test_accuracy']:.4f}; checkpoint {run_dir / 'checkpoint.pt'}")
     return 0
 

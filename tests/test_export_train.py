@@ -177,3 +177,20 @@ def test_export_rebuilds_the_strides_the_checkpoint_was_trained_with(tmp_path, f
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(str(pt))(x), model(x))
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    from nas import files
+
+    target = tmp_path / "checkpoint.pt"
+    files.write_atomic(target, b"old")
+    assert target.read_bytes() == b"old"
+
+    def interrupted_replace(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_atomic(target, "new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
