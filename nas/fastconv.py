@@ -1,13 +1,17 @@
-"""Convolutions on 1x1 feature maps as matrix products, for training at 32x32.
+"""Convolutions with a one-pixel output as matrix products, for training at 32x32.
 
 Trained on CIFAR's 32x32 images through the deployed strides, the last stages of a MnasNet-style
-network run on 1x1 maps, and every squeeze-excite block runs its two convolutions on a pooled
-1x1 map. There only the centre tap of a 'same'-padded kernel meets data, so the convolution is a
-matrix product (a per-channel product when depthwise) of the same parameters. oneDNN's kernels
-spent far longer on those shapes, backward above all: a 5x5 depthwise convolution of 960
-channels on a batch of 64 1x1 maps took 16-24 ms forward and backward against 0.8 ms as a
-product, and it was 10% of a mnasnet_a1 training step (proxy_throughput has the whole-step
-figure). The swap is for training only; latency is measured on the network as built.
+network run on 1x1 maps, the stride-2 layer that enters them maps 2x2 to 1x1, and every
+squeeze-excite block runs its two convolutions on a pooled 1x1 map. A one-pixel output sees only
+the few input pixels under its kernel window, each through one known tap, so the convolution is
+a matrix product (a per-channel weighted sum when depthwise) of the same parameters. oneDNN's
+kernels spent far longer on those shapes, backward above all (1 thread, batch 64, forward and
+backward): a 5x5 depthwise convolution of 960 channels on 1x1 maps took 16-24 ms against 0.8 ms
+as a product, 10% of a mnasnet_a1 training step; the 5x5 stride-2 depthwise one of 672 channels
+from 2x2 to 1x1 took 10.6 ms against 1.2 ms. The same idea on outputs larger than one pixel
+(gathered tap matrices, unfold, shift-and-add) was slower than oneDNN at 4x4 and no faster at
+2x2, so those stay convolutions. The swap is for training only; latency is measured on the
+network as built.
 """
 
 from __future__ import annotations
@@ -18,16 +22,14 @@ from torch import nn
 
 
 class OnePixelConv2d(nn.Conv2d):
-    """nn.Conv2d with the same parameters that computes a 1x1 input map as a matrix product."""
+    """nn.Conv2d with the same parameters that computes a one-pixel output as a matrix product."""
 
     @staticmethod
     def eligible(conv: nn.Conv2d) -> bool:
-        """'Same' zero padding of an odd kernel, and dense or depthwise: the centre tap is all."""
-        kh, kw = conv.kernel_size
+        """Numeric zero padding, no dilation, and dense or depthwise: one tap per input pixel."""
         depthwise = conv.groups == conv.in_channels == conv.out_channels
-        return (kh % 2 == 1 and kw % 2 == 1 and conv.padding == (kh // 2, kw // 2)
-                and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
-                and (conv.groups == 1 or depthwise))
+        return (isinstance(conv.padding, tuple) and conv.dilation == (1, 1)
+                and conv.padding_mode == "zeros" and (conv.groups == 1 or depthwise))
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> OnePixelConv2d:
@@ -39,19 +41,32 @@ class OnePixelConv2d(nn.Conv2d):
         fast.bias = conv.bias
         return fast.train(conv.training)
 
+    def window(self, height: int, width: int) -> tuple[int, int] | None:
+        """Rows and columns of input the single output pixel sees, or None if it is not single."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        if (height + 2 * ph - kh) // sh != 0 or (width + 2 * pw - kw) // sw != 0:
+            return None  # more than one output pixel (or an invalid size: let the conv say so)
+        rows, cols = min(height, kh - ph), min(width, kw - pw)  # input pixel (i, j) meets tap
+        return (rows, cols) if rows > 0 and cols > 0 else None  # (i + ph, j + pw)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (1, 1):
+        seen = self.window(*x.shape[-2:])
+        if seen is None:
             return super().forward(x)
-        kh, kw = self.kernel_size
-        centre = self.weight[:, :, kh // 2, kw // 2]  # (out, in / groups)
-        flat = x.reshape(x.shape[0], -1)
+        rows, cols = seen
+        ph, pw = self.padding
+        taps = self.weight[:, :, ph:ph + rows, pw:pw + cols]  # (out, in / groups, rows, cols)
+        pixels = x[:, :, :rows, :cols].permute(0, 2, 3, 1)  # NHWC: a view when channels-last
+        n = x.shape[0]
         if self.groups == 1:
-            y = F.linear(flat, centre, self.bias)
-        else:  # depthwise: one weight per channel
-            y = flat * centre.reshape(1, -1)
+            y = F.linear(pixels.reshape(n, -1), taps.permute(0, 2, 3, 1).reshape(len(taps), -1),
+                         self.bias)
+        else:  # depthwise: a weighted sum over the window, one weight per channel and pixel
+            y = (pixels.reshape(n, rows * cols, -1)
+                 * taps.permute(2, 3, 1, 0).reshape(rows * cols, -1)).sum(1)
             if self.bias is not None:
                 y = y + self.bias
-        return y.reshape(x.shape[0], -1, 1, 1)
+        return y.reshape(n, -1, 1, 1)
 
 
 def fast_one_pixel_convs(model: nn.Module) -> nn.Module:

@@ -10,23 +10,17 @@ from nas.model import build_model
 from nas.proxy import ProxyBudget, proxy_arch, training_model
 
 
-def _pair(cin, cout, kernel, stride, groups, bias):
+def _pair(cin, cout, kernel, stride, groups, bias, padding=None):
+    padding = kernel // 2 if padding is None else padding
     torch.manual_seed(0)
-    conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=bias)
-    fast = OnePixelConv2d.from_conv(nn.Conv2d(cin, cout, kernel, stride, kernel // 2,
+    conv = nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=bias)
+    fast = OnePixelConv2d.from_conv(nn.Conv2d(cin, cout, kernel, stride, padding,
                                               groups=groups, bias=bias))
     fast.load_state_dict(conv.state_dict())
     return conv, fast
 
 
-@pytest.mark.parametrize("cin, cout, kernel, stride, groups, bias", [
-    (8, 16, 3, 1, 1, False), (8, 16, 5, 2, 1, True), (16, 4, 1, 1, 1, True),  # dense
-    (12, 12, 3, 1, 12, False), (12, 12, 5, 2, 12, True)])  # depthwise
-@pytest.mark.parametrize("size", [1, 3])  # a 1x1 map takes the product, 3x3 the convolution
-def test_same_outputs_and_gradients_as_the_convolution(cin, cout, kernel, stride, groups, bias,
-                                                       size):
-    conv, fast = _pair(cin, cout, kernel, stride, groups, bias)
-    x = torch.randn(4, cin, size, size).to(memory_format=torch.channels_last)
+def _same_as_conv(conv, fast, x):
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = conv(xa), fast(xb)
     torch.testing.assert_close(yb, ya)
@@ -35,18 +29,46 @@ def test_same_outputs_and_gradients_as_the_convolution(cin, cout, kernel, stride
     ya.backward(g)
     yb.backward(g)
     torch.testing.assert_close(xb.grad, xa.grad)
-    torch.testing.assert_close(fast.weight.grad, conv.weight.grad)  # off-centre taps get 0
-    if bias:
+    torch.testing.assert_close(fast.weight.grad, conv.weight.grad)  # unseen taps get 0
+    if conv.bias is not None:
         torch.testing.assert_close(fast.bias.grad, conv.bias.grad)
 
 
-def test_only_centre_tap_convolutions_are_swapped():
-    valid = nn.Conv2d(8, 8, 3, padding=0)  # 'valid' padding: every tap meets data
+@pytest.mark.parametrize("cin, cout, kernel, stride, groups, bias", [
+    (8, 16, 3, 1, 1, False), (8, 16, 5, 2, 1, True), (16, 4, 1, 1, 1, True),  # dense
+    (8, 16, 3, 2, 1, False), (12, 12, 3, 2, 12, False),  # 2x2 -> 1x1 through a 2x2 window
+    (12, 12, 3, 1, 12, False), (12, 12, 5, 2, 12, True)])  # depthwise
+@pytest.mark.parametrize("size", [1, 2, 3])  # one output pixel takes the product, more the conv
+def test_same_outputs_and_gradients_as_the_convolution(cin, cout, kernel, stride, groups, bias,
+                                                       size):
+    conv, fast = _pair(cin, cout, kernel, stride, groups, bias)
+    x = torch.randn(4, cin, size, size).to(memory_format=torch.channels_last)
+    _same_as_conv(conv, fast, x)
+
+
+@pytest.mark.parametrize("size, kernel, stride, padding, groups, window", [
+    (1, 3, 1, 1, 1, (1, 1)),  # centre tap only
+    (2, 5, 2, 2, 1, (2, 2)),  # the stride-2 entry into the 1x1 stages: 4 pixels, 4 taps
+    (2, 5, 2, 2, 6, (2, 2)),
+    (3, 3, 1, 0, 6, (3, 3)),  # 'valid' padding: every tap meets a pixel
+    (4, 3, 4, 1, 1, (2, 2)),  # a stride past the input: only the window's pixels count
+    (3, 3, 2, 1, 1, None)])  # 2x2 output: left to the convolution
+def test_the_window_one_output_pixel_sees(size, kernel, stride, padding, groups, window):
+    conv, fast = _pair(6, 6, kernel, stride, groups, True, padding)
+    assert fast.window(size, size) == window
+    x = torch.randn(3, 6, size, size).to(memory_format=torch.channels_last)
+    _same_as_conv(conv, fast, x)
+
+
+def test_only_dense_or_depthwise_undilated_zero_padded_convolutions_are_swapped():
     grouped = nn.Conv2d(8, 16, 3, padding=1, groups=2)  # neither dense nor depthwise
     dilated = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), valid, grouped, dilated)
+    reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+    same = nn.Conv2d(8, 8, 3, padding="same")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=0),
+                          grouped, dilated, reflect, same)
     fast_one_pixel_convs(model)
-    assert [type(m) for m in model] == [OnePixelConv2d, nn.Conv2d, nn.Conv2d, nn.Conv2d]
+    assert [type(m) for m in model] == [OnePixelConv2d] * 2 + [nn.Conv2d] * 4
 
 
 def test_the_training_model_is_the_built_network():
