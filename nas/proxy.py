@@ -1,17 +1,16 @@
 """Short proxy training on CIFAR-10: the ACC(m) of the MnasNet reward.
 
 Airbench-style: data lives in memory as uint8 tensors, augmentation runs on whole batches, the
-network runs channels-last with its convolutions on 1x1 maps as matrix products (`nas.fastconv`),
-and every hyperparameter sits in `ProxyBudget` with its unit.
+network runs channels-last with the convolutions that are matrix products computed as such
+(`nas.fastconv`), and every hyperparameter sits in `ProxyBudget` with its unit.
 
 The network trained is the *deployed* architecture adapted to the data (`adapt_to_input`): if
 its downsampling would leave less than `final_map` pixels at the end, the earliest stride-2
 layers (stem first) run at stride 1 until it does. The default, 1, trains CIFAR's 32x32 images
 through the deployed strides (a 1x1 final map): in proxy_fidelity it ranked architectures as
 well as the 2x2 adaptation with twice the images, and trained 2-4x faster per image, so the
-same time buys 4x the images (16,000 x 2 epochs against 4,000 x 2 at 2x2). Channel widths,
-kernels, ops, SE and repeats always stay as searched; latency is measured on the deployed
-architecture at its own input size.
+same time buys 4x the images. Channel widths, kernels, ops, SE and repeats always stay as
+searched; latency is measured on the deployed architecture at its own input size.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from torch import nn
 
 from nas.arch import Architecture, adapt_to_input
 from nas.data import CIFAR10_MEAN, CIFAR10_STD, DataSplits, ImageDataset, batches
-from nas.fastconv import fast_one_pixel_convs
+from nas.fastconv import matmul_convs
 from nas.latency import pin_malloc_thresholds
 from nas.model import build_model
 
@@ -98,7 +97,7 @@ def training_model(trained: Architecture, num_classes: int, *, device: str = "cp
     model = build_model(trained, num_classes=num_classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return fast_one_pixel_convs(model)
+    return matmul_convs(model)
 
 
 def proxy_arch(arch: Architecture, budget: ProxyBudget, input_size: int = 32) -> Architecture:

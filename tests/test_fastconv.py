@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from nas.arch import load_architecture
-from nas.fastconv import OnePixelConv2d, fast_one_pixel_convs
+from nas.fastconv import MatmulConv2d, matmul_convs
 from nas.model import build_model
 from nas.proxy import ProxyBudget, proxy_arch, training_model
 
@@ -14,7 +14,7 @@ def _pair(cin, cout, kernel, stride, groups, bias, padding=None):
     padding = kernel // 2 if padding is None else padding
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=bias)
-    fast = OnePixelConv2d.from_conv(nn.Conv2d(cin, cout, kernel, stride, padding,
+    fast = MatmulConv2d.from_conv(nn.Conv2d(cin, cout, kernel, stride, padding,
                                               groups=groups, bias=bias))
     fast.load_state_dict(conv.state_dict())
     return conv, fast
@@ -60,6 +60,14 @@ def test_the_window_one_output_pixel_sees(size, kernel, stride, padding, groups,
     _same_as_conv(conv, fast, x)
 
 
+def test_a_pointwise_conv_keeps_the_input_layout():
+    conv, fast = _pair(8, 16, 1, 1, 1, True)
+    x = torch.randn(2, 8, 5, 5)  # NCHW in: the convolution, NCHW out
+    torch.testing.assert_close(fast(x), conv(x))
+    assert fast(x).is_contiguous()
+    _same_as_conv(conv, fast, x.to(memory_format=torch.channels_last))  # the linear path
+
+
 def test_only_dense_or_depthwise_undilated_zero_padded_convolutions_are_swapped():
     grouped = nn.Conv2d(8, 16, 3, padding=1, groups=2)  # neither dense nor depthwise
     dilated = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
@@ -67,8 +75,8 @@ def test_only_dense_or_depthwise_undilated_zero_padded_convolutions_are_swapped(
     same = nn.Conv2d(8, 8, 3, padding="same")
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=0),
                           grouped, dilated, reflect, same)
-    fast_one_pixel_convs(model)
-    assert [type(m) for m in model] == [OnePixelConv2d] * 2 + [nn.Conv2d] * 4
+    matmul_convs(model)
+    assert [type(m) for m in model] == [MatmulConv2d] * 2 + [nn.Conv2d] * 4
 
 
 def test_the_training_model_is_the_built_network():
@@ -77,7 +85,7 @@ def test_the_training_model_is_the_built_network():
     built = build_model(arch, num_classes=10).eval()
     torch.manual_seed(0)
     fast = training_model(arch, 10).eval()
-    swapped = [m for m in fast.modules() if isinstance(m, OnePixelConv2d)]
+    swapped = [m for m in fast.modules() if isinstance(m, MatmulConv2d)]
     assert len(swapped) > 20  # every SE pair, the 1x1-map stages and the head conv
     assert built.state_dict().keys() == fast.state_dict().keys()  # checkpoints load in both
     x = torch.randn(2, 3, 32, 32)
