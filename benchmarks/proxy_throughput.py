@@ -4,12 +4,14 @@
 
 plain:  torchvision ImageFolder over the JPEG files, PIL RandomCrop/Flip/ToTensor/Normalize in a
         DataLoader, default (contiguous) memory format; the seed material's pipeline
-ours:   uint8 tensors in memory, batched crop/flip on tensors, channels-last, convolutions on
-        1x1 maps as matrix products (nas.fastconv), and nas.proxy's own training step (fused
-        AdamW); plain steps with SGD, as the seed does
-ours, 1x1 maps as oneDNN convs: ours without nas.fastconv, to isolate what it buys
+ours:   uint8 tensors in memory, batched crop/flip on tensors, channels-last, convolutions that
+        are matrix products (one-pixel outputs, pointwise) computed as such (nas.fastconv), and
+        nas.proxy's own training step (fused AdamW); plain steps with SGD, as the seed does
+ours, every conv through oneDNN: ours without nas.fastconv, to isolate what it buys
 ours-nchw: ours with the default memory format, to isolate what channels-last buys
 ours + bf16: ours under bfloat16 autocast (CPUs with avx512_bf16 / AMX)
+ours + torch.compile (--compile): ours through torch.compile (inductor); its first step, which
+        compiles, is reported beside the rate: a search compiles every candidate afresh
 ours, N x 1 thread: N processes (--parallel, default: one per thread) each training its own
         copy of ours on 1 thread at the same time; the row is their summed img/s, i.e. what
         `nas.search --workers N` trains together on an N-core CPU
@@ -53,8 +55,11 @@ def plain_loader(root: Path, batch_size: int, workers: int):
                                        persistent_workers=workers > 0)
 
 
-def time_steps(model, it, steps: int, warmup: int, bf16: bool, ours: bool) -> float:
-    """Images per second over `steps` training steps after `warmup` untimed ones.
+def time_steps(model, it, steps: int, warmup: int, bf16: bool, ours: bool
+               ) -> tuple[float, float]:
+    """Images per second over `steps` training steps after `warmup` untimed ones, and the
+    seconds of the first step (where torch.compile compiles; the table shows the slowest round,
+    later rounds may hit inductor's cache, which a search's new candidates would not).
 
     Ours runs nas.proxy's own step (fused AdamW, label smoothing); plain runs the seed's
     SGD + cross-entropy step.
@@ -67,28 +72,37 @@ def time_steps(model, it, steps: int, warmup: int, bf16: bool, ours: bool) -> fl
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
         loss_fn = nn.CrossEntropyLoss()
     model.train()
-    n, start = 0, None
+    n, start, first = 0, None, 0.0
     for i, (x, y) in enumerate(it):
         if i == warmup:
             start = time.perf_counter()
+        t0 = time.perf_counter()
         train_step(model, x, y, loss_fn, opt, bf16, "cpu")
+        if i == 0:
+            first = time.perf_counter() - t0
         if i >= warmup:
             n += len(y)
         if i + 1 == warmup + steps:
             break
-    return n / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start), first
 
 
 def ours(arch: Architecture, data: DataSplits, batch_size: int, gen: torch.Generator,
-         channels_last: bool = True, one_pixel_matmul: bool = True):
+         channels_last: bool = True, matmul: bool = True):
     """Our proxy's network and one epoch of its batches, in the chosen memory format."""
-    if one_pixel_matmul:
+    if matmul:
         model = training_model(arch, 10, channels_last=channels_last)
     else:  # the convolutions as built, to isolate what nas.fastconv buys
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         model = build_model(arch, num_classes=10).to(memory_format=fmt)
     return model, batches(data.train, batch_size=batch_size, shuffle=True, augment=True,
                           generator=gen, channels_last=channels_last)
+
+
+def compiled(arch: Architecture, data: DataSplits, batch_size: int, gen: torch.Generator):
+    """Ours through torch.compile's default (inductor) backend; plain training step after it."""
+    model, it = ours(arch, data, batch_size, gen)
+    return torch.compile(model), it, False
 
 
 def _parallel_worker(args: argparse.Namespace, arch: Architecture, barrier, out) -> None:
@@ -98,7 +112,7 @@ def _parallel_worker(args: argparse.Namespace, arch: Architecture, barrier, out)
     torch.manual_seed(0)
     model, it = ours(arch, data, args.batch_size, torch.Generator().manual_seed(0))
     barrier.wait()
-    out.put(time_steps(model, it, args.steps, args.warmup, False, ours=True))
+    out.put(time_steps(model, it, args.steps, args.warmup, False, ours=True)[0])
 
 
 def parallel_ours(args: argparse.Namespace, arch: Architecture) -> float:
@@ -141,6 +155,8 @@ def main() -> int:
                    help="DataLoader workers of the plain pipeline")
     p.add_argument("--parallel", type=int, default=torch.get_num_threads(),
                    help="processes of the 'ours, N x 1 thread' row (0 = skip it)")
+    p.add_argument("--compile", action="store_true",
+                   help="add the row 'ours + torch.compile' (minutes of compiling per round)")
     p.add_argument("--out", default="benchmarks/results/proxy_throughput.txt")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -157,12 +173,15 @@ def main() -> int:
         "ours-nchw (tensors, NCHW)": lambda: (
             *ours(arch, data, args.batch_size, gen, channels_last=False), False),
         "ours (tensors, channels-last)": lambda: (*ours(arch, data, args.batch_size, gen), False),
-        "ours, 1x1 maps as oneDNN convs": lambda: (
-            *ours(arch, data, args.batch_size, gen, one_pixel_matmul=False), False),
+        "ours, every conv through oneDNN": lambda: (
+            *ours(arch, data, args.batch_size, gen, matmul=False), False),
         "ours + bf16 autocast": lambda: (*ours(arch, data, args.batch_size, gen), True),
     }
+    if args.compile:
+        variants["ours + torch.compile"] = lambda: compiled(arch, data, args.batch_size, gen)
     parallel_name = f"ours, {args.parallel} x 1 thread"
     results: dict[str, list[float]] = {k: [] for k in variants}
+    first: dict[str, list[float]] = {k: [] for k in variants}
     if args.parallel > 0:
         results[parallel_name] = []
     for r in range(args.rounds):
@@ -173,8 +192,10 @@ def main() -> int:
         for name, make in variants.items():
             torch.manual_seed(0)
             model, it, bf16 = make()
-            results[name].append(time_steps(model, it, args.steps, args.warmup, bf16,
-                                            ours=not name.startswith("plain")))
+            rate, first_s = time_steps(model, it, args.steps, args.warmup, bf16,
+                                       ours=not name.startswith("plain"))
+            results[name].append(rate)
+            first[name].append(first_s)
             del model, it  # stop the plain pipeline's workers before the next variant is timed
             gc.collect()
             print(f"round {r + 1} {name}: {results[name][-1]:.1f} img/s", flush=True)
@@ -186,12 +207,14 @@ def main() -> int:
         f"# network: {args.arch} adapted to 32x32 with final map {args.final_map} "
         f"({arch.to_str()}), batch {args.batch_size}, "
         f"{args.steps} timed steps after {args.warmup}, {args.rounds} interleaved rounds",
-        f"{'pipeline':32s} {'img/s (median)':>15s} {'rounds':>24s} {'vs plain':>9s}",
+        f"{'pipeline':32s} {'img/s (median)':>15s} {'rounds':>24s} {'vs plain':>9s} "
+        f"{'1st step s max':>14s}",
     ]
     for name, vals in results.items():
         med = statistics.median(vals)
+        firsts = f"{max(first[name]):14.2f}" if first.get(name) else f"{'-':>14s}"
         lines.append(f"{name:32s} {med:15.1f} {' '.join(f'{v:7.1f}' for v in vals):>24s} "
-                     f"{med / plain:8.2f}x")
+                     f"{med / plain:8.2f}x {firsts}")
     text = "\n".join(lines)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
