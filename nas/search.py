@@ -59,6 +59,10 @@ HEARTBEAT_S, GRACE_S = 30, 120  # a worker silent for 2 minutes is presumed dead
 SETTINGS_THAT_MUST_MATCH = ("target_ms", "alpha", "beta", "objective", "space", "device",
                             "input_size", "threads", "budget", "val_size", "data_fingerprint",
                             "latency_device")
+# the flag that sets each ProxyBudget field, for the refusal to resume with another budget
+BUDGET_FLAGS = {"train_images": "--proxy-images", "epochs": "--proxy-epochs",
+                "batch_size": "--proxy-batch", "lr": "--proxy-lr",
+                "final_map": "--proxy-final-map"}
 # latencies from another CPU or GPU model would mix two hardware targets in one reward;
 # studies saved before a setting existed are not refused for lacking it
 SETTINGS_ADDED_LATER = ("latency_device",)
@@ -217,13 +221,25 @@ def open_study(args: argparse.Namespace, run_dir: Path, settings: dict[str, Any]
         diff = [k for k in SETTINGS_THAT_MUST_MATCH if saved.get(k) != settings.get(k)
                 and (k in saved or k not in SETTINGS_ADDED_LATER)]
         if diff:
-            k = diff[0]
-            was, now = (saved.get(k), settings.get(k))
-            detail = f"{k}={was!r}, not {now!r}" if len(repr(was)) < 80 else f"another {k}"
-            raise UsageError(f"study {args.name!r} was created with {detail}; resume with the "
-                             f"same settings or pick a new --name")
+            raise UsageError(refusal(args.name, diff[0], saved.get(diff[0]),
+                                     settings.get(diff[0])))
     fail_dead_local_trials(study)
     return study
+
+
+def refusal(name: str, key: str, was: Any, now: Any) -> str:
+    """Why a resume is refused, naming the proxy flag that restores the study's budget."""
+    if key == "budget" and isinstance(was, dict) and isinstance(now, dict):
+        field = next(f for f in sorted(set(was) | set(now)) if was.get(f) != now.get(f))
+        old, new = was.get(field), now.get(field)
+        if field in BUDGET_FLAGS:
+            return (f"study {name!r} was created with the proxy's {field}={old!r}, not {new!r}; "
+                    f"resume with {BUDGET_FLAGS[field]} {old} or pick a new --name")
+        return (f"study {name!r} was created with the proxy's {field}={old!r}, not {new!r} (a "
+                f"default of another nas version, no flag); pick a new --name")
+    detail = f"{key}={was!r}, not {now!r}" if len(repr(was)) < 80 else f"another {key}"
+    return (f"study {name!r} was created with {detail}; resume with the same settings or pick "
+            f"a new --name")
 
 
 def fail_dead_local_trials(study: optuna.Study, *, ours: bool = False) -> list[int]:

@@ -1,5 +1,6 @@
 """The search command end to end on a tiny space and synthetic data: results, resume, failures."""
 
+import dataclasses
 import json
 import math
 import os
@@ -17,9 +18,9 @@ from nas.arch import Architecture, load_architecture
 from nas.model import build_model
 from nas.pareto import pareto_mask
 from nas.profile import count_macs, count_params
-from nas.proxy import CandidateFailed
+from nas.proxy import CandidateFailed, ProxyBudget
 from nas.reward import reward
-from nas.search import fail_dead_local_trials, main, run_baselines
+from nas.search import fail_dead_local_trials, main, refusal, run_baselines
 
 FAST = ["--space", "tiny", "--val-size", "30", "--proxy-images", "64",
         "--proxy-batch", "32", "--input-size", "32", "--latency-time", "0.1", "--target-ms", "1",
@@ -105,6 +106,24 @@ def test_resume_with_other_settings_is_refused(image_folder, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "target_ms=1.0" in err[0] and "--name" in err[0]
     assert len(study_of(tmp_path).trials) == 1
+
+
+def test_resume_with_another_proxy_budget_names_the_flag_that_restores_it(image_folder, tmp_path,
+                                                                          capsys):
+    assert main(args(tmp_path, image_folder, "--trials", "1")) == 0
+    argv = args(tmp_path, image_folder, "--trials", "2")
+    argv[argv.index("--proxy-images") + 1] = "96"  # as when the default budget changes
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train_images=64, not 96" in err[0]
+    assert "resume with --proxy-images 64" in err[0]
+    assert len(study_of(tmp_path).trials) == 1
+
+
+def test_a_budget_field_without_a_flag_is_named_too():
+    was, now = dataclasses.asdict(ProxyBudget()), dataclasses.asdict(ProxyBudget(warmup=0.1))
+    msg = refusal("s", "budget", was, now)
+    assert "warmup=0.2, not 0.1" in msg and "--name" in msg and "resume with" not in msg
 
 
 def test_resume_on_another_cpu_model_is_refused_but_an_older_study_is_not(
