@@ -180,7 +180,7 @@ def main() -> int:
                         "proxy and cheaper ones: the trade-off curve)")
     p.add_argument("--reference", default="fm1 40000x8",
                    help="the long training whose ranking the budgets should reproduce (default: "
-                        "the default proxy's network on 10x its image-passes, 2,100 s per "
+                        "the default proxy's network on 20x its image-passes, 2,100 s per "
                         "architecture on a Cascade Lake core)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/proxy_fidelity.txt")

@@ -56,12 +56,14 @@ class MatmulConv2d(nn.Conv2d):
         return (rows, cols) if rows > 0 and cols > 0 else None  # (i + ph, j + pw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seen = self.window(*x.shape[-2:])
-        if seen is not None:
-            return self._one_pixel(x, *seen)
-        if (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
-                and self.groups == 1 and x.is_contiguous(memory_format=torch.channels_last)):
-            return self._pointwise(x)
+        if x.dim() == 4:  # batched; an unbatched (C, H, W) input takes the convolution
+            seen = self.window(*x.shape[-2:])
+            if seen is not None:
+                return self._one_pixel(x, *seen)
+            if (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+                    and self.groups == 1 and not x.is_contiguous()  # NCHW stays a convolution
+                    and x.is_contiguous(memory_format=torch.channels_last)):
+                return self._pointwise(x)
         return super().forward(x)
 
     def _pointwise(self, x: torch.Tensor) -> torch.Tensor:

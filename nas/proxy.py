@@ -37,7 +37,7 @@ class ProxyBudget:
     """Everything that decides how much a candidate is trained. Defaults from proxy_fidelity."""
 
     train_images: int = 8_000  # fixed stratified subset of the proxy-train split; against a
-    # reference of 40x its image-passes, 8,000 ranked at tau 0.778 / 0.822 / 0.689 in three runs
+    # reference of 20x its image-passes, 8,000 ranked at tau 0.778 / 0.822 / 0.689 in three runs
     # and 16,000 at 0.689 / 0.689 / 0.822, at 47 s against 85 s per candidate on a 2-core
     # Cascade Lake (proxy_fidelity_cascadelake_clean.txt)
     epochs: int = 2

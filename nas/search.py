@@ -62,7 +62,7 @@ SETTINGS_THAT_MUST_MATCH = ("target_ms", "alpha", "beta", "objective", "space", 
 # the flag that sets each ProxyBudget field, for the refusal to resume with another budget
 BUDGET_FLAGS = {"train_images": "--proxy-images", "epochs": "--proxy-epochs",
                 "batch_size": "--proxy-batch", "lr": "--proxy-lr",
-                "final_map": "--proxy-final-map"}
+                "final_map": "--proxy-final-map", "val_images": "--val-size"}
 # latencies from another CPU or GPU model would mix two hardware targets in one reward;
 # studies saved before a setting existed are not refused for lacking it
 SETTINGS_ADDED_LATER = ("latency_device",)
@@ -230,13 +230,14 @@ def open_study(args: argparse.Namespace, run_dir: Path, settings: dict[str, Any]
 def refusal(name: str, key: str, was: Any, now: Any) -> str:
     """Why a resume is refused, naming the proxy flag that restores the study's budget."""
     if key == "budget" and isinstance(was, dict) and isinstance(now, dict):
-        field = next(f for f in sorted(set(was) | set(now)) if was.get(f) != now.get(f))
-        old, new = was.get(field), now.get(field)
-        if field in BUDGET_FLAGS:
-            return (f"study {name!r} was created with the proxy's {field}={old!r}, not {new!r}; "
-                    f"resume with {BUDGET_FLAGS[field]} {old} or pick a new --name")
-        return (f"study {name!r} was created with the proxy's {field}={old!r}, not {new!r} (a "
-                f"default of another nas version, no flag); pick a new --name")
+        fields = [f for f in dict.fromkeys([*was, *now]) if was.get(f) != now.get(f)]
+        differ = ", ".join(f"{f}={was.get(f)!r}, not {now.get(f)!r}" for f in fields)
+        if all(f in BUDGET_FLAGS and f in was for f in fields):
+            flags = " ".join(f"{BUDGET_FLAGS[f]} {was[f]}" for f in fields)
+            return (f"study {name!r} was created with the proxy's {differ}; resume with "
+                    f"{flags} or pick a new --name")
+        return (f"study {name!r} was created with the proxy's {differ} (not every one has a "
+                f"flag: a default of another nas version); pick a new --name")
     detail = f"{key}={was!r}, not {now!r}" if len(repr(was)) < 80 else f"another {key}"
     return (f"study {name!r} was created with {detail}; resume with the same settings or pick "
             f"a new --name")

@@ -1,5 +1,7 @@
 """Convolutions on 1x1 maps as matrix products: the same function, gradients and parameters."""
 
+from unittest import mock
+
 import pytest
 import torch
 from torch import nn
@@ -22,7 +24,15 @@ def _pair(cin, cout, kernel, stride, groups, bias, padding=None):
 
 def _same_as_conv(conv, fast, x):
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = conv(xa), fast(xb)
+    ya = conv(xa)
+    # the product must really be taken where it applies: a one-pixel output, or a pointwise
+    # conv of a channels-last map (judged from the conv's own output, not from fastconv)
+    pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and not x.is_contiguous()
+    product = ya.shape[-2:] == (1, 1) or pointwise
+    with mock.patch.object(nn.Conv2d, "_conv_forward", autospec=True,
+                           side_effect=nn.Conv2d._conv_forward) as convolved:
+        yb = fast(xb)
+    assert convolved.called != product
     torch.testing.assert_close(yb, ya)
     assert yb.is_contiguous(memory_format=torch.channels_last)
     g = torch.randn_like(ya)
@@ -66,6 +76,16 @@ def test_a_pointwise_conv_keeps_the_input_layout():
     torch.testing.assert_close(fast(x), conv(x))
     assert fast(x).is_contiguous()
     _same_as_conv(conv, fast, x.to(memory_format=torch.channels_last))  # the linear path
+
+
+def test_unbatched_and_one_channel_inputs_behave_as_the_convolution():
+    conv, fast = _pair(1, 4, 1, 1, 1, True)
+    x = torch.randn(2, 1, 3, 3)  # NCHW and channels-last at once: stays NCHW, like the conv
+    torch.testing.assert_close(fast(x), conv(x))
+    assert fast(x).is_contiguous()
+    conv, fast = _pair(6, 6, 3, 1, 6, True)
+    x = torch.randn(6, 1, 1)  # unbatched
+    torch.testing.assert_close(fast(x), conv(x))
 
 
 def test_only_dense_or_depthwise_undilated_zero_padded_convolutions_are_swapped():

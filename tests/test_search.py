@@ -120,10 +120,14 @@ def test_resume_with_another_proxy_budget_names_the_flag_that_restores_it(image_
     assert len(study_of(tmp_path).trials) == 1
 
 
-def test_a_budget_field_without_a_flag_is_named_too():
-    was, now = dataclasses.asdict(ProxyBudget()), dataclasses.asdict(ProxyBudget(warmup=0.1))
-    msg = refusal("s", "budget", was, now)
-    assert "warmup=0.2, not 0.1" in msg and "--name" in msg and "resume with" not in msg
+def test_every_differing_budget_field_is_named_and_flags_only_if_they_restore_it():
+    default = dataclasses.asdict(ProxyBudget())
+    was = dataclasses.asdict(ProxyBudget(train_images=16000, lr=1e-3, val_images=1000))
+    msg = refusal("s", "budget", was, default)
+    assert "resume with --proxy-images 16000 --proxy-lr 0.001 --val-size 1000" in msg
+    msg = refusal("s", "budget", dataclasses.asdict(ProxyBudget(epochs=3, warmup=0.1)), default)
+    assert "epochs=3, not 2" in msg and "warmup=0.1, not 0.2" in msg  # warmup has no flag
+    assert "resume with" not in msg and "--name" in msg
 
 
 def test_resume_on_another_cpu_model_is_refused_but_an_older_study_is_not(
