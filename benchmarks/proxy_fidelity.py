@@ -206,7 +206,11 @@ def main() -> int:
             else [int(i) for i in args.only.split(",")])
     order = [(k, i) for k in list(ladder)[:-1] for i in mine]
     order += [(list(ladder)[-1], i) for i in mine]
-    if args.merge:
+    if args.merge:  # a report of finished runs: a training here would mix them into --state
+        missing = sum(f"{i}|{k}" not in state for k, i in order)
+        if missing:
+            print(f"--merge: report only; {missing} results missing here are not trained (run "
+                  "without --merge, with its own --state, to train them)", file=sys.stderr)
         order = []
     for k, i in order:
         key = f"{i}|{k}"
