@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import multiprocessing
 import os
@@ -203,12 +204,12 @@ def sampler_seed(seed: int, existing_trials: int, worker: int = 0) -> int:
     return int(ss.generate_state(1)[0])
 
 
-def open_study(args: argparse.Namespace, run_dir: Path, settings: dict[str, Any]) -> optuna.Study:
+def open_study(args: argparse.Namespace, storage: optuna.storages.BaseStorage,
+               settings: dict[str, Any]) -> optuna.Study:
     """Create or resume; refuse to resume a study made with different settings."""
     directions = ["maximize", "minimize"] if args.objective == "pareto" else ["maximize"]
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
               if args.pruner == "median" else optuna.pruners.NopPruner())
-    storage = open_storage(args, run_dir)
     study = optuna.create_study(
         study_name=args.name, storage=storage, sampler=make_sampler(args, args.seed),
         pruner=pruner, directions=directions, load_if_exists=True)
@@ -241,6 +242,18 @@ def refusal(name: str, key: str, was: Any, now: Any) -> str:
     detail = f"{key}={was!r}, not {now!r}" if len(repr(was)) < 80 else f"another {key}"
     return (f"study {name!r} was created with {detail}; resume with the same settings or pick "
             f"a new --name")
+
+
+def release_connections(storage: optuna.storages.BaseStorage) -> None:
+    """Close this process's database connections before it waits for the other workers.
+
+    An interrupt that lands while a SQLite query is being read leaves that statement open, and
+    with it a read lock: every other worker's commit then waits out the 60 s busy timeout, deaf
+    to its own interrupt, while this process waits for it to stop. Later use reconnects.
+    """
+    if isinstance(storage, optuna.storages.RDBStorage):
+        storage.remove_session()
+        storage.engine.dispose()
 
 
 def fail_dead_local_trials(study: optuna.Study, *, ours: bool = False) -> list[int]:
@@ -554,14 +567,18 @@ class Workers:
         for proc in self.procs:
             proc.join()
 
-    def interrupt(self, grace_s: float = 2.0) -> None:
-        """Pass an interrupt on to workers that did not get it themselves (a `kill -INT`)."""
+    def interrupt(self, grace_s: float = 2.0, kill_after_s: float = 30.0) -> None:
+        """Pass an interrupt on to workers that did not get it themselves (a `kill -INT`);
+        terminate one still running after that (its trial is then failed as a dead worker's)."""
         self.stop.set()
         for proc in self.procs:
             proc.join(grace_s)
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGINT)
-            proc.join()
+            proc.join(kill_after_s)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
 
     def failed(self) -> int:
         return sum(p.exitcode not in (0, 130) for p in self.procs)
@@ -570,19 +587,50 @@ class Workers:
 def worker_main(args: argparse.Namespace, stop, ready) -> None:
     """Entry point of a spawned worker: the search loop only; the first worker writes results."""
     try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, on_sigint)
         if stop.is_set():
             raise KeyboardInterrupt
-        sys.exit(guarded_run(args, write=False, ready=ready))
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the first one reports
-        sys.exit(130)
+        status = guarded_run(args, write=False, ready=ready, stop=stop)
+    except BaseException as e:  # Ctrl-C reaches the whole process group; the first one reports
+        if not was_interrupted(e):
+            raise
+        status = 130
+    exit_now_if_interrupted(status)
+    sys.exit(status)
 
 
-def run(args: argparse.Namespace, write: bool = True, ready=None) -> int:
+class _Flag:
+    """Set once this process got SIGINT: Optuna can turn the KeyboardInterrupt into another
+    error (an UnboundLocalError from its tell, in optuna 5.0), which still means 'interrupted'."""
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def is_set(self) -> bool:
+        return self.value
+
+
+INTERRUPTED = _Flag()
+
+
+def on_sigint(signum: int, frame: Any) -> None:
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def was_interrupted(e: BaseException) -> bool:
+    return isinstance(e, KeyboardInterrupt) or (INTERRUPTED.is_set() and isinstance(e, Exception))
+
+
+def run(args: argparse.Namespace, write: bool = True, ready=None, stop=None) -> int:
     ctx, run_dir, settings = prepare(args)
     torch.set_num_threads(train_threads(args))
     run_dir.mkdir(parents=True, exist_ok=True)
-    study = open_study(args, run_dir, settings)
+    storage = open_storage(args, run_dir)
+    study = open_study(args, storage, settings)
     baselines = [n.strip() for n in args.baselines.split(",") if n.strip()]
     already = _finished(study)
     if write:
@@ -607,11 +655,20 @@ def run(args: argparse.Namespace, write: bool = True, ready=None) -> int:
             study.optimize(
                 make_objective(ctx), timeout=args.timeout, catch=(CandidateFailed,),
                 callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=FINISHED),
-                           Progress(args.trials, already)])
+                           Progress(args.trials, already),
+                           # a worker whose own interrupt was lost stops after its trial
+                           lambda study, _: study.stop() if stop and stop.is_set() else None])
         if workers:  # their trials in flight finish before the results are written
             workers.join()
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if not was_interrupted(e):
+            raise
         interrupted = True
+    if interrupted:
+        # out of the except clause, the interrupted frames are gone, and with them a database
+        # session that an interrupt inside Optuna's commit left holding SQLite's write lock
+        gc.collect()
+        release_connections(storage)
         if workers:
             workers.interrupt()
         # an interrupt inside Optuna's ask/tell (not the objective) leaves a trial RUNNING
@@ -644,18 +701,31 @@ def main(argv: list[str] | None = None) -> int:
     return guarded_run(parser.parse_args(argv))
 
 
-def guarded_run(args: argparse.Namespace, write: bool = True, ready=None) -> int:
+def guarded_run(args: argparse.Namespace, write: bool = True, ready=None, stop=None) -> int:
     """run() with user errors as one line and exit status 2."""
     # Our progress line reports each trial, failures with their reason; Optuna's own per-trial
     # warnings would repeat them with tracebacks.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
-        return run(args, write, ready)
+        return run(args, write, ready, stop)
     except (UsageError, ArchError, SpaceError, DataError, LatencyError) as e:
         print(f"nas.search: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
 
 
+def exit_now_if_interrupted(code: int) -> None:
+    """After an interrupt, leave at once: the results are written, and an interrupt inside
+    Optuna's trial can leave its (non-daemon) heartbeat thread running, on which a normal
+    interpreter exit would wait forever."""
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    signal.signal(signal.SIGINT, on_sigint)  # remembers the interrupt whatever Optuna makes of it
+    status = main()
+    exit_now_if_interrupted(status)
+    sys.exit(status)

@@ -20,7 +20,14 @@ from nas.pareto import pareto_mask
 from nas.profile import count_macs, count_params
 from nas.proxy import CandidateFailed, ProxyBudget
 from nas.reward import reward
-from nas.search import fail_dead_local_trials, main, refusal, run_baselines
+from nas.search import (
+    INTERRUPTED,
+    fail_dead_local_trials,
+    main,
+    refusal,
+    run_baselines,
+    was_interrupted,
+)
 
 FAST = ["--space", "tiny", "--val-size", "30", "--proxy-images", "64",
         "--proxy-batch", "32", "--input-size", "32", "--latency-time", "0.1", "--target-ms", "1",
@@ -282,6 +289,16 @@ def test_interrupting_the_first_worker_stops_the_others(image_folder, tmp_path):
     states = _states(tmp_path)
     assert optuna.trial.TrialState.RUNNING not in states and len(states) < 200
     assert (pd.read_csv(tmp_path / "s" / "trials.csv").state == "COMPLETE").sum() >= 3
+
+
+def test_an_error_optuna_raises_while_interrupted_still_counts_as_the_interrupt(monkeypatch):
+    # optuna 5.0's tell turns a KeyboardInterrupt landing in its session.close() into an
+    # UnboundLocalError; the SIGINT handler's flag keeps that an interrupt, not a crash
+    assert was_interrupted(KeyboardInterrupt())
+    assert not was_interrupted(UnboundLocalError("x"))
+    monkeypatch.setattr(INTERRUPTED, "value", True)
+    assert was_interrupted(UnboundLocalError("x"))
+    assert not was_interrupted(SystemExit(0))
 
 
 def test_ctrl_c_stops_cleanly_and_writes_results(image_folder, tmp_path):
