@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import logging
 import multiprocessing
 import os
 import platform
@@ -618,6 +619,8 @@ INTERRUPTED = _Flag()
 
 def on_sigint(signum: int, frame: Any) -> None:
     INTERRUPTED.set()
+    # SQLAlchemy logs, with a traceback, the cursor it could not close when interrupted mid-read
+    logging.getLogger("sqlalchemy").setLevel(logging.CRITICAL)
     raise KeyboardInterrupt
 
 
@@ -656,8 +659,12 @@ def run(args: argparse.Namespace, write: bool = True, ready=None, stop=None) -> 
                 make_objective(ctx), timeout=args.timeout, catch=(CandidateFailed,),
                 callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=FINISHED),
                            Progress(args.trials, already),
-                           # a worker whose own interrupt was lost stops after its trial
-                           lambda study, _: study.stop() if stop and stop.is_set() else None])
+                           # an interrupt that Python swallowed (raised in a GC callback) or
+                           # a worker's lost one still stops the search after this trial
+                           lambda study, _: study.stop() if INTERRUPTED.is_set()
+                           or (stop and stop.is_set()) else None])
+            if INTERRUPTED.is_set():
+                raise KeyboardInterrupt
         if workers:  # their trials in flight finish before the results are written
             workers.join()
     except BaseException as e:
