@@ -602,7 +602,10 @@ def worker_main(args: argparse.Namespace, stop, ready) -> None:
 
 class _Flag:
     """Set once this process got SIGINT: Optuna can turn the KeyboardInterrupt into another
-    error (an UnboundLocalError from its tell, in optuna 5.0), which still means 'interrupted'."""
+    error (an UnboundLocalError from its tell, in optuna 5.0), which still means 'interrupted'.
+
+    Not a threading.Event: the signal handler sets it, and Event.set() takes a lock that the
+    interrupted main thread may be holding at that moment; a plain attribute cannot deadlock."""
 
     def __init__(self) -> None:
         self.value = False

@@ -13,12 +13,14 @@ import time
 import optuna
 import pandas as pd
 import pytest
+import sqlalchemy
+import sqlalchemy.orm
 
 from nas.arch import Architecture, load_architecture
 from nas.model import build_model
 from nas.pareto import pareto_mask
 from nas.profile import count_macs, count_params
-from nas.proxy import CandidateFailed, ProxyBudget
+from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.reward import reward
 from nas.search import (
     INTERRUPTED,
@@ -299,6 +301,52 @@ def test_an_error_optuna_raises_while_interrupted_still_counts_as_the_interrupt(
     monkeypatch.setattr(INTERRUPTED, "value", True)
     assert was_interrupted(UnboundLocalError("x"))
     assert not was_interrupted(SystemExit(0))
+
+
+def test_an_interrupt_python_swallowed_still_stops_the_search_after_the_trial(
+        image_folder, tmp_path, monkeypatch):
+    # a SIGINT landing in a GC callback never raises; the handler's flag is all that is left
+    monkeypatch.setattr(INTERRUPTED, "value", False)
+    calls = []
+
+    def proxy_then_interrupt(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            INTERRUPTED.set()
+        return proxy_train(*a, **kw)
+
+    monkeypatch.setattr("nas.search.proxy_train", proxy_then_interrupt)
+    assert main(args(tmp_path, image_folder, "--trials", "10")) == 130
+    states = [t.state for t in study_of(tmp_path).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 2  # the trial in flight finished
+    assert (pd.read_csv(tmp_path / "s" / "trials.csv").state == "COMPLETE").sum() == 2
+
+
+def test_an_interrupt_inside_optunas_tell_that_holds_the_write_lock_ends_cleanly(
+        image_folder, tmp_path, monkeypatch):
+    # optuna 5.0: a KeyboardInterrupt inside its tell's session came out as an UnboundLocalError
+    # while that session, kept alive by the traceback, held SQLite's write lock; failing the
+    # trial then waited out the 60 s busy timeout and raised "database is locked"
+    monkeypatch.setattr(INTERRUPTED, "value", False)
+    real = optuna.storages.RDBStorage.set_trial_state_values
+    calls = []
+
+    def interrupted_tell(self, trial_id, state, values=None):
+        calls.append(trial_id)
+        if len(calls) == 2:  # the second trial's tell
+            held = sqlalchemy.orm.Session(self.engine)
+            held.execute(sqlalchemy.text("UPDATE trials SET state = state"))  # write lock
+            INTERRUPTED.set()
+            raise UnboundLocalError("cannot access local variable 'trial'")
+        return real(self, trial_id, state, values)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_state_values", interrupted_tell)
+    start = time.monotonic()
+    assert main(args(tmp_path, image_folder, "--trials", "10")) == 130
+    assert time.monotonic() - start < 50  # not the busy timeout
+    states = [t.state for t in study_of(tmp_path).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    assert (tmp_path / "s" / "trials.csv").exists()
 
 
 def test_ctrl_c_stops_cleanly_and_writes_results(image_folder, tmp_path):
