@@ -16,10 +16,23 @@ Pointwise (1x1, stride 1) convolutions on a channels-last map are also a matrix 
 (N*H*W, C) view of the map; as `F.linear` they made whole training steps 1.07-1.14x faster at 1
 thread and 1.01-1.12x at 2 (mnasnet_a1, mobilenet_v2, mnasnet_b1; Cascade Lake).
 
+Depthwise convolutions that stay convolutions get their weight gradient elsewhere when oneDNN
+would send it to its generic grouped kernel, which pads every one-channel group to a 16x16 block:
+oneDNN's own depthwise kernel takes only kernels up to 3 wide on inputs at least as large as the
+kernel, so every 5x5 and every 3x3 on a 2x2 map missed it. 2 threads, batch 64: 480 channels k3 on
+2x2 took 2.9 ms against 0.33 ms as a sum over (input pixel, output pixel) pairs; 192 channels k5
+on 8x8, 8.1 ms against 5.8 ms as a depthwise convolution of the input with the output gradient.
+The forward pass and the input gradient stay with oneDNN, which is fast on all of them. Whole
+training steps: 1.00-1.11x faster, 1.04x in geometric mean over mnasnet_a1 and 8 sampled
+architectures (`benchmarks/fastconv_steps.py`; fastconv as a whole 1.23-1.54x).
+
 The swap is for training only; latency is measured on the network as built.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +41,10 @@ from torch import nn
 
 class MatmulConv2d(nn.Conv2d):
     """nn.Conv2d with the same parameters that computes one-pixel outputs and channels-last
-    pointwise convolutions as matrix products, and everything else as the convolution."""
+    pointwise convolutions as matrix products, the weight gradient of depthwise convolutions that
+    oneDNN would send to its generic kernel by `DepthwiseConv`, and the rest as the convolution."""
+
+    own_depthwise_grad = True  # False: every depthwise weight gradient by oneDNN (benchmarks)
 
     @staticmethod
     def eligible(conv: nn.Conv2d) -> bool:
@@ -60,11 +76,24 @@ class MatmulConv2d(nn.Conv2d):
             seen = self.window(*x.shape[-2:])
             if seen is not None:
                 return self._one_pixel(x, *seen)
+            by = self._own_weight_grad(x)
+            if by is not None:
+                return DepthwiseConv.apply(x, self.weight, self.bias, self.stride, self.padding, by)
             if (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
                     and self.groups == 1 and not x.is_contiguous()  # NCHW stays a convolution
                     and x.is_contiguous(memory_format=torch.channels_last)):
                 return self._pointwise(x)
         return super().forward(x)
+
+    def _own_weight_grad(self, x: torch.Tensor) -> Callable | None:
+        """How a depthwise conv training on the CPU in float32 gets its weight gradient faster
+        than from oneDNN, if it can."""
+        if (self.own_depthwise_grad and self.groups > 1 and x.device.type == "cpu"
+                and self.weight.requires_grad and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu")):
+            return depthwise_weight_grad(self.kernel_size, self.stride, self.padding,
+                                         x.shape[-2:], self.groups)
+        return None
 
     def _pointwise(self, x: torch.Tensor) -> torch.Tensor:
         """A 1x1 convolution of an NHWC map is a linear layer over its pixels."""
@@ -89,10 +118,102 @@ class MatmulConv2d(nn.Conv2d):
         return y.reshape(n, -1, 1, 1)
 
 
-def matmul_convs(model: nn.Module) -> nn.Module:
+def onednn_depthwise_weight_grad(kernel: tuple[int, int], stride: tuple[int, int],
+                                 padding: tuple[int, int], size: Sequence[int]) -> bool:
+    """Whether oneDNN computes this depthwise weight gradient with its depthwise kernel (its
+    jit_uni_dw_conv_bwd_weights conditions), rather than the generic grouped one."""
+    for k, s, p, n in zip(kernel, stride, padding, size, strict=True):
+        end = (n + 2 * p - k) // s * s + k - n - p  # padding the last window reaches
+        if k > 3 or s > k or max(p, end) > k // 2 or n < k + (-p) % s:
+            return False
+    return True
+
+
+MAX_PIXEL_PAIRS = 64  # (input, output) pixel pairs up to which the pair product is used
+MIN_CONV_CHANNELS = 64  # below, the gradient as a convolution was no faster than oneDNN's
+
+
+def depthwise_weight_grad(kernel: tuple[int, int], stride: tuple[int, int],
+                          padding: tuple[int, int], size: Sequence[int],
+                          channels: int) -> Callable | None:
+    """Our way to this depthwise weight gradient where it beat oneDNN's (whole backward, batch
+    64, 2 threads, Cascade Lake: 0.13-0.87x by pairs, 0.56-0.98x as a convolution from 64
+    channels, 1.03-1.79x below), or None."""
+    if onednn_depthwise_weight_grad(kernel, stride, padding, size):
+        return None
+    out = [(n + 2 * p - k) // s + 1 for k, s, p, n in zip(kernel, stride, padding, size,
+                                                          strict=True)]
+    if size[0] * size[1] * out[0] * out[1] <= MAX_PIXEL_PAIRS:
+        return _weight_grad_by_pairs
+    return _weight_grad_by_conv if channels >= MIN_CONV_CHANNELS else None
+
+
+class DepthwiseConv(torch.autograd.Function):
+    """A depthwise convolution by oneDNN, forward and input gradient; its weight gradient by
+    `weight_grad` (`depthwise_weight_grad` picks it)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, weight_grad):
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = stride, padding
+        ctx.weight_grad = weight_grad
+        return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding = ctx.geometry
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, stride, padding, (1, 1), False, (0, 0), x.shape[1],
+                (True, False, False))[0]
+        if ctx.needs_input_grad[1]:
+            grad_w = ctx.weight_grad(x, grad, weight.shape[-2:], stride, padding)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+@functools.cache
+def _pair_taps(size: tuple[int, int], out: tuple[int, int], kernel: tuple[int, int],
+               stride: tuple[int, int], padding: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """Which (input pixel, output pixel) pairs meet through a tap, and which tap."""
+    q, o = torch.arange(size[0] * size[1])[:, None], torch.arange(out[0] * out[1])[None]
+    dy = q // size[1] - stride[0] * (o // out[1]) + padding[0]
+    dx = q % size[1] - stride[1] * (o % out[1]) + padding[1]
+    meet = ((dy >= 0) & (dy < kernel[0]) & (dx >= 0) & (dx < kernel[1])).flatten()
+    return meet.nonzero().flatten(), (dy * kernel[1] + dx).flatten()[meet]
+
+
+def _weight_grad_by_pairs(x, grad, kernel, stride, padding) -> torch.Tensor:
+    """Each tap's gradient sums x(input pixel) * grad(output pixel) over the pairs it joins."""
+    n, c = x.shape[:2]
+    pairs, taps = _pair_taps(tuple(x.shape[-2:]), tuple(grad.shape[-2:]), tuple(kernel),
+                             tuple(stride), tuple(padding))
+    xs = x.permute(0, 2, 3, 1).reshape(n, -1, 1, c)
+    gs = grad.permute(0, 2, 3, 1).reshape(n, 1, -1, c)
+    products = (xs * gs).sum(0).reshape(-1, c)  # (input pixels x output pixels, channels)
+    w = x.new_zeros(kernel[0] * kernel[1], c).index_add_(0, taps, products[pairs])
+    return w.t().reshape(c, 1, *kernel)
+
+
+def _weight_grad_by_conv(x, grad, kernel, stride, padding) -> torch.Tensor:
+    """Each (image, channel) input convolved with its output gradient as the kernel (dilated by
+    the stride), summed over images: a depthwise forward convolution, which oneDNN does well."""
+    n, c, h, w = x.shape
+    images = x.permute(2, 3, 0, 1).reshape(1, h, w, n * c).permute(0, 3, 1, 2)
+    kernels = grad.reshape(n * c, 1, *grad.shape[-2:])
+    taps = F.conv2d(images, kernels, None, 1, padding, stride, n * c)
+    return taps[:, :, :kernel[0], :kernel[1]].reshape(n, c, *kernel).sum(0).unsqueeze(1)
+
+
+def matmul_convs(model: nn.Module, *, own_depthwise_grad: bool = True) -> nn.Module:
     """Swap every eligible nn.Conv2d for a MatmulConv2d in place; the state_dict is unchanged."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Conv2d and MatmulConv2d.eligible(child):
-                setattr(parent, name, MatmulConv2d.from_conv(child))
+                fast = MatmulConv2d.from_conv(child)
+                fast.own_depthwise_grad = own_depthwise_grad
+                setattr(parent, name, fast)
     return model

@@ -1,17 +1,27 @@
-"""The fidelity benchmark's budget names and merging, which its committed tables depend on."""
+"""What the benchmarks' committed tables depend on: the fidelity benchmark's budget names and
+merging, and the variants the fastconv benchmark compares."""
 
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from nas.proxy import ProxyBudget
+from nas.arch import load_architecture
+from nas.fastconv import MatmulConv2d
+from nas.proxy import ProxyBudget, proxy_arch
 
-_PATH = Path(__file__).parent.parent / "benchmarks" / "proxy_fidelity.py"
-_spec = importlib.util.spec_from_file_location("proxy_fidelity", _PATH)
-fidelity = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fidelity)
+
+def _benchmark(name: str):
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fidelity = _benchmark("proxy_fidelity")
 
 
 def test_budget_names_replace_only_the_fields_they_name():
@@ -41,3 +51,18 @@ def test_twin_agreement_compares_each_tagged_budget_with_its_untagged_twin():
     assert "kendall tau 0.667" in lines[-1]
     assert "median 0.0350 max 0.0600" in lines[-1]
     assert fidelity.twin_agreement(4, ["fm1 8000x2 @x", "fm2 40000x2"], state) == []
+
+
+def test_the_fastconv_benchmark_varies_only_how_the_same_network_computes():
+    steps = _benchmark("fastconv_steps")
+    arch = proxy_arch(load_architecture("mnasnet_a1"), ProxyBudget(), 32)
+    models = {v: steps.model_for(v, arch) for v in steps.VARIANTS}
+    swapped = {v: [m for m in model.modules() if isinstance(m, MatmulConv2d)]
+               for v, model in models.items()}
+    assert swapped["fastconv"] and all(m.own_depthwise_grad for m in swapped["fastconv"])
+    assert swapped["depthwise wgrad by oneDNN"]
+    assert not any(m.own_depthwise_grad for m in swapped["depthwise wgrad by oneDNN"])
+    assert swapped["every conv by oneDNN"] == []
+    first = models["fastconv"].state_dict()
+    for model in models.values():  # same seed, same parameters
+        assert all(torch.equal(first[k], v) for k, v in model.state_dict().items())

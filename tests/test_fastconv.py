@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+import nas.fastconv as fastconv
 from nas.arch import load_architecture
-from nas.fastconv import MatmulConv2d, matmul_convs
+from nas.fastconv import DepthwiseConv, MatmulConv2d, matmul_convs, onednn_depthwise_weight_grad
 from nas.model import build_model
 from nas.proxy import ProxyBudget, proxy_arch, training_model
 
@@ -29,12 +30,22 @@ def _same_as_conv(conv, fast, x):
     # conv of a channels-last map (judged from the conv's own output, not from fastconv)
     pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and not x.is_contiguous()
     product = ya.shape[-2:] == (1, 1) or pointwise
+    # and a depthwise conv takes its own weight gradient where oneDNN's depthwise kernel does
+    # not apply (kernels over 3 wide, inputs smaller than the kernel plus the stride's offset),
+    # if the map has at most 64 (input, output) pixel pairs or the conv 64 channels or more
+    (k, _), (s, _), (p, _) = conv.kernel_size, conv.stride, conv.padding
+    pairs = x.shape[-2] * x.shape[-1] * ya.shape[-2] * ya.shape[-1]
+    own = (conv.groups > 1 and not product and (k > 3 or min(x.shape[-2:]) < k + (-p) % s)
+           and (pairs <= 64 or conv.groups >= 64))
     with mock.patch.object(nn.Conv2d, "_conv_forward", autospec=True,
-                           side_effect=nn.Conv2d._conv_forward) as convolved:
+                           side_effect=nn.Conv2d._conv_forward) as convolved, \
+            mock.patch.object(DepthwiseConv, "apply", side_effect=DepthwiseConv.apply) as dw:
         yb = fast(xb)
-    assert convolved.called != product
+    assert convolved.called != (product or own)
+    assert dw.called == own
     torch.testing.assert_close(yb, ya)
-    assert yb.is_contiguous(memory_format=torch.channels_last)
+    for layout in (torch.channels_last, torch.contiguous_format):  # the convolution's layout
+        assert yb.is_contiguous(memory_format=layout) == ya.is_contiguous(memory_format=layout)
     g = torch.randn_like(ya)
     ya.backward(g)
     yb.backward(g)
@@ -112,3 +123,52 @@ def test_the_training_model_is_the_built_network():
     with torch.no_grad():
         torch.testing.assert_close(fast(x.to(memory_format=torch.channels_last)), built(x),
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, size, fast", [  # checked with ONEDNN_VERBOSE
+    (3, 1, 1, 2, False), (3, 1, 1, 3, True), (3, 1, 1, 16, True), (3, 2, 1, 3, False),
+    (3, 2, 1, 4, True), (3, 2, 0, 3, True), (3, 3, 1, 6, True), (2, 2, 0, 4, True),
+    (5, 1, 2, 8, False), (5, 2, 2, 8, False), (3, 1, 1, 1, False)])
+def test_which_depthwise_weight_gradients_onednn_does_with_its_depthwise_kernel(
+        kernel, stride, padding, size, fast):
+    assert onednn_depthwise_weight_grad((kernel,) * 2, (stride,) * 2, (padding,) * 2,
+                                        (size,) * 2) == fast
+
+
+@pytest.mark.parametrize("channels, kernel, stride, size, bias, strategy", [
+    (16, 3, 1, (2, 2), False, "_weight_grad_by_pairs"),  # 16 pixel pairs
+    (16, 5, 1, (2, 2), True, "_weight_grad_by_pairs"),
+    (16, 5, 2, (4, 4), False, "_weight_grad_by_pairs"),  # 16 x 4 pairs
+    (16, 3, 2, (3, 3), False, "_weight_grad_by_pairs"),  # 9 x 4 pairs; oneDNN needs 4 rows
+    (64, 3, 1, (2, 5), True, "_weight_grad_by_conv"),  # a 2-row input: 100 pairs
+    (64, 5, 1, (4, 4), False, "_weight_grad_by_conv"),
+    (64, 5, 2, (8, 7), True, "_weight_grad_by_conv"),  # the stride dilates the gradient kernel
+    (48, 5, 1, (4, 4), False, None)])  # few channels: oneDNN's generic kernel was faster
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_depthwise_weight_gradients_oneDNN_would_compute_slowly(channels, kernel, stride, size,
+                                                                bias, strategy, channels_last):
+    conv, fast = _pair(channels, channels, kernel, stride, channels, bias)
+    x = torch.randn(5, channels, *size)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with mock.patch("nas.fastconv._weight_grad_by_pairs",
+                    side_effect=fastconv._weight_grad_by_pairs) as pairs, \
+            mock.patch("nas.fastconv._weight_grad_by_conv",
+                       side_effect=fastconv._weight_grad_by_conv) as conv_:
+        _same_as_conv(conv, fast, x)
+    used = {"_weight_grad_by_pairs": pairs.call_count, "_weight_grad_by_conv": conv_.call_count}
+    assert used == {name: int(name == strategy) for name in used}
+
+
+def test_depthwise_without_a_weight_gradient_is_the_convolution():
+    conv, fast = _pair(8, 8, 5, 1, 8, True)
+    x = torch.randn(2, 8, 4, 4)
+    with mock.patch.object(DepthwiseConv, "apply") as dw:
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), conv(x))
+        fast.weight.requires_grad_(False)
+        fast(x.requires_grad_())  # only the input's gradient: oneDNN's own backward
+        fast.weight.requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast(x)
+    assert not dw.called
