@@ -22,9 +22,11 @@ oneDNN's own depthwise kernel takes only kernels up to 3 wide on inputs at least
 kernel, so every 5x5 and every 3x3 on a 2x2 map missed it. 2 threads, batch 64: 480 channels k3 on
 2x2 took 2.9 ms against 0.33 ms as a sum over (input pixel, output pixel) pairs; 192 channels k5
 on 8x8, 8.1 ms against 5.8 ms as a depthwise convolution of the input with the output gradient.
-The forward pass and the input gradient stay with oneDNN, which is fast on all of them. Whole
-training steps: 1.00-1.11x faster, 1.04x in geometric mean over mnasnet_a1 and 8 sampled
-architectures (`benchmarks/fastconv_steps.py`; fastconv as a whole 1.23-1.54x).
+Below 64 channels, on maps too large for the pair sum, neither way beat oneDNN, and on 16x16 maps
+the convolution only breaks even. The forward pass and the input gradient stay with oneDNN, which
+is fast on all of them. Whole training steps: 1.00-1.11x faster, 1.04x in geometric mean over
+mnasnet_a1 and 8 sampled architectures (`benchmarks/fastconv_steps.py`; fastconv as a whole
+1.23-1.54x).
 
 The swap is for training only; latency is measured on the network as built.
 """
@@ -89,6 +91,7 @@ class MatmulConv2d(nn.Conv2d):
         """How a depthwise conv training on the CPU in float32 gets its weight gradient faster
         than from oneDNN, if it can."""
         if (self.own_depthwise_grad and self.groups > 1 and x.device.type == "cpu"
+                and x.dtype == self.weight.dtype == torch.float32 and x.shape[0] > 0
                 and self.weight.requires_grad and torch.is_grad_enabled()
                 and not torch.is_autocast_enabled("cpu")):
             return depthwise_weight_grad(self.kernel_size, self.stride, self.padding,
@@ -120,13 +123,13 @@ class MatmulConv2d(nn.Conv2d):
 
 def onednn_depthwise_weight_grad(kernel: tuple[int, int], stride: tuple[int, int],
                                  padding: tuple[int, int], size: Sequence[int]) -> bool:
-    """Whether oneDNN computes this depthwise weight gradient with its depthwise kernel (its
-    jit_uni_dw_conv_bwd_weights conditions), rather than the generic grouped one."""
-    for k, s, p, n in zip(kernel, stride, padding, size, strict=True):
-        end = (n + 2 * p - k) // s * s + k - n - p  # padding the last window reaches
-        if k > 3 or s > k or max(p, end) > k // 2 or n < k + (-p) % s:
-            return False
-    return True
+    """Whether oneDNN computes this depthwise weight gradient with its depthwise kernel (the
+    conditions of its jit_uni_dw_conv_bwd_weights), rather than the generic grouped one."""
+    (kh, kw), (sh, sw), (ph, pw), (h, w) = kernel, stride, padding, size
+    bottom = max(0, (h + 2 * ph - kh) // sh * sh + kh - h - ph)  # padding the last window
+    right = max(0, (w + 2 * pw - kw) // sw * sw + kw - w - pw)  # reaches
+    return (kw <= 3 and sw <= kw and max(ph, bottom) <= kh // 2 and max(pw, right) <= kw // 2
+            and h >= kh + (-ph) % sh and all(p <= 1 or p % sh == 0 for p in (ph, bottom)))
 
 
 MAX_PIXEL_PAIRS = 64  # (input, output) pixel pairs up to which the pair product is used
@@ -136,9 +139,12 @@ MIN_CONV_CHANNELS = 64  # below, the gradient as a convolution was no faster tha
 def depthwise_weight_grad(kernel: tuple[int, int], stride: tuple[int, int],
                           padding: tuple[int, int], size: Sequence[int],
                           channels: int) -> Callable | None:
-    """Our way to this depthwise weight gradient where it beat oneDNN's (whole backward, batch
-    64, 2 threads, Cascade Lake: 0.13-0.87x by pairs, 0.56-0.98x as a convolution from 64
-    channels, 1.03-1.79x below), or None."""
+    """How to get this depthwise weight gradient faster than oneDNN's generic kernel, or None.
+
+    Whole backward against oneDNN's, over the depthwise layers of 30 sampled architectures
+    (batch 64, 2 threads, Cascade Lake): 0.13-1.08x the time by pairs, 0.56-1.00x as a
+    convolution from 64 channels (break-even on 16x16 maps), 0.94-1.79x as one below 64 (so
+    not used there)."""
     if onednn_depthwise_weight_grad(kernel, stride, padding, size):
         return None
     out = [(n + 2 * p - k) // s + 1 for k, s, p, n in zip(kernel, stride, padding, size,
@@ -157,7 +163,7 @@ class DepthwiseConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.geometry = stride, padding
         ctx.weight_grad = weight_grad
-        return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
+        return F.conv2d(x, weight, bias, stride, padding, 1, weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
@@ -166,7 +172,7 @@ class DepthwiseConv(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, stride, padding, (1, 1), False, (0, 0), x.shape[1],
+                grad, x, weight, None, stride, padding, (1, 1), False, (0, 0), weight.shape[0],
                 (True, False, False))[0]
         if ctx.needs_input_grad[1]:
             grad_w = ctx.weight_grad(x, grad, weight.shape[-2:], stride, padding)
@@ -179,11 +185,12 @@ class DepthwiseConv(torch.autograd.Function):
 def _pair_taps(size: tuple[int, int], out: tuple[int, int], kernel: tuple[int, int],
                stride: tuple[int, int], padding: tuple[int, int]) -> tuple[torch.Tensor, ...]:
     """Which (input pixel, output pixel) pairs meet through a tap, and which tap."""
-    q, o = torch.arange(size[0] * size[1])[:, None], torch.arange(out[0] * out[1])[None]
-    dy = q // size[1] - stride[0] * (o // out[1]) + padding[0]
-    dx = q % size[1] - stride[1] * (o % out[1]) + padding[1]
-    meet = ((dy >= 0) & (dy < kernel[0]) & (dx >= 0) & (dx < kernel[1])).flatten()
-    return meet.nonzero().flatten(), (dy * kernel[1] + dx).flatten()[meet]
+    with torch.inference_mode(False):  # cached: must serve any later backward, even a graph's
+        q, o = torch.arange(size[0] * size[1])[:, None], torch.arange(out[0] * out[1])[None]
+        dy = q // size[1] - stride[0] * (o // out[1]) + padding[0]
+        dx = q % size[1] - stride[1] * (o % out[1]) + padding[1]
+        meet = ((dy >= 0) & (dy < kernel[0]) & (dx >= 0) & (dx < kernel[1])).flatten()
+        return meet.nonzero().flatten(), (dy * kernel[1] + dx).flatten()[meet]
 
 
 def _weight_grad_by_pairs(x, grad, kernel, stride, padding) -> torch.Tensor:

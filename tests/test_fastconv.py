@@ -23,8 +23,8 @@ def _pair(cin, cout, kernel, stride, groups, bias, padding=None):
     return conv, fast
 
 
-def _same_as_conv(conv, fast, x):
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+def _same_as_conv(conv, fast, x, own=None, input_grad=True):
+    xa, xb = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
     ya = conv(xa)
     # the product must really be taken where it applies: a one-pixel output, or a pointwise
     # conv of a channels-last map (judged from the conv's own output, not from fastconv)
@@ -35,8 +35,9 @@ def _same_as_conv(conv, fast, x):
     # if the map has at most 64 (input, output) pixel pairs or the conv 64 channels or more
     (k, _), (s, _), (p, _) = conv.kernel_size, conv.stride, conv.padding
     pairs = x.shape[-2] * x.shape[-1] * ya.shape[-2] * ya.shape[-1]
-    own = (conv.groups > 1 and not product and (k > 3 or min(x.shape[-2:]) < k + (-p) % s)
-           and (pairs <= 64 or conv.groups >= 64))
+    if own is None:  # square geometries; the others say what they expect
+        own = (conv.groups > 1 and not product and (k > 3 or min(x.shape[-2:]) < k + (-p) % s)
+               and (pairs <= 64 or conv.groups >= 64))
     with mock.patch.object(nn.Conv2d, "_conv_forward", autospec=True,
                            side_effect=nn.Conv2d._conv_forward) as convolved, \
             mock.patch.object(DepthwiseConv, "apply", side_effect=DepthwiseConv.apply) as dw:
@@ -49,7 +50,8 @@ def _same_as_conv(conv, fast, x):
     g = torch.randn_like(ya)
     ya.backward(g)
     yb.backward(g)
-    torch.testing.assert_close(xb.grad, xa.grad)
+    if input_grad:
+        torch.testing.assert_close(xb.grad, xa.grad)
     torch.testing.assert_close(fast.weight.grad, conv.weight.grad)  # unseen taps get 0
     if conv.bias is not None:
         torch.testing.assert_close(fast.bias.grad, conv.bias.grad)
@@ -128,11 +130,16 @@ def test_the_training_model_is_the_built_network():
 @pytest.mark.parametrize("kernel, stride, padding, size, fast", [  # checked with ONEDNN_VERBOSE
     (3, 1, 1, 2, False), (3, 1, 1, 3, True), (3, 1, 1, 16, True), (3, 2, 1, 3, False),
     (3, 2, 1, 4, True), (3, 2, 0, 3, True), (3, 3, 1, 6, True), (2, 2, 0, 4, True),
-    (5, 1, 2, 8, False), (5, 2, 2, 8, False), (3, 1, 1, 1, False)])
+    (5, 1, 2, 8, False), (5, 2, 2, 8, False), (3, 1, 1, 1, False),
+    # oneDNN limits the kernel's width and stride, and the input's height
+    ((5, 3), 1, (0, 1), 5, True), ((3, 5), 1, (1, 2), 6, False), (1, (2, 1), 0, 4, True),
+    (3, 1, (0, 1), (5, 2), True), (3, (1, 2), 1, (2, 6), False), (3, (2, 1), 1, (3, 5), False),
+    ((5, 3), (2, 1), (2, 1), (8, 6), True),  # a top padding over 1 must be a stride multiple
+    ((5, 3), (3, 1), (2, 1), (9, 6), False)])
 def test_which_depthwise_weight_gradients_onednn_does_with_its_depthwise_kernel(
         kernel, stride, padding, size, fast):
-    assert onednn_depthwise_weight_grad((kernel,) * 2, (stride,) * 2, (padding,) * 2,
-                                        (size,) * 2) == fast
+    two = [v if isinstance(v, tuple) else (v, v) for v in (kernel, stride, padding, size)]
+    assert onednn_depthwise_weight_grad(*two) == fast
 
 
 @pytest.mark.parametrize("channels, kernel, stride, size, bias, strategy", [
@@ -172,3 +179,48 @@ def test_depthwise_without_a_weight_gradient_is_the_convolution():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fast(x)
     assert not dw.called
+
+
+@pytest.mark.parametrize("kernel, stride, padding, size, strategy", [
+    ((3, 5), (2, 1), (1, 2), (2, 3), "_weight_grad_by_pairs"),  # 6 x 3 pairs
+    ((3, 5), (2, 1), (1, 2), (7, 6), "_weight_grad_by_conv"),  # 42 x 24 pairs
+    ((5, 3), (1, 2), (2, 1), (3, 9), "_weight_grad_by_conv")])  # 3 rows < 5: not oneDNN's
+def test_non_square_depthwise_weight_gradients(kernel, stride, padding, size, strategy):
+    conv = nn.Conv2d(64, 64, kernel, stride, padding, groups=64)
+    fast = MatmulConv2d.from_conv(nn.Conv2d(64, 64, kernel, stride, padding, groups=64))
+    fast.load_state_dict(conv.state_dict())
+    x = torch.randn(3, 64, *size).to(memory_format=torch.channels_last)
+    with mock.patch(f"nas.fastconv.{strategy}", side_effect=getattr(fastconv, strategy)) as used:
+        _same_as_conv(conv, fast, x, own=True)
+    assert used.call_count == 1
+
+
+def test_a_weight_gradient_without_an_input_gradient():
+    conv, fast = _pair(16, 16, 5, 1, 16, True)
+    _same_as_conv(conv, fast, torch.randn(4, 16, 2, 2), own=True, input_grad=False)
+
+
+@pytest.mark.parametrize("case", ["float64", "empty batch"])
+def test_other_dtypes_and_empty_batches_are_the_convolution(case):
+    conv, fast = _pair(64, 64, 5, 1, 64, True)
+    x = torch.randn(0 if case == "empty batch" else 2, 64, 8, 8)
+    if case == "float64":
+        conv, fast, x = conv.double(), fast.double(), x.double()
+    _same_as_conv(conv, fast, x, own=False)
+
+
+def test_a_wrong_channel_count_is_refused_like_the_convolution():
+    conv, fast = _pair(64, 64, 5, 1, 64, False)
+    x = torch.randn(2, 32, 8, 8)
+    with pytest.raises(RuntimeError) as expected:
+        conv(x)
+    with pytest.raises(RuntimeError) as got:
+        fast(x)
+    assert str(got.value) == str(expected.value)
+
+
+def test_the_cached_pair_taps_serve_any_later_backward():
+    fastconv._pair_taps.cache_clear()
+    with torch.inference_mode():  # first seen here: the cache must not keep inference tensors
+        taps = fastconv._pair_taps((2, 2), (2, 2), (3, 3), (1, 1), (1, 1))
+    assert not any(t.is_inference() for t in taps)
