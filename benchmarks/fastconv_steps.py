@@ -4,15 +4,16 @@
 
 Trains the proxy network (the 32x32 adaptation) of mnasnet_a1 and of --archs architectures
 sampled from --space (Optuna RandomSampler, --seed) on random batches, in three variants, in
-interleaved rounds within one process (so machine noise hits all variants alike):
+interleaved rounds within one process, the order rotating each round (so machine noise hits all
+variants alike), with glibc's malloc thresholds pinned as nas.proxy pins them:
 
   fastconv                       nas.proxy's training model as shipped
   depthwise wgrad by oneDNN      the same, but every depthwise weight gradient left to oneDNN
   every conv by oneDNN           the network as built, channels-last, no nas.fastconv
 
-Per architecture it prints the median img/s of each variant and the median of the per-round
-ratios against 'fastconv' (a ratio under 1 means slower than shipped), then the geometric mean
-of those ratios over the architectures.
+Per architecture it prints the median img/s of each variant, and the median and quartiles of
+its per-round ratios against 'fastconv' (under 1: slower than shipped), then the geometric mean
+of the median ratios over the architectures.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ import torch
 from torch import nn
 
 from nas.arch import Architecture, load_architecture
-from nas.fastconv import matmul_convs
-from nas.latency import cpu_name
+from nas.fastconv import MatmulConv2d
+from nas.latency import cpu_name, pin_malloc_thresholds
 from nas.model import build_model
-from nas.proxy import ProxyBudget, make_optimizer, proxy_arch, train_step
+from nas.proxy import ProxyBudget, make_optimizer, proxy_arch, train_step, training_model
 from nas.space import load_space
 
 VARIANTS = ("fastconv", "depthwise wgrad by oneDNN", "every conv by oneDNN")
@@ -43,10 +44,13 @@ VARIANTS = ("fastconv", "depthwise wgrad by oneDNN", "every conv by oneDNN")
 def model_for(variant: str, arch: Architecture) -> nn.Module:
     """The proxy network of one variant; the same seed gives the same parameters in all."""
     torch.manual_seed(0)
-    model = build_model(arch, num_classes=10).to(memory_format=torch.channels_last)
     if variant == "every conv by oneDNN":
-        return model
-    return matmul_convs(model, own_depthwise_grad=variant == "fastconv")
+        return build_model(arch, num_classes=10).to(memory_format=torch.channels_last)
+    model = training_model(arch, 10)
+    for m in model.modules():
+        if isinstance(m, MatmulConv2d):
+            m.own_depthwise_grad = variant == "fastconv"
+    return model
 
 
 def rate(model: nn.Module, opt, loss_fn, x, y, steps: int) -> float:
@@ -69,8 +73,9 @@ def measure(arch: Architecture, args: argparse.Namespace) -> dict[str, list[floa
         model = model_for(v, arch).train()
         runs[v] = (model, make_optimizer(model, budget, 10_000)[0])
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for _ in range(args.rounds):
-        for v, (model, opt) in runs.items():
+    for r in range(args.rounds):
+        for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
+            model, opt = runs[v]
             rates[v].append(rate(model, opt, loss_fn, x, y, args.steps))
     return rates
 
@@ -97,26 +102,30 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results/fastconv_steps.txt")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    head = f"{'architecture':12s} " + " ".join(f"{v:>26s}" for v in VARIANTS)
+    pin_malloc_thresholds()
+    head = f"{'architecture':12s} " + " ".join(f"{v:>36s}" for v in VARIANTS)
     lines = [f"# fastconv_steps  {datetime.date.today()}  {cpu_name()}, {args.threads} threads, "
              f"torch {torch.__version__}, python {platform.python_version()}",
              f"# command: python {' '.join(sys.argv)}",
              f"# img/s median of {args.rounds} interleaved rounds x {args.steps} steps, batch "
-             f"{args.batch_size}; (x) = median per-round ratio to 'fastconv'", head]
+             f"{args.batch_size}; (x q1-q3) = median and quartiles of the per-round ratio to "
+             "'fastconv'", head]
     print("\n".join(lines), flush=True)
     ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for name, arch in sampled(args).items():
         rates = measure(arch, args)
         cells = []
         for v in VARIANTS:
-            r = statistics.median(a / b for a, b in zip(rates[v], rates["fastconv"], strict=True))
+            per_round = [a / b for a, b in zip(rates[v], rates["fastconv"], strict=True)]
+            q1, r, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else [1] * 3
             ratios[v].append(r)
-            cells.append(f"{statistics.median(rates[v]):7.1f} img/s ({r:5.3f}x)")
-        lines.append(f"{name:12s} " + " ".join(f"{c:>26s}" for c in cells))
+            spread = f"{q1:4.2f}-{q3:4.2f}"
+            cells.append(f"{statistics.median(rates[v]):7.1f} img/s ({r:5.3f}x {spread})")
+        lines.append(f"{name:12s} " + " ".join(f"{c:>36s}" for c in cells))
         lines.append(f"{'':12s} {arch.to_str()}")
         print("\n".join(lines[-2:]), flush=True)
     gm = [math.exp(statistics.fmean(math.log(r) for r in ratios[v])) for v in VARIANTS]
-    lines.append(f"{'geomean':12s} " + " ".join(f"{f'({g:5.3f}x)':>26s}" for g in gm))
+    lines.append(f"{'geomean':12s} " + " ".join(f"{f'({g:5.3f}x)':>36s}" for g in gm))
     print(lines[-1])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

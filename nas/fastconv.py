@@ -22,11 +22,11 @@ oneDNN's own depthwise kernel takes only kernels up to 3 wide on inputs at least
 kernel, so every 5x5 and every 3x3 on a 2x2 map missed it. 2 threads, batch 64: 480 channels k3 on
 2x2 took 2.9 ms against 0.33 ms as a sum over (input pixel, output pixel) pairs; 192 channels k5
 on 8x8, 8.1 ms against 5.8 ms as a depthwise convolution of the input with the output gradient.
-Below 64 channels, on maps too large for the pair sum, neither way beat oneDNN, and on 16x16 maps
-the convolution only breaks even. The forward pass and the input gradient stay with oneDNN, which
-is fast on all of them. Whole training steps: 1.00-1.11x faster, 1.04x in geometric mean over
-mnasnet_a1 and 8 sampled architectures (`benchmarks/fastconv_steps.py`; fastconv as a whole
-1.23-1.54x).
+Below 64 channels or on 16x16 maps, where the pair sum is too large, neither way beat oneDNN,
+which keeps those. The forward pass and the input gradient stay with oneDNN, which
+is fast on all of them. Whole training steps: 0.98-1.14x as fast, 1.04x in geometric mean over
+mnasnet_a1 and 8 sampled architectures (`benchmarks/fastconv_steps.py`; the one under 1 is within
+its round-to-round noise; fastconv as a whole 1.22-1.56x).
 
 The swap is for training only; latency is measured on the network as built.
 """
@@ -133,7 +133,8 @@ def onednn_depthwise_weight_grad(kernel: tuple[int, int], stride: tuple[int, int
 
 
 MAX_PIXEL_PAIRS = 64  # (input, output) pixel pairs up to which the pair product is used
-MIN_CONV_CHANNELS = 64  # below, the gradient as a convolution was no faster than oneDNN's
+MIN_CONV_CHANNELS = 64  # below, or on maps of more than MAX_CONV_PIXELS, the gradient as a
+MAX_CONV_PIXELS = 64  # convolution was no faster than oneDNN's
 
 
 def depthwise_weight_grad(kernel: tuple[int, int], stride: tuple[int, int],
@@ -142,16 +143,18 @@ def depthwise_weight_grad(kernel: tuple[int, int], stride: tuple[int, int],
     """How to get this depthwise weight gradient faster than oneDNN's generic kernel, or None.
 
     Whole backward against oneDNN's, over the depthwise layers of 30 sampled architectures
-    (batch 64, 2 threads, Cascade Lake): 0.13-1.08x the time by pairs, 0.56-1.00x as a
-    convolution from 64 channels (break-even on 16x16 maps), 0.94-1.79x as one below 64 (so
-    not used there)."""
+    (batch 64, 2 threads, Cascade Lake): 0.13-1.08x the time by pairs; as a convolution,
+    0.56-0.93x from 64 channels on maps up to 8x8, but 0.96-1.00x on 16x16 maps and 0.94-1.79x
+    below 64 channels, so not used there."""
     if onednn_depthwise_weight_grad(kernel, stride, padding, size):
         return None
     out = [(n + 2 * p - k) // s + 1 for k, s, p, n in zip(kernel, stride, padding, size,
                                                           strict=True)]
     if size[0] * size[1] * out[0] * out[1] <= MAX_PIXEL_PAIRS:
         return _weight_grad_by_pairs
-    return _weight_grad_by_conv if channels >= MIN_CONV_CHANNELS else None
+    if channels >= MIN_CONV_CHANNELS and size[0] * size[1] <= MAX_CONV_PIXELS:
+        return _weight_grad_by_conv
+    return None
 
 
 class DepthwiseConv(torch.autograd.Function):
@@ -215,12 +218,10 @@ def _weight_grad_by_conv(x, grad, kernel, stride, padding) -> torch.Tensor:
     return taps[:, :, :kernel[0], :kernel[1]].reshape(n, c, *kernel).sum(0).unsqueeze(1)
 
 
-def matmul_convs(model: nn.Module, *, own_depthwise_grad: bool = True) -> nn.Module:
+def matmul_convs(model: nn.Module) -> nn.Module:
     """Swap every eligible nn.Conv2d for a MatmulConv2d in place; the state_dict is unchanged."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Conv2d and MatmulConv2d.eligible(child):
-                fast = MatmulConv2d.from_conv(child)
-                fast.own_depthwise_grad = own_depthwise_grad
-                setattr(parent, name, fast)
+                setattr(parent, name, MatmulConv2d.from_conv(child))
     return model

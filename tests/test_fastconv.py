@@ -32,12 +32,13 @@ def _same_as_conv(conv, fast, x, own=None, input_grad=True):
     product = ya.shape[-2:] == (1, 1) or pointwise
     # and a depthwise conv takes its own weight gradient where oneDNN's depthwise kernel does
     # not apply (kernels over 3 wide, inputs smaller than the kernel plus the stride's offset),
-    # if the map has at most 64 (input, output) pixel pairs or the conv 64 channels or more
+    # if the map has at most 64 (input, output) pixel pairs, or at most 64 pixels and the conv
+    # 64 channels or more
     (k, _), (s, _), (p, _) = conv.kernel_size, conv.stride, conv.padding
     pairs = x.shape[-2] * x.shape[-1] * ya.shape[-2] * ya.shape[-1]
     if own is None:  # square geometries; the others say what they expect
         own = (conv.groups > 1 and not product and (k > 3 or min(x.shape[-2:]) < k + (-p) % s)
-               and (pairs <= 64 or conv.groups >= 64))
+               and (pairs <= 64 or conv.groups >= 64 and x.shape[-2] * x.shape[-1] <= 64))
     with mock.patch.object(nn.Conv2d, "_conv_forward", autospec=True,
                            side_effect=nn.Conv2d._conv_forward) as convolved, \
             mock.patch.object(DepthwiseConv, "apply", side_effect=DepthwiseConv.apply) as dw:
@@ -150,7 +151,8 @@ def test_which_depthwise_weight_gradients_onednn_does_with_its_depthwise_kernel(
     (64, 3, 1, (2, 5), True, "_weight_grad_by_conv"),  # a 2-row input: 100 pairs
     (64, 5, 1, (4, 4), False, "_weight_grad_by_conv"),
     (64, 5, 2, (8, 7), True, "_weight_grad_by_conv"),  # the stride dilates the gradient kernel
-    (48, 5, 1, (4, 4), False, None)])  # few channels: oneDNN's generic kernel was faster
+    (48, 5, 1, (4, 4), False, None),  # few channels: oneDNN's generic kernel was faster
+    (64, 5, 2, (16, 16), True, None)])  # and on 16x16 maps no slower
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_depthwise_weight_gradients_oneDNN_would_compute_slowly(channels, kernel, stride, size,
                                                                 bias, strategy, channels_last):
