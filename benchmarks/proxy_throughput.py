@@ -5,7 +5,8 @@
 plain:  torchvision ImageFolder over the JPEG files, PIL RandomCrop/Flip/ToTensor/Normalize in a
         DataLoader, default (contiguous) memory format; the seed material's pipeline
 ours:   uint8 tensors in memory, batched crop/flip on tensors, channels-last, convolutions that
-        are matrix products (one-pixel outputs, pointwise) computed as such (nas.fastconv), and
+        are matrix products (one-pixel outputs, pointwise) computed as such and the depthwise
+        weight gradients oneDNN computes slowly done another way (nas.fastconv), and
         nas.proxy's own training step (fused AdamW); plain steps with SGD, as the seed does
 ours, every conv through oneDNN: ours without nas.fastconv, to isolate what it buys
 ours-nchw: ours with the default memory format, to isolate what channels-last buys

@@ -1,4 +1,5 @@
-"""Convolutions on 1x1 maps as matrix products: the same function, gradients and parameters."""
+"""nas.fastconv: matrix-product convolutions and depthwise weight gradients computed outside
+oneDNN give the same function, gradients and parameters as nn.Conv2d, on the paths they claim."""
 
 from unittest import mock
 
@@ -34,9 +35,9 @@ def _same_as_conv(conv, fast, x, own=None, input_grad=True):
     # not apply (kernels over 3 wide, inputs smaller than the kernel plus the stride's offset),
     # if the map has at most 64 (input, output) pixel pairs, or at most 64 pixels and the conv
     # 64 channels or more
-    (k, _), (s, _), (p, _) = conv.kernel_size, conv.stride, conv.padding
-    pairs = x.shape[-2] * x.shape[-1] * ya.shape[-2] * ya.shape[-1]
     if own is None:  # square geometries; the others say what they expect
+        (k, _), (s, _), (p, _) = conv.kernel_size, conv.stride, conv.padding
+        pairs = x.shape[-2] * x.shape[-1] * ya.shape[-2] * ya.shape[-1]
         own = (conv.groups > 1 and not product and (k > 3 or min(x.shape[-2:]) < k + (-p) % s)
                and (pairs <= 64 or conv.groups >= 64 and x.shape[-2] * x.shape[-1] <= 64))
     with mock.patch.object(nn.Conv2d, "_conv_forward", autospec=True,
@@ -160,13 +161,20 @@ def test_depthwise_weight_gradients_oneDNN_would_compute_slowly(channels, kernel
     x = torch.randn(5, channels, *size)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    with mock.patch("nas.fastconv._weight_grad_by_pairs",
-                    side_effect=fastconv._weight_grad_by_pairs) as pairs, \
-            mock.patch("nas.fastconv._weight_grad_by_conv",
-                       side_effect=fastconv._weight_grad_by_conv) as conv_:
-        _same_as_conv(conv, fast, x)
-    used = {"_weight_grad_by_pairs": pairs.call_count, "_weight_grad_by_conv": conv_.call_count}
-    assert used == {name: int(name == strategy) for name in used}
+    assert _strategies_used(conv, fast, x) == {s: int(s == strategy) for s in STRATEGIES}
+
+
+STRATEGIES = ("_weight_grad_by_pairs", "_weight_grad_by_conv")
+
+
+def _strategies_used(conv, fast, x, **expect) -> dict[str, int]:
+    """_same_as_conv, counting the calls of each of our weight-gradient strategies."""
+    with mock.patch(f"nas.fastconv.{STRATEGIES[0]}",
+                    side_effect=getattr(fastconv, STRATEGIES[0])) as pairs, \
+            mock.patch(f"nas.fastconv.{STRATEGIES[1]}",
+                       side_effect=getattr(fastconv, STRATEGIES[1])) as by_conv:
+        _same_as_conv(conv, fast, x, **expect)
+    return {STRATEGIES[0]: pairs.call_count, STRATEGIES[1]: by_conv.call_count}
 
 
 def test_depthwise_without_a_weight_gradient_is_the_convolution():
@@ -188,13 +196,9 @@ def test_depthwise_without_a_weight_gradient_is_the_convolution():
     ((3, 5), (2, 1), (1, 2), (7, 6), "_weight_grad_by_conv"),  # 42 x 24 pairs
     ((5, 3), (1, 2), (2, 1), (3, 9), "_weight_grad_by_conv")])  # 3 rows < 5: not oneDNN's
 def test_non_square_depthwise_weight_gradients(kernel, stride, padding, size, strategy):
-    conv = nn.Conv2d(64, 64, kernel, stride, padding, groups=64)
-    fast = MatmulConv2d.from_conv(nn.Conv2d(64, 64, kernel, stride, padding, groups=64))
-    fast.load_state_dict(conv.state_dict())
+    conv, fast = _pair(64, 64, kernel, stride, 64, True, padding)
     x = torch.randn(3, 64, *size).to(memory_format=torch.channels_last)
-    with mock.patch(f"nas.fastconv.{strategy}", side_effect=getattr(fastconv, strategy)) as used:
-        _same_as_conv(conv, fast, x, own=True)
-    assert used.call_count == 1
+    assert _strategies_used(conv, fast, x, own=True) == {s: int(s == strategy) for s in STRATEGIES}
 
 
 def test_a_weight_gradient_without_an_input_gradient():
