@@ -3,8 +3,10 @@ merging, and the variants the fastconv benchmark compares."""
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,3 +68,21 @@ def test_the_fastconv_benchmark_varies_only_how_the_same_network_computes():
     first = models["fastconv"].state_dict()
     for model in models.values():  # same seed, same parameters
         assert all(torch.equal(first[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_cpu_speed_verdict_follows_the_compute_probe_spread():
+    speed = _benchmark("cpu_speed")
+    rng = np.random.default_rng(0)
+    t = np.linspace(0.0, 10.0, 500)
+    swing = np.where((t // 2) % 2 == 0, 1.0, 1.8)  # the core runs at full or ~half speed
+    network = 30.0 * swing + rng.normal(0, 0.3, t.size)
+    steady = {"compute": 0.8 + rng.normal(0, 0.005, t.size), "memory": np.full(t.size, 8.0),
+              "network": network, "t": t}
+    swinging = {**steady, "compute": 0.8 * swing + rng.normal(0, 0.005, t.size)}
+    assert "-> steady" in speed.report(steady, "x")[-1]
+    lines = speed.report(swinging, "x")
+    assert "NOT steady" in lines[-1]
+    assert 1.75 < float(re.search(r"p90/p10 ([0-9.]+)", lines[-1]).group(1)) < 1.85
+    compute = next(line for line in lines if line.startswith("compute"))
+    assert float(compute.split()[-1]) > 0.95  # the network follows the probe
+    assert speed.window_medians(network, t).max() / speed.window_medians(network, t).min() > 1.7
