@@ -55,8 +55,18 @@ def _fmt(x: float) -> str:
     return f"{x:g}" if float(f"{x:g}") == x else repr(float(x))
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where, in one line (its message spans several)."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(e).splitlines()[0]
+
+
 def _check_choice(where: str, name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
+    # by type too: 3.0 == 3 and True == 1, but torch wants an int kernel (an edited config's 3.0
+    # reached Conv2d and failed there)
+    if not any(value == a and type(value) is type(a) for a in allowed):
         raise ArchError(f"{where}: {name}={value!r} is not allowed; "
                         f"expected one of {list(allowed)}")
 
@@ -310,7 +320,7 @@ class Architecture:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ArchError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ArchError(f"{where}: not valid YAML ({yaml_problem(e)})") from None
         return cls.from_dict(data, where)
 
     def to_json(self) -> str:
@@ -326,7 +336,7 @@ class Architecture:
 
 
 def _reject_unknown(where: str, data: Mapping, allowed: set[str]) -> None:
-    unknown = sorted(set(data) - allowed)
+    unknown = sorted(set(data) - allowed, key=str)  # YAML keys may be numbers too
     if unknown:
         raise ArchError(f"{where}: unknown field {unknown[0]!r}; allowed: {sorted(allowed)}")
 

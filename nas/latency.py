@@ -96,6 +96,7 @@ import torch
 from torch import nn
 
 from nas.arch import ArchError, load_architecture
+from nas.cli import HelpFormatter
 from nas.model import build_model
 from nas.profile import count_macs, count_params
 
@@ -653,7 +654,7 @@ def _threads_arg(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="python -m nas.latency", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m nas.latency", formatter_class=HelpFormatter,
         description="Measure the inference latency of several networks on this machine and "
                     "print one table (median, p10/p90, CV, parameters, multiply-adds). "
                     "Protocol: eval + inference_mode, warm-up until settled, median of timed "
@@ -698,8 +699,12 @@ def _check_cli(args: argparse.Namespace) -> None:
     if not (0 <= args.min_time <= args.max_time):
         raise LatencyError(f"--min-time {args.min_time:g} must be from 0 to --max-time "
                            f"{args.max_time:g}")
+    if args.csv is not None and args.csv.is_dir():
+        raise LatencyError(f"--csv {args.csv}: is a folder; give a file name, e.g. "
+                           f"{args.csv / 'latency.csv'}")
     if args.csv is not None and not args.csv.parent.is_dir():
-        raise LatencyError(f"--csv {args.csv}: folder {args.csv.parent} does not exist")
+        problem = "is not a folder" if args.csv.parent.exists() else "does not exist"
+        raise LatencyError(f"--csv {args.csv}: folder {args.csv.parent} {problem}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import multiprocessing
 import os
 import platform
@@ -35,6 +36,7 @@ import pandas as pd
 import torch
 
 from nas.arch import ArchError, Architecture, load_architecture
+from nas.cli import HelpFormatter
 from nas.data import DataError, DataSplits, load_data
 from nas.files import write_atomic
 from nas.latency import (
@@ -57,6 +59,7 @@ OBJECTIVES = ("reward", "pareto")
 # Trials slower than this many times the target are not trained: they can't win, and timing
 # them to the end or training them is the most expensive way to learn that.
 LATENCY_BOUND = 10.0
+MAX_SEED = 2**32 - 1  # numpy's and Optuna's samplers take 32-bit seeds
 HEARTBEAT_S, GRACE_S = 30, 120  # a worker silent for 2 minutes is presumed dead
 SETTINGS_THAT_MUST_MATCH = ("target_ms", "alpha", "beta", "objective", "space", "device",
                             "input_size", "threads", "budget", "val_size", "data_fingerprint",
@@ -174,7 +177,8 @@ def open_storage(args: argparse.Namespace, run_dir: Path) -> optuna.storages.Bas
     try:
         return storage_for(args, run_dir)
     except Exception as e:  # SQLAlchemy/driver errors: a bad URL is the user's, not a bug
-        raise UsageError(f"--storage {args.storage or storage_url(run_dir)}: cannot be opened "
+        what = f"--storage {args.storage}" if args.storage else f"{run_dir / 'study.db'}"
+        raise UsageError(f"{what}: cannot be opened "
                          f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
@@ -367,13 +371,15 @@ def run_baselines(names: list[str], ctx: Context, run_dir: Path) -> pd.DataFrame
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nas.search", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("objective")
     g.add_argument("--target-ms", type=float, required=True, help="latency target T in ms")
     g.add_argument("--mode", choices=sorted(MODES), default="soft",
                    help="soft: alpha = beta = -0.07; hard: alpha = 0, beta = -1 (MnasNet paper)")
-    g.add_argument("--alpha", type=float, default=None, help="override the exponent for LAT <= T")
-    g.add_argument("--beta", type=float, default=None, help="override the exponent for LAT > T")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="override the exponent for LAT <= T (default: the --mode's)")
+    g.add_argument("--beta", type=float, default=None,
+                   help="override the exponent for LAT > T (default: the --mode's)")
     g.add_argument("--objective", choices=OBJECTIVES, default="reward",
                    help="reward: maximise the scalar MnasNet reward; pareto: maximise accuracy and "
                         "minimise latency jointly (use --sampler nsga2). Optuna refuses "
@@ -384,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="total finished trials the study should hold (a resumed study counts the "
                         "ones it already has)")
     g.add_argument("--timeout", type=float, default=None, help="stop starting trials after this "
-                   "many seconds")
+                   "many seconds (default: no limit)")
     g.add_argument("--space", default=DEFAULT_SPACE,
                    help="search-space YAML file, or the name of one in search_spaces/")
     g.add_argument("--sampler", choices=SAMPLERS, default=None,
@@ -444,35 +450,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """User errors found before anything is written."""
-    if args.target_ms <= 0:
-        raise UsageError(f"--target-ms {args.target_ms:g}: must be > 0")
+    for flag in ("target_ms", "latency_time", "proxy_lr", "timeout"):
+        value = getattr(args, flag)  # NaN fails every comparison, so it must be asked for
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{flag.replace('_', '-')} {value:g}: must be a finite number "
+                             f"> 0")
     for flag in ("trials", "proxy_images", "proxy_epochs", "proxy_batch", "proxy_final_map",
-                 "val_size", "startup_trials", "population"):
+                 "val_size", "startup_trials"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.population < 2:
+        raise UsageError(f"--population {args.population}: NSGA-II needs at least 2")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed {args.seed}: must be from 0 to {MAX_SEED} (numpy's seeds)")
     if args.input_size < 32:
         raise UsageError(f"--input-size {args.input_size}: must be >= 32")
     for flag in ("threads", "train_threads", "workers"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {value}: must be >= 1")
-    if args.latency_time <= 0:
-        raise UsageError(f"--latency-time {args.latency_time:g}: must be > 0")
+    if args.threads is not None and args.threads > available_cpus():
+        raise UsageError(f"--threads {args.threads}: this process may use only "
+                         f"{available_cpus()} CPU(s)")
     if args.proxy_batch > args.proxy_images:
         raise UsageError(f"--proxy-batch {args.proxy_batch}: must be <= --proxy-images "
                          f"{args.proxy_images} (else no training step is taken)")
-    if args.proxy_lr <= 0:
-        raise UsageError(f"--proxy-lr {args.proxy_lr:g}: must be > 0")
     if args.objective == "pareto" and args.pruner != "none":
         raise UsageError("--pruner applies to --objective reward only (Optuna does not prune "
                          "multi-objective studies)")
-    if ("cuda" in args.device or "cuda" in (args.train_device or "")) and not (
-            torch.cuda.is_available()):
-        raise UsageError("--device cuda: no CUDA GPU is available on this machine; use cpu")
+    for flag in ("device", "train_device"):
+        value = getattr(args, flag) or ""
+        if "cuda" in value and not torch.cuda.is_available():
+            raise UsageError(f"--{flag.replace('_', '-')} {value}: no CUDA GPU is available "
+                             f"on this machine; use cpu")
     if not args.name or any(c in args.name for c in "/\\") or args.name.startswith("."):
         raise UsageError(f"--name {args.name!r}: must be a plain folder name")
+    blocked = next((p for p in Path(args.runs_dir).absolute().parents if p.is_file()), None)
+    if Path(args.runs_dir).is_file() or blocked:
+        raise UsageError(f"--runs-dir {args.runs_dir}: {blocked or args.runs_dir} is a file, "
+                         f"so no run folder can be made under it")
     for name in filter(None, args.baselines.split(",")):
-        load_architecture(name.strip())
+        try:
+            load_architecture(name.strip())
+        except ArchError as e:
+            raise UsageError(f"--baselines: {e}") from None
 
 
 def environment() -> dict[str, Any]:

@@ -36,6 +36,7 @@ from nas.arch import (
     Settings,
     Stem,
     make_divisible,
+    yaml_problem,
 )
 
 if TYPE_CHECKING:  # annotations only: importing the space needs neither optuna nor torch
@@ -149,9 +150,12 @@ class SearchSpace:
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
-            raise SpaceError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise SpaceError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
         except OSError as e:
             raise SpaceError(f"{path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise SpaceError(f"{path}: not a text file (not valid UTF-8); expected a search "
+                             f"space .yaml") from None
         return cls.from_dict(data, where=str(path))
 
     @classmethod

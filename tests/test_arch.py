@@ -136,3 +136,43 @@ def test_arch_module_has_no_torch_dependency():
 def test_stem_defaults_validate():
     with pytest.raises(ArchError, match="kernel=4"):
         Architecture(blocks=(BlockSpec("conv", 3, 8),), stem=Stem(kernel=4))
+
+
+@pytest.mark.parametrize("place, field, value", [
+    ("stem", "kernel", 3.0),  # 3.0 == 3 in Python; an edited export reached Conv2d with it
+    ("stem", "stride", 2.0),
+    ("stem", "kernel", True),  # True == 1
+    ("block", "kernel", 5.0),
+    ("block", "stride", True),
+])
+def test_choices_must_have_the_allowed_type_not_just_compare_equal(tmp_path, place, field,
+                                                                   value):
+    data = load_architecture("mnasnet_a1").to_dict()
+    if place == "stem":
+        data["stem"][field] = value
+    else:
+        block = dataclasses.asdict(BlockSpec.from_str(data["blocks"][1]))
+        data["blocks"][1] = {**block, field: value}
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ArchError) as err:
+        load_architecture(path)
+    assert f"{field}={value!r} is not allowed" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_keys_of_mixed_types_are_named_not_a_sort_error(tmp_path):
+    path = tmp_path / "keys.yaml"
+    data = load_architecture("mnasnet_a1").to_dict()
+    data["stem"] |= {1: 2, "foo": 3}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ArchError, match=r"stem: unknown field 1; allowed"):
+        load_architecture(path)
+
+
+def test_yaml_syntax_errors_say_where(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nblocks:\n  - [mb6_k3\n  stem: 1\n")
+    with pytest.raises(ArchError) as err:
+        load_architecture(path)
+    assert "not valid YAML" in str(err.value) and "line 4" in str(err.value)
+    assert "\n" not in str(err.value)

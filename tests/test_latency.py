@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import gc
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -93,11 +94,16 @@ def test_a_known_sleep_is_measured_and_twice_the_sleep_takes_twice_as_long():
 
 def test_thread_clock_counts_cpu_work_and_not_time_off_the_cpu():
     fast = {**FAST, "clock": None}  # the default for 1 CPU thread
-    one = measure_latency(Work(20), 32, **fast)
-    two = measure_latency(Work(40), 32, **fast)
+    ratios = []
+    # in adjacent pairs, median of 5: on a shared VM the core's own speed swings up to ~1.8x
+    # within seconds (benchmarks/cpu_speed.py), which one pair's ratio can catch (1.20 once)
+    for _ in range(5):
+        one = measure_latency(Work(20), 32, **fast)
+        two = measure_latency(Work(40), 32, **fast)
+        ratios.append(two.median_ms / one.median_ms)
     assert one.context.clock == "thread" and one.median_ms > 0.2
     # 2.00-2.09 in 12 repeats at load 2.5; 2.31 once against a 2-thread matmul hog
-    assert 1.6 < two.median_ms / one.median_ms < 2.5
+    assert 1.6 < statistics.median(ratios) < 2.5
     asleep = measure_latency(Sleeper(5), 32, **fast)  # sleeping is off the CPU, like preemption
     assert asleep.median_ms < 1.0
 
@@ -352,6 +358,8 @@ def test_cli_table_and_csv_for_a_reference_a_config_and_torchvision(tmp_path, ca
     (["no_such_net"], "no_such_net: no such file and not a reference network"),
     (["torchvision:nope"], "torchvision:nope: not a torchvision model"),
     (["mnasnet_a1", "--csv", "/no/such/dir/x.csv"], "--csv /no/such/dir/x.csv"),
+    (["mnasnet_a1", "--csv", "/"], "--csv /: is a folder"),  # checked before measuring
+    (["mnasnet_a1", "--csv", "/dev/null/x.csv"], "folder /dev/null is not a folder"),
 ])
 def test_cli_user_errors_are_one_line_and_exit_2(argv, fragment, capsys):
     assert main(argv) == 2

@@ -17,6 +17,7 @@ import sqlalchemy
 import sqlalchemy.orm
 
 from nas.arch import Architecture, load_architecture
+from nas.latency import available_cpus
 from nas.model import build_model
 from nas.pareto import pareto_mask
 from nas.profile import count_macs, count_params
@@ -166,7 +167,14 @@ def test_failing_candidate_fails_its_trial_and_the_search_goes_on(image_folder, 
 
 
 @pytest.mark.parametrize("flag, value, fragment", [
-    ("--target-ms", "-3", "--target-ms -3: must be > 0"),
+    ("--target-ms", "-3", "--target-ms -3: must be a finite number > 0"),
+    ("--target-ms", "nan", "--target-ms nan: must be a finite number > 0"),  # NaN <= 0 is False
+    ("--proxy-lr", "nan", "--proxy-lr nan"),
+    ("--latency-time", "inf", "--latency-time inf"),
+    ("--timeout", "-5", "--timeout -5"),
+    ("--seed", "-1", "--seed -1: must be from 0 to 4294967295"),
+    ("--population", "1", "--population 1: NSGA-II needs at least 2"),
+    ("--threads", str(available_cpus() + 1), "may use only"),
     ("--trials", "0", "--trials 0: must be >= 1"),
     ("--workers", "0", "--workers 0: must be >= 1"),
     ("--space", "nope", "nope"),
@@ -209,7 +217,20 @@ def test_cuda_without_gpu_is_a_clear_error(image_folder, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert main(args(tmp_path, image_folder, "--trials", "1", "--device", "cuda")) == 2
-    assert "no CUDA GPU" in capsys.readouterr().err
+    assert "--device cuda: no CUDA GPU" in capsys.readouterr().err
+    assert main(args(tmp_path, image_folder, "--trials", "1", "--train-device", "cuda:1")) == 2
+    assert "--train-device cuda:1: no CUDA GPU" in capsys.readouterr().err
+
+
+def test_runs_dir_under_a_file_is_a_one_line_error(image_folder, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    argv = args(tmp_path, image_folder, "--trials", "1")
+    argv[argv.index("--runs-dir") + 1] = str(blocker / "runs")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{blocker} is a file" in err[0] and "--runs-dir" in err[0]
+    assert blocker.read_text() == "" and sorted(tmp_path.iterdir()) == [blocker]
 
 
 def _wait_for(predicate, timeout=120):

@@ -10,7 +10,7 @@ import optuna
 import pytest
 import yaml
 
-from nas.arch import Architecture, BlockSpec, load_architecture
+from nas.arch import ArchError, Architecture, BlockSpec, load_architecture
 from nas.space import (
     DEFAULT_SPACE,
     FACTORS,
@@ -311,3 +311,19 @@ def test_space_module_has_no_torch_dependency():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_binary_file_is_a_space_error(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe\x00blocks")
+    with pytest.raises(SpaceError, match="binary.yaml: not a text file"):
+        load_space(path)
+
+
+def test_a_fixed_stem_kernel_written_as_a_float_is_refused_on_load(tmp_path):
+    data = load_space("tiny").to_dict()
+    data["stem"]["kernel"] = 3.0
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises((SpaceError, ArchError), match="kernel=3.0 is not allowed"):
+        load_space(path)
