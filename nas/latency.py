@@ -64,6 +64,14 @@ across 3 fresh processes for 12 networks from 5 to 310 ms: cross-process CV of t
 numbers rose by 3-7% along with the load; the in-run CV shows it
 (benchmarks/results/latency_stability_20261125_1051.txt).
 
+What it cannot fix: a core that itself runs our code slower for seconds at a time. On a
+Cascade Lake VM (2026-11-29) an L1-resident matrix-product probe swung 1.76x (p90/p10) while
+a memory copy varied 1.15x; networks followed the probe, and the same protocol ranked 12
+networks with Spearman 0.68-0.92 between passes. Over 2 s, the median, p10 and minimum all
+varied 9-14% between windows; keeping only runs that a probe showed at full speed needed far
+longer than 2 s (slow spells lasted over 8 s). ``benchmarks/cpu_speed.py`` tells whether a
+machine is steady enough; on one that is not, measure latency elsewhere.
+
 Results carry their context (device, its name, threads, torch version, input size, batch,
 memory format, clock). The context, with the architecture, is also the `LatencyCache` key.
 
