@@ -392,10 +392,14 @@ def load_architecture(path_or_name: str | Path) -> Architecture:
     return Architecture.from_yaml(text, where=str(path))
 
 
+def architecture_text(arch: Architecture, path: str | Path) -> str:
+    """What `save_architecture` writes to `path`: JSON by suffix, else YAML."""
+    return arch.to_json() if Path(path).suffix == ".json" else arch.to_yaml()
+
+
 def save_architecture(arch: Architecture, path: str | Path) -> Path:
     """Write YAML (or JSON by suffix) atomically, so an interrupted export leaves no half file."""
-    path = Path(path)
-    return write_atomic(path, arch.to_json() if path.suffix == ".json" else arch.to_yaml())
+    return write_atomic(Path(path), architecture_text(arch, path))
 
 
 def adapt_to_input(arch: Architecture, input_size: int, *, min_final: int = 4) -> Architecture:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import sys
 import warnings
@@ -17,9 +18,12 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import sqlalchemy
 import torch
 
-from nas.arch import ArchError, Architecture, save_architecture
+from nas.arch import ArchError, Architecture, architecture_text
+from nas.files import write_atomic
+from nas.latency import MIN_INPUT_SIZE
 from nas.model import build_model
 from nas.pareto import best_trial_row, pareto_frame, trials_frame
 from nas.train import TrainConfig, trained_arch
@@ -32,19 +36,55 @@ class ExportError(ValueError):
 def load_run_study(run_dir: Path, storage: str | None = None) -> tuple[optuna.Study, dict]:
     """The study behind a run folder, from the storage named in its run.json."""
     meta_path = run_dir / "run.json"
-    if not meta_path.exists():
-        raise ExportError(f"{run_dir}: not a run folder (no run.json); pass runs/<name>")
+    meta = read_run_meta(meta_path)
+    own = run_dir / "study.db"
+    if not (storage or meta.get("storage") or own.is_file()):
+        raise ExportError(f"{run_dir}: no study.db; pass --storage URL if the run used another "
+                          f"storage")
+    url = storage or meta.get("storage") or f"sqlite:///{own.resolve()}"
+    where = f"--storage {url}" if storage else f"{meta_path}: storage {url}"
+    name = meta.get("study_name", run_dir.name)
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage(url, where))
+    except KeyError:
+        raise ExportError(f"{run_dir}: storage {url} holds no study {name!r}") from None
+    return study, meta
+
+
+def read_run_meta(meta_path: Path) -> dict:
+    """run.json as a dict, checked so a damaged file is named instead of failing later."""
+    if not meta_path.is_file():
+        raise ExportError(f"{meta_path.parent}: not a run folder (no run.json); pass runs/<name>")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
         raise ExportError(f"{meta_path}: unreadable ({e})") from None
-    url = storage or meta.get("storage") or f"sqlite:///{(run_dir / 'study.db').resolve()}"
-    name = meta.get("study_name", run_dir.name)
+    if not isinstance(meta, dict):
+        raise ExportError(f"{meta_path}: expected a JSON object, not {type(meta).__name__}")
+    for key, kind in (("storage", str), ("study_name", str), ("settings", dict),
+                      ("num_classes", int)):
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            raise ExportError(f"{meta_path}: {key} must be a {kind.__name__}, not "
+                              f"{meta[key]!r}")
+    return meta
+
+
+def open_storage(url: str, where: str) -> optuna.storages.BaseStorage:
+    """Open without creating: reading a run must not leave an empty database behind."""
     try:
-        study = optuna.load_study(study_name=name, storage=url)
-    except KeyError:
-        raise ExportError(f"{run_dir}: storage {url} holds no study {name!r}") from None
-    return study, meta
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception as e:  # SQLAlchemy's own errors: a bad URL is the user's, not a bug
+        raise ExportError(f"{where}: not a storage URL ({type(e).__name__})") from None
+    db = parsed.database
+    if (parsed.get_backend_name() == "sqlite" and db and db != ":memory:"
+            and "uri" not in parsed.query and not Path(db).is_file()):
+        raise ExportError(f"{where}: no such database file {db}")
+    try:
+        return optuna.storages.get_storage(url)
+    except Exception as e:  # driver errors (unknown dialect, unreadable file) are the user's
+        first = str(e).strip().splitlines()[:1]
+        raise ExportError(f"{where}: cannot be opened ({': '.join([type(e).__name__, *first])})"
+                          ) from None
 
 
 def select_row(df: pd.DataFrame, *, trial: int | None, pareto: int | None) -> pd.Series:
@@ -68,37 +108,106 @@ def select_row(df: pd.DataFrame, *, trial: int | None, pareto: int | None) -> pd
 
 
 def row_architecture(row: pd.Series) -> Architecture:
+    """The trial's architecture as searched (stored as a dict, or JSON in CSV rows)."""
     value = row["arch_dict"]
     return Architecture.from_dict(json.loads(value) if isinstance(value, str) else value)
 
 
-def export_network(arch: Architecture, *, num_classes: int, input_size: int,
-                   checkpoint: Path | None, onnx: Path | None, torchscript: Path | None) -> None:
-    """ONNX / TorchScript of the network, with trained weights from a nas.train checkpoint."""
-    if checkpoint is not None:
-        ckpt = torch.load(checkpoint, weights_only=True, map_location="cpu")
-        trained = Architecture.from_json(ckpt["arch"])
-        if trained != arch:
-            raise ExportError(f"--checkpoint {checkpoint}: trained architecture differs from the "
-                              f"exported one ({trained.to_str()})")
-        # The network nas.train trained (strides adapted to its input size; same weight shapes).
-        cfg = TrainConfig(**json.loads(ckpt["config"]))
-        model = build_model(trained_arch(arch, cfg, input_size), num_classes=num_classes)
-        model.load_state_dict(ckpt["model"])
-    else:
-        model = build_model(arch, num_classes=num_classes)
+def network_bytes(arch: Architecture, *, num_classes: int, input_size: int,
+                  checkpoint: Path | None, onnx: bool, torchscript: bool) -> dict[str, bytes]:
+    """The exported files in memory, so a failure midway leaves none of them on disk."""
+    model = (checkpoint_model(arch, checkpoint, num_classes=num_classes, input_size=input_size)
+             if checkpoint is not None else build_model(arch, num_classes=num_classes))
     model.eval()
     x = torch.zeros(1, 3, input_size, input_size)
+    out = {}
     with warnings.catch_warnings():  # torch marks TorchScript and the legacy exporter deprecated
         warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))
-        if torchscript is not None:
-            torch.jit.trace(model, x).save(str(torchscript))
-        if onnx is not None:
-            torch.onnx.export(model, (x,), str(onnx), input_names=["image"],
+        if torchscript:
+            torch.jit.save(torch.jit.trace(model, x), buffer := io.BytesIO())
+            out["torchscript"] = buffer.getvalue()
+        if onnx:
+            torch.onnx.export(model, (x,), buffer := io.BytesIO(), input_names=["image"],
                               output_names=["logits"], dynamo=False)
+            out["onnx"] = buffer.getvalue()
+    return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def checkpoint_model(arch: Architecture, checkpoint: Path, *, num_classes: int,
+                     input_size: int) -> torch.nn.Module:
+    """The network nas.train trained (strides adapted to its input size; same weight shapes)."""
+    try:
+        ckpt = torch.load(checkpoint, weights_only=True, map_location="cpu")
+        trained = Architecture.from_json(ckpt["arch"])
+        cfg = TrainConfig(**json.loads(ckpt["config"]))
+    except Exception as e:  # unpickler, zip and key errors all mean "not our checkpoint"
+        raise ExportError(f"--checkpoint {checkpoint}: not a nas.train checkpoint "
+                          f"({type(e).__name__})") from None
+    if trained != arch:
+        raise ExportError(f"--checkpoint {checkpoint}: trained architecture differs from the "
+                          f"exported one ({trained.to_str()})")
+    model = build_model(trained_arch(arch, cfg, input_size), num_classes=num_classes)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError) as e:
+        raise ExportError(f"--checkpoint {checkpoint}: its weights do not fit a {num_classes}-"
+                          f"class network ({type(e).__name__})") from None
+    return model
+
+
+def write_all(files: list[tuple[str, Path, str | bytes]]) -> None:
+    """Each file atomically; if one fails, remove those this call wrote: all or nothing."""
+    written: list[Path] = []
+    try:
+        for flag, path, data in files:
+            try:
+                written.append(write_atomic(path, data))
+            except OSError as e:
+                raise ExportError(f"{flag} {path}: cannot be written ({e.strerror or e})"
+                                  ) from None
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def check_paths(paths: dict[str, Path | None]) -> None:
+    """Every file flag names a file in an existing folder, each its own: before any write."""
+    given = {flag: path for flag, path in paths.items() if path is not None}
+    for flag, path in given.items():
+        if path.is_dir():
+            raise ExportError(f"{flag} {path}: is a folder; pass a file name")
+        if not path.parent.is_dir():
+            raise ExportError(f"{flag} {path}: folder {path.parent} does not exist")
+    seen: dict[Path, str] = {}
+    for flag, path in given.items():
+        other = seen.setdefault(path.resolve(), flag)
+        if other != flag:
+            raise ExportError(f"{flag} {path}: the same file as {other}; each needs its own")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """User errors found before the run is read or anything is written."""
+    out = Path(args.output)
+    if out.suffix not in (".yaml", ".yml", ".json"):
+        raise ExportError(f"-o {out}: must end in .yaml, .yml or .json")
+    check_paths({"-o": out, "--onnx": args.onnx, "--torchscript": args.torchscript,
+                 "--checkpoint": args.checkpoint})
+    if args.checkpoint and not (args.onnx or args.torchscript):
+        raise ExportError("--checkpoint only applies with --onnx or --torchscript")
+    if args.input_size is not None and args.input_size < MIN_INPUT_SIZE:
+        raise ExportError(f"--input-size {args.input_size}: must be an integer >= "
+                          f"{MIN_INPUT_SIZE} (the networks downsample {MIN_INPUT_SIZE}x)")
+    if args.input_size is not None and not (args.onnx or args.torchscript):
+        raise ExportError("--input-size only applies with --onnx or --torchscript")
+    if args.onnx and importlib.util.find_spec("onnx") is None:
+        raise ExportError("--onnx needs the onnx package: pip install 'nas[onnx]'")
+    if args.checkpoint and not args.checkpoint.is_file():
+        raise ExportError(f"--checkpoint {args.checkpoint}: no such file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags, with their defaults shown in --help."""
     p = argparse.ArgumentParser(prog="nas.export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", help="run folder, e.g. runs/search")
@@ -114,37 +223,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="nas.train checkpoint.pt whose weights go into --onnx/--torchscript")
     p.add_argument("--input-size", type=int, default=None,
-                   help="input size of the exported network (default: the run's deployment size, "
-                        "or 32 with --checkpoint)")
-    args = p.parse_args(argv)
+                   help=f"input size (>= {MIN_INPUT_SIZE}) of the --onnx/--torchscript network "
+                        f"if not the run's deployment size, or 32 with --checkpoint")
+    return p
+
+
+def export(args: argparse.Namespace) -> str:
+    """Read the run, then write every output or none; returns what was exported."""
+    study, meta = load_run_study(Path(args.run), args.storage)
+    row = select_row(trials_frame(study), trial=args.trial, pareto=args.pareto)
+    arch = row_architecture(row)
     out = Path(args.output)
-    if out.suffix not in (".yaml", ".yml", ".json"):
-        p.error(f"-o {out}: must end in .yaml, .yml or .json")
-    for flag, path in (("-o", out), ("--onnx", args.onnx), ("--torchscript", args.torchscript)):
-        if path is not None and not Path(path).parent.is_dir():
-            p.exit(2, f"nas.export: error: {flag} {path}: folder {Path(path).parent} does not "
-                      f"exist\n")
-    if args.checkpoint and not (args.onnx or args.torchscript):
-        p.exit(2, "nas.export: error: --checkpoint only applies with --onnx or --torchscript\n")
-    if args.onnx and importlib.util.find_spec("onnx") is None:
-        p.exit(2, "nas.export: error: --onnx needs the onnx package: pip install 'nas[onnx]'\n")
-    if args.checkpoint and not args.checkpoint.is_file():
-        p.exit(2, f"nas.export: error: --checkpoint {args.checkpoint}: no such file\n")
+    # as save_architecture, but written together with the networks: all files or none
+    files = [("-o", out, architecture_text(arch, out))]
+    if args.onnx or args.torchscript:
+        size = args.input_size
+        if size is None:
+            size = 32 if args.checkpoint else meta.get("settings", {}).get("input_size", 224)
+        networks = network_bytes(arch, num_classes=int(meta.get("num_classes", 10)),
+                                 input_size=size, checkpoint=args.checkpoint,
+                                 onnx=args.onnx is not None,
+                                 torchscript=args.torchscript is not None)
+        files += [(f"--{kind}", path, networks[kind]) for kind, path in
+                  (("torchscript", args.torchscript), ("onnx", args.onnx)) if path is not None]
+    write_all(files)
+    return f"trial {int(row['number'])}: {arch.to_str()} -> {out}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        study, meta = load_run_study(Path(args.run), args.storage)
-        row = select_row(trials_frame(study), trial=args.trial, pareto=args.pareto)
-        arch = row_architecture(row)
-        settings = meta.get("settings", {})
-        size = args.input_size or (32 if args.checkpoint else settings.get("input_size", 224))
-        if args.onnx or args.torchscript:
-            export_network(arch, num_classes=int(meta.get("num_classes", 10)), input_size=size,
-                           checkpoint=args.checkpoint, onnx=args.onnx,
-                           torchscript=args.torchscript)
-        save_architecture(arch, out)
+        check_args(args)
+        print(export(args))
     except (ExportError, ArchError) as e:
-        print(f"nas.export: error: {e}", file=sys.stderr)
+        print(f"nas.export: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    print(f"trial {int(row['number'])}: {arch.to_str()} -> {out}")
     return 0
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -13,22 +14,38 @@ from nas.export import ExportError, load_run_study
 from nas.results import write_results
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Flags, with their defaults shown in --help."""
     p = argparse.ArgumentParser(prog="nas.plot", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", help="run folder, e.g. runs/search")
     p.add_argument("--storage", default=None, help="Optuna storage URL if not the run's own")
     p.add_argument("--target-ms", type=float, default=None,
-                   help="target line in the Pareto plot (default: the run's --target-ms)")
-    args = p.parse_args(argv)
+                   help="target line in the Pareto plot if not the run's --target-ms")
+    return p
+
+
+def plot(args: argparse.Namespace) -> list[Path]:
+    """Check the flags, read the run, then rewrite its result files."""
+    if args.target_ms is not None and not (math.isfinite(args.target_ms) and args.target_ms > 0):
+        raise ExportError(f"--target-ms {args.target_ms:g}: must be a finite number > 0")
+    study, meta = load_run_study(Path(args.run), args.storage)
+    saved = meta.get("settings", {}).get("target_ms")
+    target = saved if args.target_ms is None else args.target_ms
     try:
-        study, meta = load_run_study(Path(args.run), args.storage)
+        return list(write_results(study, Path(args.run), target_ms=target).values())
+    except OSError as e:
+        raise ExportError(f"{args.run}: cannot write the results ({e.strerror or e})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        files = plot(args)
     except ExportError as e:
-        print(f"nas.plot: error: {e}", file=sys.stderr)
+        print(f"nas.plot: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    target = args.target_ms or meta.get("settings", {}).get("target_ms")
-    files = write_results(study, Path(args.run), target_ms=target)
-    print("\n".join(str(f) for f in files.values()))
+    print("\n".join(str(f) for f in files))
     return 0
 
 

@@ -22,10 +22,16 @@ from torch import nn
 from tqdm import tqdm
 
 from nas.arch import ArchError, Architecture, load_architecture
-from nas.data import DataError, batches, load_data
+from nas.data import DataError, DataSplits, batches, load_data
 from nas.files import write_atomic
 from nas.latency import pin_malloc_thresholds
 from nas.proxy import CandidateFailed, ProxyBudget, evaluate, proxy_arch, training_model
+
+MAX_SEED = 2**32 - 1  # the per-epoch batch-order seed, seed * 100_003 + epoch, must fit 64 bits
+
+
+class TrainError(ValueError):
+    """A bad flag or path: one line, exit 2, no run folder left behind."""
 
 
 @dataclass(frozen=True)
@@ -175,60 +181,113 @@ def _resume(path: Path, arch, cfg: TrainConfig, model, optimizer, scheduler,
     return int(ckpt["epoch"]), json.loads(ckpt["history"])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Flags, with their defaults shown in --help."""
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="nas.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("config", help="architecture .yaml/.json (e.g. runs/<name>/best.yaml) or a "
                    "reference name")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per SGD step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate, > 0")
     p.add_argument("--final-map", type=int, default=d.final_map,
                    help="reduce the earliest strides until the last feature map is at least "
                         "this wide (1: the deployed strides)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"seed of the initial weights, batch order and augmentation "
+                        f"(0 to {MAX_SEED})")
     p.add_argument("--data", default=None, help="as nas.search --data")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--name", default=None, help="run folder under --runs-dir "
-                   "(default: train-<config name>)")
-    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train")
+    p.add_argument("--name", default=None,
+                   help="run folder under --runs-dir if not train-<config name>")
+    p.add_argument("--runs-dir", default="runs", help="parent folder of run folders")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """User errors found before the data is loaded or anything is written."""
     for flag in ("epochs", "batch_size", "final_map"):
         if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
-    if args.lr <= 0:
-        p.error(f"--lr {args.lr}: must be > 0")
+            raise TrainError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise TrainError(f"--lr {args.lr:g}: must be a finite number > 0")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise TrainError(f"--seed {args.seed}: must be in 0..{MAX_SEED}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU is available on this machine; use cpu")
-    run_dir = None
+        raise TrainError("--device cuda: no CUDA GPU is available on this machine; use cpu")
+    if args.name is not None and (not args.name or any(c in args.name for c in "/\\")
+                                  or args.name.startswith(".")):
+        raise TrainError(f"--name {args.name!r}: must be a plain folder name")
+    runs_dir = Path(args.runs_dir)
+    existing = next(p for p in (runs_dir, *runs_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise TrainError(f"--runs-dir {runs_dir}: {existing} is a file, not a folder")
+
+
+def prepare(args: argparse.Namespace) -> tuple[Architecture, DataSplits, TrainConfig, Path]:
+    """Everything that can fail on user input, before the run folder is touched."""
+    check_args(args)
+    arch = load_architecture(args.config)
+    data = load_data(args.data, val_size=0)  # full training uses every training image
+    if args.batch_size > len(data.full_train):
+        raise TrainError(f"--batch-size {args.batch_size}: must be <= the "
+                         f"{len(data.full_train)} training images")
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      final_map=args.final_map, seed=args.seed)
+    name = args.name or f"train-{arch.name or Path(args.config).stem}"
+    return arch, data, cfg, Path(args.runs_dir) / name
+
+
+def make_run_dir(run_dir: Path) -> list[Path]:
+    """Make the run folder; returns the folders this call created, deepest first."""
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     try:
-        arch = load_architecture(args.config)
-        data = load_data(args.data, val_size=0)  # full training uses every training image
-        if args.batch_size > len(data.full_train):
-            p.error(f"--batch-size {args.batch_size}: must be <= the {len(data.full_train)} "
-                    f"training images")
-        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          final_map=args.final_map, seed=args.seed)
-        name = args.name or f"train-{arch.name or Path(args.config).stem}"
-        run_dir = Path(args.runs_dir) / name
         run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"--runs-dir {run_dir.parent}: cannot make the run folder {run_dir} "
+                         f"({e.strerror or e})") from None
+    return created
+
+
+def remove_if_empty(created: list[Path]) -> None:
+    """A run that wrote nothing leaves no folder behind; one with a checkpoint stays."""
+    for folder in created:
+        try:
+            folder.rmdir()  # only an empty folder goes
+        except OSError:
+            return
+
+
+def interrupted(run_dir: Path | None) -> int:
+    """Say whether the same command can resume, as the user will want to know."""
+    ckpt = run_dir / "checkpoint.pt" if run_dir else None
+    kept = (f"; {ckpt} holds the last finished epoch, and the same command resumes from it"
+            if ckpt and ckpt.exists() else "")
+    print(f"nas.train: interrupted{kept}", file=sys.stderr)
+    return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run_dir, created = None, []
+    try:
+        arch, data, cfg, run_dir = prepare(args)
+        created = make_run_dir(run_dir)
         metrics = train(arch, run_dir, cfg, data=data, device=args.device,
                         progress=not args.no_progress)
+        write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     except CandidateFailed as e:
         print(f"nas.train: error: {e}; try a lower --lr", file=sys.stderr)
         return 2
-    except (ArchError, DataError) as e:
-        print(f"nas.train: error: {e}", file=sys.stderr)
+    except (TrainError, ArchError, DataError) as e:
+        print(f"nas.train: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        ckpt = run_dir / "checkpoint.pt" if run_dir else None
-        kept = (f"; {ckpt} holds the last finished epoch, and the same command resumes from it"
-                if ckpt and ckpt.exists() else "")
-        print(f"nas.train: interrupted{kept}", file=sys.stderr)
-        return 130
-    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        return interrupted(run_dir)
+    finally:
+        remove_if_empty(created)
     print(f"test accuracy {metrics['test_accuracy']:.4f}; checkpoint {run_dir / 'checkpoint.pt'}")
     return 0
 

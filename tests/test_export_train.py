@@ -1,5 +1,7 @@
 """Export rebuilds exactly the searched network; full training checkpoints, resumes and exports."""
 
+import errno
+import io
 import json
 import shutil
 from dataclasses import replace
@@ -8,11 +10,20 @@ import pandas as pd
 import pytest
 import torch
 
-from nas import export, search, train
+from nas import export, plot, search, train
 from nas.arch import load_architecture
 from nas.model import build_model
 from nas.profile import count_params
 from nas.proxy import ProxyBudget, proxy_arch
+
+
+def _one_line_error(capsys, tool: str, fragment: str) -> str:
+    """The user-error standard: one stderr line from the tool, naming the flag or file."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"{tool}: error: ") and fragment in lines[0], lines[0]
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +144,7 @@ def test_resume_with_other_epochs_or_other_data_is_refused(run, image_folder, tm
     assert train.main([*common, "--data", str(image_folder), "--epochs", "1"]) == 0
     assert train.main([*common, "--data", str(image_folder), "--epochs", "2"]) == 2
     assert "epochs=1, not 2" in capsys.readouterr().err
+    assert (tmp_path / "t" / "checkpoint.pt").is_file()  # a refused resume keeps the run
     other = tmp_path / "two-classes"
     shutil.copytree(image_folder, other)
     for split in ("train", "test"):
@@ -152,11 +164,8 @@ def test_training_another_architecture_into_the_same_folder_is_refused(run, imag
 
 
 def test_export_into_a_missing_folder_is_one_line(run, tmp_path, capsys):
-    with pytest.raises(SystemExit) as code:
-        export.main([str(run), "-o", str(tmp_path / "nope" / "a.yaml")])
-    assert code.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "does not exist" in err[0]
+    assert export.main([str(run), "-o", str(tmp_path / "nope" / "a.yaml")]) == 2
+    assert "does not exist" in _one_line_error(capsys, "nas.export", "-o")
 
 
 @pytest.mark.parametrize("final_map, total_stride", [(2, 16), (1, 32)])
@@ -171,12 +180,11 @@ def test_export_rebuilds_the_strides_the_checkpoint_was_trained_with(tmp_path, f
     ckpt = tmp_path / "checkpoint.pt"
     torch.save({"arch": arch.to_json(), "config": json.dumps(cfg.__dict__),
                 "model": model.state_dict()}, ckpt)
-    pt = tmp_path / "net.pt"
-    export.export_network(arch, num_classes=10, input_size=32, checkpoint=ckpt, onnx=None,
-                          torchscript=pt)
+    pt = export.network_bytes(arch, num_classes=10, input_size=32, checkpoint=ckpt, onnx=False,
+                              torchscript=True)["torchscript"]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(torch.jit.load(str(pt))(x), model(x))
+        torch.testing.assert_close(torch.jit.load(io.BytesIO(pt))(x), model(x))
 
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
@@ -194,3 +202,146 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, m
         files.write_atomic(target, "new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--lr", "nan"], "--lr nan"), (["--lr", "inf"], "--lr inf"), (["--lr", "0"], "--lr 0"),
+    (["--epochs", "0"], "--epochs 0"), (["--seed", "-1"], "--seed -1"),
+    (["--seed", str(2**64)], "--seed"), (["--batch-size", "1000"], "--batch-size 1000"),
+    (["--name", "../up"], "--name")])
+def test_train_refuses_bad_flags_before_making_any_folder(run, image_folder, tmp_path, capsys,
+                                                         extra, fragment):
+    runs = tmp_path / "runs"
+    assert train.main([str(run / "best.yaml"), "--data", str(image_folder), "--runs-dir",
+                       str(runs), "--batch-size", "32", "--epochs", "1", "--no-progress",
+                       *extra]) == 2
+    _one_line_error(capsys, "nas.train", fragment)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_diverged_run_leaves_no_folder_it_made(run, image_folder, tmp_path, capsys):
+    assert train.main([str(run / "best.yaml"), "--data", str(image_folder), "--runs-dir",
+                       str(tmp_path / "a" / "runs"), "--batch-size", "32", "--epochs", "1",
+                       "--lr", "1e30", "--no-progress"]) == 2
+    assert "diverged" in _one_line_error(capsys, "nas.train", "--lr")
+    assert not any(tmp_path.iterdir())  # neither the run folder nor the runs folders made for it
+
+
+@pytest.mark.parametrize("runs_dir, name", [("afile/runs", "t"), (".", "afile")])
+def test_train_with_a_file_in_the_way_of_the_run_folder_is_one_line(
+        run, image_folder, tmp_path, capsys, runs_dir, name):
+    (tmp_path / "afile").write_text("mine")
+    assert train.main([str(run / "best.yaml"), "--data", str(image_folder), "--runs-dir",
+                       str(tmp_path / runs_dir), "--name", name, "--batch-size", "32",
+                       "--epochs", "1", "--no-progress"]) == 2
+    _one_line_error(capsys, "nas.train", "--runs-dir")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("outputs, flag", [
+    ({"-o": "d.yaml"}, "-o"),
+    ({"-o": "e.yaml", "--torchscript": "d.yaml"}, "--torchscript"),
+    ({"-o": "e.yaml", "--torchscript": "e.pt", "--onnx": "d.yaml"}, "--onnx"),
+    ({"-o": "e.yaml", "--onnx": "e.pt", "--torchscript": "e.pt"}, "--torchscript")])
+def test_export_checks_every_output_before_writing_any(run, tmp_path, capsys, outputs, flag):
+    (tmp_path / "d.yaml").mkdir()
+    argv = [str(run)] + [arg for f, name in outputs.items() for arg in (f, str(tmp_path / name))]
+    assert export.main(argv) == 2
+    _one_line_error(capsys, "nas.export", flag)
+    assert [p.name for p in tmp_path.iterdir()] == ["d.yaml"]
+    assert not any((tmp_path / "d.yaml").iterdir())
+
+
+def test_a_failed_write_removes_the_files_this_export_wrote(run, tmp_path, capsys, monkeypatch):
+    real = export.write_atomic
+
+    def full_disk_for_networks(path, data):
+        if path.suffix == ".pt":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(export, "write_atomic", full_disk_for_networks)
+    assert export.main([str(run), "-o", str(tmp_path / "e.yaml"), "--torchscript",
+                        str(tmp_path / "e.pt")]) == 2
+    assert "No space left" in _one_line_error(capsys, "nas.export", "--torchscript")
+    assert not any(tmp_path.iterdir())  # e.yaml was written first, then removed
+
+
+@pytest.mark.parametrize("tool", [export, plot])
+@pytest.mark.parametrize("url", ["foo://bar", "sqlite:///{tmp}/nope/x.db", "sqlite:///{tmp}/x.db"])
+def test_a_bad_storage_url_is_one_line_and_creates_nothing(run, tmp_path, capsys, tool, url):
+    url = url.format(tmp=tmp_path)
+    out = ["-o", str(tmp_path / "a.yaml")] if tool is export else []
+    assert tool.main([str(run), "--storage", url, *out]) == 2
+    _one_line_error(capsys, tool.__name__, f"--storage {url}")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tool", [export, plot])
+@pytest.mark.parametrize("content, fragment", [
+    ("[1, 2]", "run.json: expected a JSON object"), ('{"settings": 3}', "run.json: settings"),
+    (None, "no study.db")])
+def test_a_damaged_run_folder_is_one_line_and_gets_no_new_files(run, tmp_path, capsys, tool,
+                                                                content, fragment):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "run.json").write_text((run / "run.json").read_text() if content is None
+                                     else content)
+    out = ["-o", str(tmp_path / "a.yaml")] if tool is export else []
+    assert tool.main([str(folder), *out]) == 2
+    _one_line_error(capsys, tool.__name__, fragment)
+    assert [p.name for p in tmp_path.rglob("*")] == ["r", "run.json"]
+
+
+@pytest.mark.parametrize("make", [lambda p: p.write_text("stem: {}"),
+                                  lambda p: torch.save({"model": {}}, p)])
+def test_export_with_a_file_that_is_no_checkpoint_is_one_line(run, tmp_path, capsys, make):
+    ckpt = tmp_path / "c.yaml"
+    make(ckpt)
+    assert export.main([str(run), "-o", str(tmp_path / "e.yaml"), "--torchscript",
+                        str(tmp_path / "e.pt"), "--checkpoint", str(ckpt)]) == 2
+    assert "not a nas.train checkpoint" in _one_line_error(capsys, "nas.export", "--checkpoint")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]
+
+
+@pytest.mark.parametrize("size, network", [("-3", True), ("0", True), ("31", True),
+                                           ("-3", False), ("64", False)])
+def test_export_input_size_is_checked_up_front(run, tmp_path, capsys, size, network):
+    net = ["--torchscript", str(tmp_path / "e.pt")] if network else []
+    assert export.main([str(run), "-o", str(tmp_path / "e.yaml"), "--input-size", size,
+                        *net]) == 2
+    _one_line_error(capsys, "nas.export", f"--input-size {size}" if int(size) < 32
+                    else "--input-size")
+    assert not any(tmp_path.iterdir())
+
+
+def _help_entries(tool, capsys, monkeypatch) -> dict[str, str]:
+    """--help as {first option string: its whole entry}, unwrapped."""
+    monkeypatch.setenv("COLUMNS", "300")
+    with pytest.raises(SystemExit):
+        tool.main(["--help"])
+    entries: dict[str, str] = {}
+    key = None
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  -"):
+            key = line.split()[0].rstrip(",")
+            entries[key] = line
+        elif key and line.startswith("    "):
+            entries[key] += " " + line.strip()
+    return entries
+
+
+@pytest.mark.parametrize("tool", [export, plot, train])
+def test_help_states_each_default_once(tool, capsys, monkeypatch):
+    entries = _help_entries(tool, capsys, monkeypatch)
+    assert "--storage" in entries or "--epochs" in entries  # parsed the options
+    for entry in entries.values():
+        assert entry.count("(default:") <= 1, entry
+
+
+def test_train_help_shows_every_default(capsys, monkeypatch):
+    entries = _help_entries(train, capsys, monkeypatch)
+    for flag, default in (("--epochs", 30), ("--batch-size", 128), ("--lr", 0.1), ("--seed", 0),
+                          ("--device", "cpu"), ("--runs-dir", "runs")):
+        assert f"(default: {default})" in entries[flag], entries[flag]

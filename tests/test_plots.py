@@ -1,9 +1,15 @@
 """The plots draw exactly the data nas.pareto computes: checked on traces, not on pixels."""
 
+import json
+import math
+
+import optuna
 import pandas as pd
 import pytest
+from test_export_train import _one_line_error
 from test_pareto import _study
 
+from nas import plot
 from nas.pareto import pareto_frame, trials_frame
 from nas.plots import history_figure, pareto_figure, write_plots
 
@@ -91,3 +97,27 @@ def test_write_plots_writes_self_contained_pages(df, tmp_path):
         assert '<script src="https:' not in html and "plotly.js v" in html  # works offline
     assert "arch_0.9_40.0" in paths[0].read_text()
     assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+@pytest.fixture
+def run_folder(tmp_path):
+    """A run folder as nas.search leaves it: run.json and the study in study.db."""
+    study = _study()
+    optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
+                      to_storage=f"sqlite:///{tmp_path / 'study.db'}", to_study_name="r")
+    (tmp_path / "run.json").write_text(json.dumps({"study_name": "r",
+                                                   "settings": {"target_ms": 30.0}}))
+    return tmp_path
+
+
+def test_plot_rewrites_a_run_from_its_storage(run_folder, capsys):
+    assert plot.main([str(run_folder), "--target-ms", "35"]) == 0
+    assert "pareto.html" in capsys.readouterr().out
+    assert (run_folder / "trials.csv").is_file() and (run_folder / "pareto.html").is_file()
+
+
+@pytest.mark.parametrize("target", [-5, 0, math.nan, math.inf])
+def test_plot_refuses_a_target_that_is_not_a_positive_number(run_folder, capsys, target):
+    assert plot.main([str(run_folder), "--target-ms", str(target)]) == 2
+    _one_line_error(capsys, "nas.plot", f"--target-ms {target:g}")
+    assert sorted(p.name for p in run_folder.iterdir()) == ["run.json", "study.db"]
