@@ -68,7 +68,7 @@ What it cannot fix: a core that itself runs our code slower for seconds at a tim
 Cascade Lake VM (2026-11-29) an L1-resident matrix-product probe swung 1.76x (p90/p10) while
 a memory copy varied 1.15x; networks followed the probe, and the same protocol ranked 12
 networks with Spearman 0.68-0.92 between passes. Over 2 s, the median, p10 and minimum all
-varied 9-14% between windows; keeping only runs that a probe showed at full speed needed far
+varied 9-16% between windows; keeping only runs that a probe showed at full speed needed far
 longer than 2 s (slow spells lasted over 8 s). ``benchmarks/cpu_speed.py`` tells whether a
 machine is steady enough; on one that is not, measure latency elsewhere.
 
