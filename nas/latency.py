@@ -55,8 +55,8 @@ benchmarks/latency_stability.py checks the result across fresh processes):
   took 11-29 ms for a network that then ran in 6-9 ms (mobilenet_v3_small at 32x32 on a Zen 3
   VM). The result is flagged ``stopped_early``, and ``median_ms`` (the median of those two
   runs) only says that the latency is above the bound. The search sets the bound
-  to 10x its target, where the reward has already collapsed; timing such a candidate to the
-  end would cost up to ``max_time_s`` for nothing.
+  where even accuracy 1 could not beat its best reward so far (nas.search.latency_bound_ms);
+  timing such a candidate to the end would cost up to ``max_time_s`` for nothing.
 
 What this achieves here, with other jobs holding 1-2 of the 2 cores (load average 2.0-3.8),
 across 3 fresh processes for 12 networks from 5 to 310 ms: cross-process CV of the median

@@ -28,17 +28,20 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     multi = len(study.directions) > 1
     rows = []
     for t in study.get_trials(deepcopy=False):
+        # A pruned trial's value is its last intermediate report (a validation accuracy), not
+        # the objective: left out, so the column means one thing.
+        done = t.state == optuna.trial.TrialState.COMPLETE
         row: dict[str, Any] = {
             "number": t.number,
             "state": t.state.name,
-            "value": t.value if not multi and t.values is not None else math.nan,
+            "value": t.value if done and not multi and t.values is not None else math.nan,
             "datetime_start": t.datetime_start,
             "datetime_complete": t.datetime_complete,
             "duration_s": t.duration.total_seconds() if t.duration is not None else math.nan,
         }
         if multi:
             for i in range(len(study.directions)):
-                row[f"value_{i}"] = t.values[i] if t.values is not None else math.nan
+                row[f"value_{i}"] = t.values[i] if done and t.values is not None else math.nan
         row.update({f"{CHOICE_PREFIX}{k}": v for k, v in t.params.items()})
         for key, value in t.user_attrs.items():
             # JSON keeps trials.csv loadable (a dict's repr is not); core names are not shadowed.

@@ -13,6 +13,7 @@ best.yaml and interactive plots are written beside it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -56,9 +57,6 @@ from nas.space import DEFAULT_SPACE, SearchSpace, SpaceError, load_space
 
 SAMPLERS = ("tpe", "nsga2", "random")
 OBJECTIVES = ("reward", "pareto")
-# Trials slower than this many times the target are not trained: they can't win, and timing
-# them to the end or training them is the most expensive way to learn that.
-LATENCY_BOUND = 10.0
 MAX_SEED = 2**32 - 1  # numpy's and Optuna's samplers take 32-bit seeds
 HEARTBEAT_S, GRACE_S = 30, 120  # a worker silent for 2 minutes is presumed dead
 SETTINGS_THAT_MUST_MATCH = ("target_ms", "alpha", "beta", "objective", "space", "device",
@@ -100,17 +98,20 @@ def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None) -
     deployed = build_model(arch, num_classes=ctx.data.num_classes)
     record["params"] = count_params(deployed)
     record["macs"] = count_macs(deployed, a.input_size)
+    best = best_reward(trial, ctx)
+    bound = latency_bound_ms(best, a.target_ms, ctx.alpha, ctx.beta) if best else None
     lat = ctx.cache.get_or_measure(
         f"{architecture_key(arch)}-{ctx.data.num_classes}", lambda: deployed,
         input_size=a.input_size, device=a.device, threads=a.threads,
-        min_time_s=a.latency_time / 2, max_time_s=a.latency_time,
-        stop_above_ms=LATENCY_BOUND * a.target_ms)
+        min_time_s=a.latency_time / 2, max_time_s=a.latency_time, stop_above_ms=bound)
     record.update(latency_ms=lat.median_ms, latency_p10_ms=lat.p10_ms, latency_p90_ms=lat.p90_ms,
                   latency_cv=lat.cv, latency_s=lat.seconds, latency_stopped_early=lat.stopped_early)
     _set_attrs(trial, record)
-    if lat.stopped_early:
-        raise optuna.TrialPruned(f"latency above {LATENCY_BOUND:g} x target "
-                                 f"({lat.median_ms:.1f} ms >= {LATENCY_BOUND * a.target_ms:g} ms)")
+    if bound is not None and (lat.stopped_early or lat.median_ms > bound):
+        raise optuna.TrialPruned(
+            f"latency {'above ' if lat.stopped_early else ''}{lat.median_ms:.1f} ms > "
+            f"{bound:.4g} ms: even at accuracy 1 its reward would be below the best so far "
+            f"({best:.4f})")
     # Intermediate scores cost a validation pass each: only when a pruner will read them.
     use_trial = trial if (a.objective == "reward" and a.pruner != "none") else None
     result = proxy_train(arch, ctx.data, ctx.budget, device=a.train_device, seed=a.seed,
@@ -122,6 +123,31 @@ def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None) -
                                 beta=ctx.beta))
     _set_attrs(trial, record)
     return record
+
+
+def best_reward(trial: Any, ctx: Context) -> float | None:
+    """The best reward in the study so far; None where no bound applies (baselines, pareto)."""
+    if trial is None or ctx.args.objective != "reward":
+        return None
+    try:
+        return trial.study.best_value
+    except ValueError:  # no completed trial yet
+        return None
+
+
+def latency_bound_ms(best: float, target_ms: float, alpha: float, beta: float) -> float | None:
+    """The latency above which no accuracy (<= 1) can beat reward `best`, or None if none does.
+
+    The reward at latency L is at most (L/T)^w. Above T that is (L/T)^beta, below `best` from
+    L = T * best^(1/beta) on; a best above 1 (possible below T with alpha < 0) is out of reach
+    from L = T * best^(1/alpha). In soft mode (beta = -0.07) a best of 0.5 bounds at ~20,000 T:
+    a slow but accurate candidate can still win there, so it is trained.
+    """
+    if not (math.isfinite(best) and best > 0):
+        return None
+    if best > 1:
+        return target_ms * best ** (1 / alpha) if alpha < 0 else None
+    return target_ms * best ** (1 / beta) if beta < 0 else None
 
 
 def _set_attrs(trial: Any, record: dict[str, Any]) -> None:
@@ -145,6 +171,8 @@ def make_objective(ctx: Context):
                                 f"pruned: {e}")
             raise
         except KeyboardInterrupt:
+            with contextlib.suppress(Exception):  # the interrupt matters more than its note
+                trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
             raise
         except CandidateFailed as e:
             trial.set_user_attr("fail_reason", str(e))
@@ -274,8 +302,9 @@ def fail_dead_local_trials(study: optuna.Study, *, ours: bool = False) -> list[i
         wh, _, pid = worker.rpartition(":")
         if wh == host and pid.isdigit() and (
                 (ours and int(pid) == os.getpid()) or not _alive(int(pid))):
-            study._storage.set_trial_user_attr(t._trial_id, "fail_reason",
-                                               f"worker {worker} died (killed?)")
+            reason = ("interrupted (Ctrl-C)" if int(pid) == os.getpid()
+                      else f"worker {worker} died (killed?)")
+            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
             failed.append(t.number)
     return failed

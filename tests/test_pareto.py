@@ -57,7 +57,9 @@ def _study(multi: bool = False) -> optuna.Study:
     study.add_trial(create_trial(
         state=TrialState.COMPLETE, values=[0.99, 5.0] if multi else None,
         value=None if multi else 0.99, user_attrs=_attrs(0.99, 5.0, 0.99, baseline="mnasnet_b1")))
-    study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs={"latency_ms": 500.0}))
+    # Optuna keeps a pruned trial's last intermediate report (an accuracy) as its value
+    study.add_trial(create_trial(state=TrialState.PRUNED, value=None if multi else 0.13,
+                                 intermediate_values={1: 0.13}, user_attrs={"latency_ms": 500.0}))
     return study
 
 
@@ -110,6 +112,7 @@ def test_trials_frame_has_clean_columns():
     assert df.state.tolist() == ["COMPLETE"] * 5 + ["FAIL", "COMPLETE", "PRUNED"]
     assert df.choice_b0_op.tolist()[:6] == ["mbconv"] * 5 + ["sepconv"]
     assert df.value.tolist()[:5] == [0.71, 0.80, 0.74, 0.85, 0.85]
+    assert df.value[5:].isna().tolist() == [True, False, True]  # failed, baseline, pruned
     assert df.fail_reason[5] == "CandidateFailed: NaN loss"
     assert df.baseline[6] == "mnasnet_b1" and df.baseline[:6].isna().all()
     assert df.params[0] == 1_000_000 and df.latency_p90_ms[0] == pytest.approx(12.0)
