@@ -22,6 +22,7 @@ import sqlalchemy
 import torch
 
 from nas.arch import ArchError, Architecture, architecture_text
+from nas.cli import HelpFormatter
 from nas.files import write_atomic
 from nas.latency import MIN_INPUT_SIZE
 from nas.model import build_model
@@ -209,7 +210,7 @@ def check_args(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Flags, with their defaults shown in --help."""
     p = argparse.ArgumentParser(prog="nas.export", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("run", help="run folder, e.g. runs/search")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--best", action="store_true", help="best reward (the default)")

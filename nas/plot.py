@@ -10,6 +10,7 @@ import math
 import sys
 from pathlib import Path
 
+from nas.cli import HelpFormatter
 from nas.export import ExportError, load_run_study
 from nas.results import write_results
 
@@ -17,7 +18,7 @@ from nas.results import write_results
 def build_parser() -> argparse.ArgumentParser:
     """Flags, with their defaults shown in --help."""
     p = argparse.ArgumentParser(prog="nas.plot", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("run", help="run folder, e.g. runs/search")
     p.add_argument("--storage", default=None, help="Optuna storage URL if not the run's own")
     p.add_argument("--target-ms", type=float, default=None,

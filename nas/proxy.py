@@ -12,8 +12,9 @@ well as the 2x2 adaptation with twice the images, and trained 2-4x faster per im
 same time buys 4x the images. Channel widths, kernels, ops, SE and repeats always stay as
 searched; latency is measured on the deployed architecture at its own input size. One
 difference a final map above 1 can make: a layer moved to stride 1 whose input and output
-widths match gains the identity shortcut its block's skip allows, as it would at stride 1 in the search
-space (with `final_map=4`, a sampled architecture trained 10 shortcuts; deployed, it has 9).
+widths match gains the identity shortcut its block's skip allows, as it would at stride 1
+in the search space (with `final_map=4`, a sampled architecture trained 10 shortcuts;
+deployed, it has 9).
 """
 
 from __future__ import annotations

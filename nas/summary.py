@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nas.arch import ArchError, Architecture, load_architecture, reference_names
+from nas.cli import HelpFormatter
 from nas.model import build_model
 from nas.profile import count_params
 
@@ -82,7 +83,7 @@ def format_table(df: pd.DataFrame) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="nas.summary", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=f"Reference networks: {', '.join(reference_names())}")
     parser.add_argument("config", help="architecture .yaml/.json file, or a reference name")
     parser.add_argument("--input-size", type=int, default=224, help="square input resolution")

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nas.arch import ArchError, Architecture, load_architecture
+from nas.cli import HelpFormatter
 from nas.data import DataError, DataSplits, batches, load_data
 from nas.files import write_atomic
 from nas.latency import pin_malloc_thresholds
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Flags, with their defaults shown in --help."""
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="nas.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("config", help="architecture .yaml/.json (e.g. runs/<name>/best.yaml) or a "
                    "reference name")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
