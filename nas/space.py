@@ -14,6 +14,7 @@ expansion ratio is a conditional parameter: `b{i}_expansion` is suggested only i
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -113,9 +114,17 @@ class BlockChoices:
 
     def size(self) -> int:
         """Distinct block specs; expansion multiplies only the mbconv branch."""
+        return self.layer_variants() * len(self.skip) * len(self.repeats_delta) * len(
+            self.widths())
+
+    def layer_variants(self) -> int:
+        """Op (with expansion for mbconv), kernel and SE combinations."""
         ops = sum(len(self.expansion) if op == "mbconv" else 1 for op in self.op)
-        return (ops * len(self.kernel) * len(self.se_ratio) * len(self.skip)
-                * len(self.repeats_delta) * len(self.widths()))
+        return ops * len(self.kernel) * len(self.se_ratio)
+
+    def skip_matters(self, cin: int, repeats: int, width: int) -> bool:
+        """Can any layer take a shortcut? Only at stride 1 with equal widths (nas.blocks)."""
+        return repeats > 1 or (self.stride == 1 and cin == width)
 
     def extreme(self, *, largest: bool) -> BlockSpec:
         """Smallest or largest choice of every factor, with mbconv when it is allowed."""
@@ -187,8 +196,12 @@ class SearchSpace:
                    name=arch.name)
 
     def sample(self, trial: BaseTrial) -> Architecture:
-        """One `suggest_categorical` per block and searched factor, named like ``b0_kernel``."""
-        blocks = []
+        """One `suggest_categorical` per block and searched factor, named like ``b0_kernel``.
+
+        Skip is asked only where a layer can take a shortcut (else it would name two identical
+        networks, and the sampler would model a choice with no effect); there it is the first.
+        """
+        blocks, cin = [], self.stem.filters
         for i, block in enumerate(self.blocks):
             def pick(factor: str, block: BlockChoices = block, i: int = i) -> Any:
                 values = block.choices(factor)
@@ -199,10 +212,14 @@ class SearchSpace:
             op = pick("op")
             kernel = pick("kernel")
             expansion = pick("expansion") if op == "mbconv" else 1
+            se_ratio, delta, mult = pick("se_ratio"), pick("repeats_delta"), pick("filters_mult")
+            width = block.width(mult)
+            skip = (pick("skip") if block.skip_matters(cin, block.repeats + delta, width)
+                    else block.skip[0])
             blocks.append(block.spec(op=op, kernel=kernel, expansion=expansion,
-                                     se_ratio=pick("se_ratio"), skip=pick("skip"),
-                                     repeats_delta=pick("repeats_delta"),
-                                     filters_mult=pick("filters_mult")))
+                                     se_ratio=se_ratio, skip=skip, repeats_delta=delta,
+                                     filters_mult=mult))
+            cin = width
         return Architecture(blocks=tuple(blocks), stem=self.stem, head=self.head,
                             settings=self.settings)
 
@@ -221,13 +238,27 @@ class SearchSpace:
                 raise SpaceError(f"{name}: {part}.{k}={theirs[k]!r} but the space fixes "
                                  f"{part}.{k}={ours[k]!r}")
         params: dict[str, Any] = {}
+        cin = self.stem.filters
         for i, (block, spec) in enumerate(zip(self.blocks, arch.blocks, strict=True)):
-            params.update(_block_params(block, spec, i, f"{name}: blocks[{i}]"))
+            found = _block_params(block, spec, i, f"{name}: blocks[{i}]")
+            if not block.skip_matters(cin, spec.repeats, spec.filters):
+                found.pop(f"b{i}_skip", None)  # as `sample`: not asked where it has no effect
+            params.update(found)
+            cin = spec.filters
         return params
 
     def size(self) -> int:
-        """Number of distinct architectures: blocks are independent, so a product over blocks."""
-        return math.prod(b.size() for b in self.blocks)
+        """Number of distinct networks: a product over blocks, but skip counts only where a
+        layer can take a shortcut, which depends on the width the block before chose."""
+        counts = {self.stem.filters: 1}  # input width -> networks so far that end with it
+        for b in self.blocks:
+            after: dict[int, int] = {}
+            for cin, n in counts.items():
+                for width, delta in itertools.product(b.widths(), b.repeats_delta):
+                    skips = len(b.skip) if b.skip_matters(cin, b.repeats + delta, width) else 1
+                    after[width] = after.get(width, 0) + n * b.layer_variants() * skips
+            counts = after
+        return sum(counts.values())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-able data in the file format (lists, not tuples), e.g. for run metadata."""

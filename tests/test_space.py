@@ -1,6 +1,7 @@
 """The search space: sampling, the inverse map for enqueued networks, its size, strict loading."""
 
 import copy
+import dataclasses
 import itertools
 import json
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from nas.arch import ArchError, Architecture, BlockSpec, load_architecture
+from nas.blocks import layer_configs
 from nas.space import (
     DEFAULT_SPACE,
     FACTORS,
@@ -95,7 +97,7 @@ def test_tpe_sampling_is_deterministic_under_a_seed(tiny):
 
 def test_samples_respect_the_space(mnasnet):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
-    seen_ops = set()
+    seen_ops, seen_skips = set(), set()
     for _ in range(60):
         trial = study.ask()
         arch = mnasnet.sample(trial)
@@ -111,8 +113,15 @@ def test_samples_respect_the_space(mnasnet):
             assert (f"b{i}_expansion" in trial.params) == (spec.op == "mbconv")
             if spec.op != "mbconv":
                 assert spec.expansion == 1
-        expected = {f"b{i}_{f}" for i in range(7) for f in FACTORS if f != "expansion"}
+            # Skip too: asked only where some layer can take a shortcut.
+            cin = arch.blocks[i - 1].filters if i else arch.stem.filters
+            can = spec.repeats > 1 or (spec.stride == 1 and cin == spec.filters)
+            assert (f"b{i}_skip" in trial.params) == can
+            seen_skips.add((i, can))
+        expected = {f"b{i}_{f}" for i in range(7) for f in FACTORS
+                    if f not in ("expansion", "skip")}
         assert expected <= set(trial.params)
+    assert {(0, False), (0, True)} <= seen_skips  # block 0 (1 or 2 repeats) both ways
     assert seen_ops == {"conv", "sepconv", "mbconv"}
 
 
@@ -205,16 +214,37 @@ def test_size_equals_brute_force_over_whole_tiny_space(tiny):
                 if len(b.expansion) > 1 and params.get(f"b{i}_op", b.op[0]) == "mbconv"]
         for exp_values in itertools.product(*(v for _, v in cond)):
             full = params | dict(zip((n for n, _ in cond), exp_values, strict=True))
-            archs.add(tiny.sample(optuna.trial.FixedTrial(full)).to_str())
-    assert tiny.size() == len(archs) == 1536
+            archs.add(tiny.sample(optuna.trial.FixedTrial(full)))
+    # every sampled architecture is another network; skip where no layer can take a
+    # shortcut would have named 384 of them twice (1,536 before)
+    networks = {tuple(dataclasses.astuple(c)[:-1] for c in layer_configs(a)) for a in archs}
+    assert tiny.size() == len(archs) == len(networks) == 1152
 
 
-def test_mnasnet_size_is_a_product_of_per_block_counts(mnasnet):
+def test_mnasnet_size_counts_skip_only_where_a_shortcut_can_be(mnasnet):
     counts = [_brute_force_block_count(mnasnet, i) for i in range(7)]
     # 4 op variants (conv, sepconv, mbconv x 2 expansions) x 2 kernels x 2 SE x 2 skips = 32,
     # times repeats (2 or 3) times distinct widths (2 where 0.75 rounds back, else 3).
     assert counts == [128, 192, 288, 288, 288, 288, 192]
-    assert mnasnet.size() == 128 * 192 * 288**4 * 192 == 32_462_531_054_272_512
+    # Every (width, repeats) path through the 7 blocks: a block's skip doubles the count only
+    # if it has 2+ layers or keeps stride 1 and the width it is given.
+    total = 0
+    grids = [list(itertools.product(b.widths(), b.repeats_delta)) for b in mnasnet.blocks]
+    for path in itertools.product(*grids):
+        n, cin = 1, mnasnet.stem.filters
+        for b, (width, delta) in zip(mnasnet.blocks, path, strict=True):
+            layers = b.repeats + delta
+            shortcut = layers > 1 or (b.stride == 1 and cin == width)
+            n *= counts_without_skip(b) * (len(b.skip) if shortcut else 1)
+            cin = width
+        total += n
+    assert mnasnet.size() == total == 15_216_811_431_690_240
+    assert total < 128 * 192 * 288**4 * 192  # the product, which counted no-op skips
+
+
+def counts_without_skip(b) -> int:
+    ops = sum(len(b.expansion) if op == "mbconv" else 1 for op in b.op)
+    return ops * len(b.kernel) * len(b.se_ratio)
 
 
 @pytest.mark.parametrize("name", ["mnasnet", "tiny"])
