@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nas import export, plot, search, train
-from nas.arch import load_architecture
+from nas.arch import BlockSpec, load_architecture
 from nas.model import build_model
 from nas.profile import count_params
 from nas.proxy import ProxyBudget, proxy_arch
@@ -69,11 +69,18 @@ def test_export_not_a_run_folder(tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
 
 
+TRAINABLE_TINY = ("sep_k3_s1_r1_c8", "mb2_k3_s2_r1_c8", "mb3_k3_s2_r1_c24_relu6")
+
+
 def test_interrupted_training_resumes_exactly_where_it_stopped(
         run, image_folder, tmp_path, monkeypatch, capsys):
-    best = load_architecture(run / "best.yaml")  # with dropout, to draw from the global RNG
+    # a fixed network of the tiny space (not the run's best, which depends on what the sampler
+    # drew), with dropout, to draw from the global RNG
+    best = load_architecture(run / "best.yaml")
+    blocks = tuple(BlockSpec.from_str(b) for b in TRAINABLE_TINY)
     arch_file = tmp_path / "best-dropout.yaml"
-    arch_file.write_text(replace(best, head=replace(best.head, dropout=0.5)).to_yaml())
+    arch_file.write_text(replace(best, blocks=blocks,
+                                 head=replace(best.head, dropout=0.5)).to_yaml())
     common = [str(arch_file), "--data", str(image_folder), "--runs-dir", str(tmp_path),
               "--batch-size", "32", "--no-progress", "--epochs", "3"]
     assert train.main([*common, "--name", "whole"]) == 0
