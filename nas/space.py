@@ -113,7 +113,7 @@ class BlockChoices:
                          skip=skip, act=self.act)
 
     def size(self) -> int:
-        """Distinct block specs; expansion multiplies only the mbconv branch."""
+        """Block specs, every skip choice counted (SearchSpace.size drops those with no effect)."""
         return self.layer_variants() * len(self.skip) * len(self.repeats_delta) * len(
             self.widths())
 
@@ -198,8 +198,9 @@ class SearchSpace:
     def sample(self, trial: BaseTrial) -> Architecture:
         """One `suggest_categorical` per block and searched factor, named like ``b0_kernel``.
 
-        Skip is asked only where a layer can take a shortcut (else it would name two identical
-        networks, and the sampler would model a choice with no effect); there it is the first.
+        Skip is asked only where a layer can take a shortcut; elsewhere the block takes the first
+        listed skip (asking would name two identical networks, and the sampler would model a
+        choice with no effect).
         """
         blocks, cin = [], self.stem.filters
         for i, block in enumerate(self.blocks):
