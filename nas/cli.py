@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -12,3 +13,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.required:
             return action.help
         return super()._get_help_string(action)
+
+
+MAX_SEED = 2**32 - 1  # numpy's and Optuna's samplers take 32-bit seeds
+
+
+def is_plain_folder_name(name: str) -> bool:
+    """A run name that stays one folder inside --runs-dir."""
+    return bool(name) and not any(c in name for c in "/\\") and not name.startswith(".")
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The nearest existing part of `folder` if it is not a folder: nothing can be made there."""
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    return None if existing.is_dir() else existing

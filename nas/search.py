@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from nas.arch import ArchError, Architecture, load_architecture
-from nas.cli import HelpFormatter
+from nas.cli import MAX_SEED, HelpFormatter, file_in_the_way, is_plain_folder_name
 from nas.data import DataError, DataSplits, load_data
 from nas.files import write_atomic
 from nas.latency import (
@@ -57,7 +57,6 @@ from nas.space import DEFAULT_SPACE, SearchSpace, SpaceError, load_space
 
 SAMPLERS = ("tpe", "nsga2", "random")
 OBJECTIVES = ("reward", "pareto")
-MAX_SEED = 2**32 - 1  # numpy's and Optuna's samplers take 32-bit seeds
 HEARTBEAT_S, GRACE_S = 30, 120  # a worker silent for 2 minutes is presumed dead
 SETTINGS_THAT_MUST_MATCH = ("target_ms", "alpha", "beta", "objective", "space", "device",
                             "input_size", "threads", "budget", "val_size", "data_fingerprint",
@@ -512,12 +511,12 @@ def check_args(args: argparse.Namespace) -> None:
         if "cuda" in value and not torch.cuda.is_available():
             raise UsageError(f"--{flag.replace('_', '-')} {value}: no CUDA GPU is available "
                              f"on this machine; use cpu")
-    if not args.name or any(c in args.name for c in "/\\") or args.name.startswith("."):
+    if not is_plain_folder_name(args.name):
         raise UsageError(f"--name {args.name!r}: must be a plain folder name")
-    blocked = next((p for p in Path(args.runs_dir).absolute().parents if p.is_file()), None)
-    if Path(args.runs_dir).is_file() or blocked:
-        raise UsageError(f"--runs-dir {args.runs_dir}: {blocked or args.runs_dir} is a file, "
-                         f"so no run folder can be made under it")
+    blocked = file_in_the_way(Path(args.runs_dir))
+    if blocked:
+        raise UsageError(f"--runs-dir {args.runs_dir}: {blocked} is a file, so no run folder "
+                         f"can be made under it")
     for name in filter(None, args.baselines.split(",")):
         try:
             load_architecture(name.strip())

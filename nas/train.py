@@ -22,13 +22,11 @@ from torch import nn
 from tqdm import tqdm
 
 from nas.arch import ArchError, Architecture, load_architecture
-from nas.cli import HelpFormatter
+from nas.cli import MAX_SEED, HelpFormatter, file_in_the_way, is_plain_folder_name
 from nas.data import DataError, DataSplits, batches, load_data
 from nas.files import write_atomic
 from nas.latency import pin_malloc_thresholds
 from nas.proxy import CandidateFailed, ProxyBudget, evaluate, proxy_arch, training_model
-
-MAX_SEED = 2**32 - 1  # the per-epoch batch-order seed, seed * 100_003 + epoch, must fit 64 bits
 
 
 class TrainError(ValueError):
@@ -218,13 +216,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainError(f"--seed {args.seed}: must be in 0..{MAX_SEED}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda: no CUDA GPU is available on this machine; use cpu")
-    if args.name is not None and (not args.name or any(c in args.name for c in "/\\")
-                                  or args.name.startswith(".")):
+    if args.name is not None and not is_plain_folder_name(args.name):
         raise TrainError(f"--name {args.name!r}: must be a plain folder name")
-    runs_dir = Path(args.runs_dir)
-    existing = next(p for p in (runs_dir, *runs_dir.parents) if p.exists())
-    if not existing.is_dir():
-        raise TrainError(f"--runs-dir {runs_dir}: {existing} is a file, not a folder")
+    blocked = file_in_the_way(Path(args.runs_dir))
+    if blocked:
+        raise TrainError(f"--runs-dir {args.runs_dir}: {blocked} is a file, not a folder")
 
 
 def prepare(args: argparse.Namespace) -> tuple[Architecture, DataSplits, TrainConfig, Path]:

@@ -26,3 +26,12 @@ def image_folder(tmp_path_factory):
 def _private_cache(tmp_path_factory, monkeypatch):
     """Decoded-data caches go to a temporary folder, never the user's ~/.cache."""
     monkeypatch.setenv("NAS_CACHE", str(tmp_path_factory.getbasetemp() / "nas-cache"))
+
+
+def one_line_error(capsys, tool: str, fragment: str) -> str:
+    """The user-error standard: one stderr line from the tool, naming the flag or file."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"{tool}: error: ") and fragment in lines[0], lines[0]
+    return lines[0]

@@ -9,21 +9,13 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 import torch
+from conftest import one_line_error
 
 from nas import export, plot, search, train
 from nas.arch import BlockSpec, load_architecture
 from nas.model import build_model
 from nas.profile import count_params
 from nas.proxy import ProxyBudget, proxy_arch
-
-
-def _one_line_error(capsys, tool: str, fragment: str) -> str:
-    """The user-error standard: one stderr line from the tool, naming the flag or file."""
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"{tool}: error: ") and fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +164,7 @@ def test_training_another_architecture_into_the_same_folder_is_refused(run, imag
 
 def test_export_into_a_missing_folder_is_one_line(run, tmp_path, capsys):
     assert export.main([str(run), "-o", str(tmp_path / "nope" / "a.yaml")]) == 2
-    assert "does not exist" in _one_line_error(capsys, "nas.export", "-o")
+    assert "does not exist" in one_line_error(capsys, "nas.export", "-o")
 
 
 @pytest.mark.parametrize("final_map, total_stride", [(2, 16), (1, 32)])
@@ -222,7 +214,7 @@ def test_train_refuses_bad_flags_before_making_any_folder(run, image_folder, tmp
     assert train.main([str(run / "best.yaml"), "--data", str(image_folder), "--runs-dir",
                        str(runs), "--batch-size", "32", "--epochs", "1", "--no-progress",
                        *extra]) == 2
-    _one_line_error(capsys, "nas.train", fragment)
+    one_line_error(capsys, "nas.train", fragment)
     assert not any(tmp_path.iterdir())
 
 
@@ -230,7 +222,7 @@ def test_a_diverged_run_leaves_no_folder_it_made(run, image_folder, tmp_path, ca
     assert train.main([str(run / "best.yaml"), "--data", str(image_folder), "--runs-dir",
                        str(tmp_path / "a" / "runs"), "--batch-size", "32", "--epochs", "1",
                        "--lr", "1e30", "--no-progress"]) == 2
-    assert "diverged" in _one_line_error(capsys, "nas.train", "--lr")
+    assert "diverged" in one_line_error(capsys, "nas.train", "--lr")
     assert not any(tmp_path.iterdir())  # neither the run folder nor the runs folders made for it
 
 
@@ -241,7 +233,7 @@ def test_train_with_a_file_in_the_way_of_the_run_folder_is_one_line(
     assert train.main([str(run / "best.yaml"), "--data", str(image_folder), "--runs-dir",
                        str(tmp_path / runs_dir), "--name", name, "--batch-size", "32",
                        "--epochs", "1", "--no-progress"]) == 2
-    _one_line_error(capsys, "nas.train", "--runs-dir")
+    one_line_error(capsys, "nas.train", "--runs-dir")
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
     assert (tmp_path / "afile").read_text() == "mine"
 
@@ -255,7 +247,7 @@ def test_export_checks_every_output_before_writing_any(run, tmp_path, capsys, ou
     (tmp_path / "d.yaml").mkdir()
     argv = [str(run)] + [arg for f, name in outputs.items() for arg in (f, str(tmp_path / name))]
     assert export.main(argv) == 2
-    _one_line_error(capsys, "nas.export", flag)
+    one_line_error(capsys, "nas.export", flag)
     assert [p.name for p in tmp_path.iterdir()] == ["d.yaml"]
     assert not any((tmp_path / "d.yaml").iterdir())
 
@@ -271,7 +263,7 @@ def test_a_failed_write_removes_the_files_this_export_wrote(run, tmp_path, capsy
     monkeypatch.setattr(export, "write_atomic", full_disk_for_networks)
     assert export.main([str(run), "-o", str(tmp_path / "e.yaml"), "--torchscript",
                         str(tmp_path / "e.pt")]) == 2
-    assert "No space left" in _one_line_error(capsys, "nas.export", "--torchscript")
+    assert "No space left" in one_line_error(capsys, "nas.export", "--torchscript")
     assert not any(tmp_path.iterdir())  # e.yaml was written first, then removed
 
 
@@ -281,7 +273,7 @@ def test_a_bad_storage_url_is_one_line_and_creates_nothing(run, tmp_path, capsys
     url = url.format(tmp=tmp_path)
     out = ["-o", str(tmp_path / "a.yaml")] if tool is export else []
     assert tool.main([str(run), "--storage", url, *out]) == 2
-    _one_line_error(capsys, tool.__name__, f"--storage {url}")
+    one_line_error(capsys, tool.__name__, f"--storage {url}")
     assert not any(tmp_path.iterdir())
 
 
@@ -297,7 +289,7 @@ def test_a_damaged_run_folder_is_one_line_and_gets_no_new_files(run, tmp_path, c
                                      else content)
     out = ["-o", str(tmp_path / "a.yaml")] if tool is export else []
     assert tool.main([str(folder), *out]) == 2
-    _one_line_error(capsys, tool.__name__, fragment)
+    one_line_error(capsys, tool.__name__, fragment)
     assert [p.name for p in tmp_path.rglob("*")] == ["r", "run.json"]
 
 
@@ -308,7 +300,7 @@ def test_export_with_a_file_that_is_no_checkpoint_is_one_line(run, tmp_path, cap
     make(ckpt)
     assert export.main([str(run), "-o", str(tmp_path / "e.yaml"), "--torchscript",
                         str(tmp_path / "e.pt"), "--checkpoint", str(ckpt)]) == 2
-    assert "not a nas.train checkpoint" in _one_line_error(capsys, "nas.export", "--checkpoint")
+    assert "not a nas.train checkpoint" in one_line_error(capsys, "nas.export", "--checkpoint")
     assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]
 
 
@@ -318,7 +310,7 @@ def test_export_input_size_is_checked_up_front(run, tmp_path, capsys, size, netw
     net = ["--torchscript", str(tmp_path / "e.pt")] if network else []
     assert export.main([str(run), "-o", str(tmp_path / "e.yaml"), "--input-size", size,
                         *net]) == 2
-    _one_line_error(capsys, "nas.export", f"--input-size {size}" if int(size) < 32
+    one_line_error(capsys, "nas.export", f"--input-size {size}" if int(size) < 32
                     else "--input-size")
     assert not any(tmp_path.iterdir())
 

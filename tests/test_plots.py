@@ -6,7 +6,7 @@ import math
 import optuna
 import pandas as pd
 import pytest
-from test_export_train import _one_line_error
+from conftest import one_line_error
 from test_pareto import _study
 
 from nas import plot
@@ -119,5 +119,5 @@ def test_plot_rewrites_a_run_from_its_storage(run_folder, capsys):
 @pytest.mark.parametrize("target", [-5, 0, math.nan, math.inf])
 def test_plot_refuses_a_target_that_is_not_a_positive_number(run_folder, capsys, target):
     assert plot.main([str(run_folder), "--target-ms", str(target)]) == 2
-    _one_line_error(capsys, "nas.plot", f"--target-ms {target:g}")
+    one_line_error(capsys, "nas.plot", f"--target-ms {target:g}")
     assert sorted(p.name for p in run_folder.iterdir()) == ["run.json", "study.db"]
