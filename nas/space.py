@@ -94,9 +94,28 @@ class BlockChoices:
     def choices(self, factor: str) -> tuple:
         return getattr(self, factor)
 
+    def options(self, factor: str) -> tuple:
+        """What sampling asks: the listed choices, but one multiplier per distinct width.
+
+        Two multipliers that round to one width (16 x 0.75 -> 16) would build the same network
+        under two parameter values and double that width's odds under random sampling; the one
+        nearest 1.0 stands for its width.
+        """
+        if factor != "filters_mult":
+            return self.choices(factor)
+        return tuple(m for m in self.filters_mult if self.mult_for(self.width(m)) == m)
+
+    def mult_for(self, width: int) -> float:
+        """The multiplier that stands for `width` (nearest 1.0; the first listed on a tie)."""
+        mults = [m for m in self.filters_mult if self.width(m) == width]
+        if not mults:
+            raise ValueError(f"width {width} is not reachable from {self.filters} x "
+                             f"{list(self.filters_mult)}")
+        return min(mults, key=lambda m: abs(m - 1.0))
+
     def searched(self) -> list[str]:
-        """Factors with more than one choice: those that become Optuna parameters."""
-        return [f for f in FACTORS if len(self.choices(f)) > 1]
+        """Factors with more than one option: those that become Optuna parameters."""
+        return [f for f in FACTORS if len(self.options(f)) > 1]
 
     def width(self, mult: float) -> int:
         return make_divisible(self.filters * mult, FILTER_DIVISOR)
@@ -205,7 +224,7 @@ class SearchSpace:
         blocks, cin = [], self.stem.filters
         for i, block in enumerate(self.blocks):
             def pick(factor: str, block: BlockChoices = block, i: int = i) -> Any:
-                values = block.choices(factor)
+                values = block.options(factor)
                 if len(values) == 1:
                     return values[0]
                 return trial.suggest_categorical(f"b{i}_{factor}", list(values))
@@ -354,13 +373,11 @@ def _block_params(block: BlockChoices, spec: BlockSpec, i: int, where: str) -> d
             raise SpaceError(f"{where}: {factor}={value!r} is not a choice; allowed: "
                              f"{list(block.choices(factor))}")
         found[factor] = match[0]  # the choice itself (0 rather than 0.0), as trial.params holds it
-    mults = [m for m in block.filters_mult if block.width(m) == spec.filters]
-    if not mults:
+    if spec.filters not in block.widths():
         raise SpaceError(f"{where}: filters={spec.filters} is not reachable; allowed: "
                          f"{block.widths()} (base {block.filters} x {list(block.filters_mult)})")
-    # Rounding can map two multipliers to one width (16 x 0.75 -> 16): prefer the one nearest 1.
-    found["filters_mult"] = min(mults, key=lambda m: abs(m - 1.0))
-    return {f"b{i}_{f}": found[f] for f in FACTORS if f in found and len(block.choices(f)) > 1}
+    found["filters_mult"] = block.mult_for(spec.filters)  # as sample asks it (BlockChoices.options)
+    return {f"b{i}_{f}": found[f] for f in FACTORS if f in found and len(block.options(f)) > 1}
 
 
 def space_names() -> list[str]:

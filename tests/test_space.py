@@ -160,6 +160,45 @@ def test_params_of_prefers_the_neutral_multiplier_when_widths_collide(mnasnet):
     assert params["b0_op"] == "sepconv" and "b0_expansion" not in params
 
 
+def test_sampling_asks_each_width_once_so_random_sampling_draws_widths_evenly(mnasnet, tiny):
+    # Blocks 0 and 1 list 0.75, 1.0, 1.25, but 0.75 rounds back to the base width (16, 24): asked
+    # as three multipliers, random sampling drew the base width 2/3 of the time.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    widths = {0: [], 1: [], 2: []}
+    for _ in range(600):
+        trial = study.ask()
+        arch = mnasnet.sample(trial)
+        for i in widths:
+            widths[i].append(arch.blocks[i].filters)
+        assert trial.distributions["b0_filters_mult"].choices == (1.0, 1.25)
+        assert trial.distributions["b1_filters_mult"].choices == (1.0, 1.25)
+        assert trial.distributions["b2_filters_mult"].choices == (0.75, 1.0, 1.25)
+        study.tell(trial, 0.0)
+    for i, expected in [(0, {16: 1 / 2, 24: 1 / 2}), (1, {24: 1 / 2, 32: 1 / 2}),
+                        (2, {24: 1 / 3, 32: 1 / 3, 40: 1 / 3})]:
+        counts = {w: widths[i].count(w) / 600 for w in set(widths[i])}
+        assert counts.keys() == expected.keys()
+        for w, share in expected.items():
+            assert counts[w] == pytest.approx(share, abs=0.07), (i, counts)
+    # tiny's block 2 lists 0.75 and 1.0 for base 16: the same width, so nothing to ask there
+    # unless 1.25 (24) is also listed; it is, so two options remain.
+    assert tiny.blocks[2].options("filters_mult") == (1.0, 1.25)
+    assert tiny.blocks[2].choices("filters_mult") == (0.75, 1.0, 1.25)  # the file, unchanged
+
+
+def test_a_multiplier_list_with_one_distinct_width_is_not_a_parameter(tiny):
+    block = dataclasses.replace(tiny.blocks[1], filters_mult=(1.0, 1.05))  # 16.8 rounds to 16
+    assert block.widths() == [16]
+    assert block.options("filters_mult") == (1.0,)
+    assert "filters_mult" not in block.searched()
+    space = dataclasses.replace(tiny, blocks=(tiny.blocks[0], block, tiny.blocks[2]))
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    arch = space.sample(trial)
+    assert "b1_filters_mult" not in trial.params
+    assert arch.blocks[1].filters == 16
+    assert "b1_filters_mult" not in space.params_of(arch)
+
+
 @pytest.mark.parametrize("name, fragment", [
     ("mnasnet_a1", "blocks[4]: filters=112 is not reachable; allowed: [72, 96, 120]"),
     ("mobilenet_v2", "stem.act='relu6' but the space fixes stem.act='relu'"),
@@ -205,8 +244,8 @@ def test_size_equals_brute_force_over_whole_tiny_space(tiny):
         for factor in block.searched():
             if factor != "expansion":
                 names.append(f"b{i}_{factor}")
-                grids.append(block.choices(factor))
-    archs = set()
+                grids.append(block.options(factor))  # what sample asks
+    archs, asked = set(), set()
     for values in itertools.product(*grids):
         params = dict(zip(names, values, strict=True))
         # The conditional expansion is asked only for mbconv blocks: enumerate it for those.
@@ -214,11 +253,15 @@ def test_size_equals_brute_force_over_whole_tiny_space(tiny):
                 if len(b.expansion) > 1 and params.get(f"b{i}_op", b.op[0]) == "mbconv"]
         for exp_values in itertools.product(*(v for _, v in cond)):
             full = params | dict(zip((n for n, _ in cond), exp_values, strict=True))
-            archs.add(tiny.sample(optuna.trial.FixedTrial(full)))
+            trial = optuna.trial.FixedTrial(full)
+            archs.add(tiny.sample(trial))
+            asked.add(tuple(sorted(trial.params.items())))
     # every sampled architecture is another network; skip where no layer can take a
     # shortcut would have named 384 of them twice (1,536 before)
     networks = {tuple(dataclasses.astuple(c)[:-1] for c in layer_configs(a)) for a in archs}
     assert tiny.size() == len(archs) == len(networks) == 1152
+    # and no two sets of asked parameters name one network (0.75 and 1.0 both gave width 16)
+    assert len(asked) == 1152
 
 
 def test_mnasnet_size_counts_skip_only_where_a_shortcut_can_be(mnasnet):
