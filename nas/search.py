@@ -557,7 +557,13 @@ def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
     budget = ProxyBudget(train_images=args.proxy_images, epochs=args.proxy_epochs,
                          batch_size=args.proxy_batch, lr=args.proxy_lr, val_images=args.val_size,
                          final_map=args.proxy_final_map)
-    data = load_data(args.data, val_size=args.val_size)
+    try:
+        data = load_data(args.data, val_size=args.val_size)
+    except DataError as e:  # the data API names its argument; the user typed the flag
+        prefix = f"val_size={args.val_size!r} "
+        if str(e).startswith(prefix):
+            raise UsageError(f"--val-size {args.val_size}: {str(e).removeprefix(prefix)}") from None
+        raise
     if args.proxy_batch > len(data.train):
         raise UsageError(f"--proxy-batch {args.proxy_batch}: must be <= the {len(data.train)} "
                          f"training images left after --val-size {args.val_size}")
