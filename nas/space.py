@@ -8,7 +8,9 @@ block share them. Nothing here imports torch: `SearchSpace.sample` turns a trial
 
 A block whose choices contain a single value has that factor fixed (no Optuna parameter). The
 expansion ratio is a conditional parameter: `b{i}_expansion` is suggested only in trials that chose
-`mbconv` for block i, which is what Optuna's define-by-run API is for.
+`mbconv` for block i, which is what Optuna's define-by-run API is for. The file lists width
+multipliers; the parameter `b{i}_filters` asks the distinct widths they round to (16 x 0.75 and
+16 x 1.0 are one choice, 16), so no two parameter values name one network.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ if TYPE_CHECKING:  # annotations only: importing the space needs neither optuna 
 
 DEFAULT_SPACE = "mnasnet"
 FILTER_DIVISOR = 8  # searched widths are rounded like MobileNetV2's width multiplier
-# Order in which a block's factors are suggested, and the suffix of their Optuna parameter names.
+# Order in which a block's factors are suggested; `param_name` gives their Optuna parameter names.
 FACTORS = ("op", "kernel", "expansion", "se_ratio", "skip", "repeats_delta", "filters_mult")
+_PARAM_SUFFIX = {"filters_mult": "filters"}  # the parameter's values are widths, not multipliers
 _BASE_KEYS = ("filters", "repeats", "stride", "act")
 
 
@@ -95,23 +98,12 @@ class BlockChoices:
         return getattr(self, factor)
 
     def options(self, factor: str) -> tuple:
-        """What sampling asks: the listed choices, but one multiplier per distinct width.
+        """The values sampling asks: the listed choices, but widths for the multipliers.
 
-        Two multipliers that round to one width (16 x 0.75 -> 16) would build the same network
-        under two parameter values and double that width's odds under random sampling; the one
-        nearest 1.0 stands for its width.
+        Two multipliers that round to one width (16 x 0.75 -> 16) would name one network twice
+        and double that width's odds under random sampling.
         """
-        if factor != "filters_mult":
-            return self.choices(factor)
-        return tuple(m for m in self.filters_mult if self.mult_for(self.width(m)) == m)
-
-    def mult_for(self, width: int) -> float:
-        """The multiplier that stands for `width` (nearest 1.0; the first listed on a tie)."""
-        mults = [m for m in self.filters_mult if self.width(m) == width]
-        if not mults:
-            raise ValueError(f"width {width} is not reachable from {self.filters} x "
-                             f"{list(self.filters_mult)}")
-        return min(mults, key=lambda m: abs(m - 1.0))
+        return tuple(self.widths()) if factor == "filters_mult" else self.choices(factor)
 
     def searched(self) -> list[str]:
         """Factors with more than one option: those that become Optuna parameters."""
@@ -125,8 +117,8 @@ class BlockChoices:
         return sorted({self.width(m) for m in self.filters_mult})
 
     def spec(self, *, op: str, kernel: int, expansion: float, se_ratio: float, skip: str,
-             repeats_delta: int, filters_mult: float) -> BlockSpec:
-        return BlockSpec(op=op, kernel=kernel, filters=self.width(filters_mult), stride=self.stride,
+             repeats_delta: int, filters: int) -> BlockSpec:
+        return BlockSpec(op=op, kernel=kernel, filters=filters, stride=self.stride,
                          repeats=self.repeats + repeats_delta,
                          expansion=expansion if op == "mbconv" else 1, se_ratio=se_ratio,
                          skip=skip, act=self.act)
@@ -153,7 +145,7 @@ class BlockChoices:
                          expansion=pick(self.expansion) if self.expansion else 1,
                          se_ratio=pick(self.se_ratio), skip=self.skip[0],
                          repeats_delta=pick(self.repeats_delta),
-                         filters_mult=pick(self.filters_mult))
+                         filters=pick(self.widths()))
 
     def to_dict(self) -> dict[str, Any]:
         choices = {f: list(self.choices(f)) for f in FACTORS if self.choices(f)}
@@ -227,18 +219,17 @@ class SearchSpace:
                 values = block.options(factor)
                 if len(values) == 1:
                     return values[0]
-                return trial.suggest_categorical(f"b{i}_{factor}", list(values))
+                return trial.suggest_categorical(param_name(i, factor), list(values))
 
             op = pick("op")
             kernel = pick("kernel")
             expansion = pick("expansion") if op == "mbconv" else 1
-            se_ratio, delta, mult = pick("se_ratio"), pick("repeats_delta"), pick("filters_mult")
-            width = block.width(mult)
+            se_ratio, delta, width = pick("se_ratio"), pick("repeats_delta"), pick("filters_mult")
             skip = (pick("skip") if block.skip_matters(cin, block.repeats + delta, width)
                     else block.skip[0])
             blocks.append(block.spec(op=op, kernel=kernel, expansion=expansion,
                                      se_ratio=se_ratio, skip=skip, repeats_delta=delta,
-                                     filters_mult=mult))
+                                     filters=width))
             cin = width
         return Architecture(blocks=tuple(blocks), stem=self.stem, head=self.head,
                             settings=self.settings)
@@ -376,8 +367,13 @@ def _block_params(block: BlockChoices, spec: BlockSpec, i: int, where: str) -> d
     if spec.filters not in block.widths():
         raise SpaceError(f"{where}: filters={spec.filters} is not reachable; allowed: "
                          f"{block.widths()} (base {block.filters} x {list(block.filters_mult)})")
-    found["filters_mult"] = block.mult_for(spec.filters)  # as sample asks it (BlockChoices.options)
-    return {f"b{i}_{f}": found[f] for f in FACTORS if f in found and len(block.options(f)) > 1}
+    found["filters_mult"] = spec.filters  # the parameter asks widths (BlockChoices.options)
+    return {param_name(i, f): found[f] for f in FACTORS if f in found and len(block.options(f)) > 1}
+
+
+def param_name(block: int, factor: str) -> str:
+    """Optuna parameter of a block's factor: ``b2_kernel``, but ``b2_filters`` for the widths."""
+    return f"b{block}_{_PARAM_SUFFIX.get(factor, factor)}"
 
 
 def space_names() -> list[str]:

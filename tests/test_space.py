@@ -20,6 +20,7 @@ from nas.space import (
     SearchSpace,
     SpaceError,
     load_space,
+    param_name,
     space_names,
 )
 
@@ -118,7 +119,7 @@ def test_samples_respect_the_space(mnasnet):
             can = spec.repeats > 1 or (spec.stride == 1 and cin == spec.filters)
             assert (f"b{i}_skip" in trial.params) == can
             seen_skips.add((i, can))
-        expected = {f"b{i}_{f}" for i in range(7) for f in FACTORS
+        expected = {param_name(i, f) for i in range(7) for f in FACTORS
                     if f not in ("expansion", "skip")}
         assert expected <= set(trial.params)
     assert {(0, False), (0, True)} <= seen_skips  # block 0 (1 or 2 repeats) both ways
@@ -147,8 +148,8 @@ def test_params_of_round_trips_through_enqueue(name):
         assert space.sample(optuna.trial.FixedTrial(params)) == arch
 
 
-def test_params_of_prefers_the_neutral_multiplier_when_widths_collide(mnasnet):
-    # 16 x 0.75 rounds back to 16: both 0.75 and 1.0 give it; 1.0 is the natural reading.
+def test_params_of_names_the_width_when_multipliers_collide(mnasnet):
+    # 16 x 0.75 rounds back to 16: both 0.75 and 1.0 give it, and the parameter is the width.
     assert mnasnet.blocks[0].widths() == [16, 24]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     arch = mnasnet.sample(study.ask())
@@ -156,7 +157,7 @@ def test_params_of_prefers_the_neutral_multiplier_when_widths_collide(mnasnet):
     blocks[0] = BlockSpec.from_str("sep_k3_s1_r1_c16_noskip")
     params = mnasnet.params_of(Architecture(blocks=tuple(blocks), stem=arch.stem, head=arch.head,
                                             settings=arch.settings))
-    assert params["b0_filters_mult"] == 1.0
+    assert params["b0_filters"] == 16
     assert params["b0_op"] == "sepconv" and "b0_expansion" not in params
 
 
@@ -170,9 +171,10 @@ def test_sampling_asks_each_width_once_so_random_sampling_draws_widths_evenly(mn
         arch = mnasnet.sample(trial)
         for i in widths:
             widths[i].append(arch.blocks[i].filters)
-        assert trial.distributions["b0_filters_mult"].choices == (1.0, 1.25)
-        assert trial.distributions["b1_filters_mult"].choices == (1.0, 1.25)
-        assert trial.distributions["b2_filters_mult"].choices == (0.75, 1.0, 1.25)
+        assert trial.distributions["b0_filters"].choices == (16, 24)
+        assert trial.distributions["b1_filters"].choices == (24, 32)
+        assert trial.distributions["b2_filters"].choices == (24, 32, 40)
+        assert "b0_filters_mult" not in trial.params
         study.tell(trial, 0.0)
     for i, expected in [(0, {16: 1 / 2, 24: 1 / 2}), (1, {24: 1 / 2, 32: 1 / 2}),
                         (2, {24: 1 / 3, 32: 1 / 3, 40: 1 / 3})]:
@@ -180,23 +182,22 @@ def test_sampling_asks_each_width_once_so_random_sampling_draws_widths_evenly(mn
         assert counts.keys() == expected.keys()
         for w, share in expected.items():
             assert counts[w] == pytest.approx(share, abs=0.07), (i, counts)
-    # tiny's block 2 lists 0.75 and 1.0 for base 16: the same width, so nothing to ask there
-    # unless 1.25 (24) is also listed; it is, so two options remain.
-    assert tiny.blocks[2].options("filters_mult") == (1.0, 1.25)
+    # tiny's block 2 lists 0.75, 1.0 and 1.25 for base 16: widths 16, 16 and 24
+    assert tiny.blocks[2].options("filters_mult") == (16, 24)
     assert tiny.blocks[2].choices("filters_mult") == (0.75, 1.0, 1.25)  # the file, unchanged
 
 
 def test_a_multiplier_list_with_one_distinct_width_is_not_a_parameter(tiny):
     block = dataclasses.replace(tiny.blocks[1], filters_mult=(1.0, 1.05))  # 16.8 rounds to 16
     assert block.widths() == [16]
-    assert block.options("filters_mult") == (1.0,)
+    assert block.options("filters_mult") == (16,)
     assert "filters_mult" not in block.searched()
     space = dataclasses.replace(tiny, blocks=(tiny.blocks[0], block, tiny.blocks[2]))
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     arch = space.sample(trial)
-    assert "b1_filters_mult" not in trial.params
+    assert "b1_filters" not in trial.params
     assert arch.blocks[1].filters == 16
-    assert "b1_filters_mult" not in space.params_of(arch)
+    assert "b1_filters" not in space.params_of(arch)
 
 
 @pytest.mark.parametrize("name, fragment", [
@@ -233,7 +234,7 @@ def _brute_force_block_count(space: SearchSpace, i: int) -> int:
             block.filters_mult):
         for expansion in (block.expansion if op == "mbconv" else (1,)):
             specs.add(block.spec(op=op, kernel=kernel, expansion=expansion, se_ratio=se, skip=skip,
-                                 repeats_delta=delta, filters_mult=mult).to_str())
+                                 repeats_delta=delta, filters=block.width(mult)).to_str())
     return len(specs)
 
 
@@ -243,7 +244,7 @@ def test_size_equals_brute_force_over_whole_tiny_space(tiny):
     for i, block in enumerate(tiny.blocks):
         for factor in block.searched():
             if factor != "expansion":
-                names.append(f"b{i}_{factor}")
+                names.append(param_name(i, factor))
                 grids.append(block.options(factor))  # what sample asks
     archs, asked = set(), set()
     for values in itertools.product(*grids):
