@@ -18,6 +18,11 @@ ours, N x 1 thread: N processes (--parallel, default: one per thread) each train
         `nas.search --workers N` trains together on an N-core CPU
 Each variant trains the same proxy network (the 32x32 adaptation of --arch) for --steps steps
 after --warmup steps, in one process, in interleaved rounds; the table reports the median.
+The plain row runs in a fresh process each round, with glibc's own malloc settings, as a seed
+script runs. Ours runs in this process with glibc's malloc thresholds pinned as nas.proxy pins
+them (--malloc pinned, the default): without that, glibc hands freed activation buffers back to
+the kernel and every step faults them in again (~2,000-4,000 page faults a step, here). The row
+'plain, malloc pinned' gives the plain pipeline the same help, in this process.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from torchvision import transforms
 
 from nas.arch import Architecture, load_architecture
 from nas.data import CIFAR10_MEAN, CIFAR10_STD, DataSplits, batches, load_data
-from nas.latency import cpu_name
+from nas.latency import cpu_name, pin_malloc_thresholds
 from nas.model import build_model
 from nas.proxy import ProxyBudget, make_optimizer, proxy_arch, train_step, training_model
 
@@ -109,11 +114,33 @@ def compiled(arch: Architecture, data: DataSplits, batch_size: int, gen: torch.G
 def _parallel_worker(args: argparse.Namespace, arch: Architecture, barrier, out) -> None:
     """One of N concurrent 1-thread trainers; all start timing together after the barrier."""
     torch.set_num_threads(1)
+    if args.malloc == "pinned":
+        pin_malloc_thresholds()
     data = load_data(args.data)
     torch.manual_seed(0)
     model, it = ours(arch, data, args.batch_size, torch.Generator().manual_seed(0))
     barrier.wait()
     out.put(time_steps(model, it, args.steps, args.warmup, False, ours=True)[0])
+
+
+def _plain_worker(args: argparse.Namespace, arch: Architecture, root: Path, out) -> None:
+    """The plain pipeline in a fresh process: glibc's malloc defaults, as a seed script has."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=10)
+    it = iter(plain_loader(root, args.batch_size, args.workers))
+    out.put(time_steps(model, it, args.steps, args.warmup, False, ours=False))
+
+
+def plain_fresh(args: argparse.Namespace, arch: Architecture, root: Path) -> tuple[float, float]:
+    """img/s and first-step seconds of the plain pipeline run in a new process."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_plain_worker, args=(args, arch, root, out))
+    proc.start()
+    result = out.get()
+    proc.join()
+    return result
 
 
 def parallel_ours(args: argparse.Namespace, arch: Architecture) -> float:
@@ -158,19 +185,26 @@ def main() -> int:
                    help="processes of the 'ours, N x 1 thread' row (0 = skip it)")
     p.add_argument("--compile", action="store_true",
                    help="add the row 'ours + torch.compile' (minutes of compiling per round)")
+    p.add_argument("--malloc", choices=("pinned", "default"), default="pinned",
+                   help="glibc malloc thresholds of this process (every row but plain): pinned "
+                        "as nas.proxy and nas.train pin them, or glibc's own")
     p.add_argument("--out", default="benchmarks/results/proxy_throughput.txt")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.malloc == "pinned" and not pin_malloc_thresholds():
+        p.error("--malloc pinned: this C library has no glibc mallopt; use --malloc default")
     data = load_data(args.data)
     scratch = tempfile.TemporaryDirectory()
     root = image_folder(args.data, Path(scratch.name))
     budget = ProxyBudget(final_map=args.final_map)
     arch = proxy_arch(load_architecture(args.arch), budget, 32)
     gen = torch.Generator().manual_seed(0)
+    plain_name = "plain (DataLoader+PIL, NCHW)"
     variants = {
-        "plain (DataLoader+PIL, NCHW)": lambda: (build_model(arch, num_classes=10),
-                                                 iter(plain_loader(root, args.batch_size,
-                                                                   args.workers)), False),
+        plain_name: None,  # in a fresh process (plain_fresh)
+        "plain, malloc pinned": lambda: (build_model(arch, num_classes=10),
+                                         iter(plain_loader(root, args.batch_size, args.workers)),
+                                         False),
         "ours-nchw (tensors, NCHW)": lambda: (
             *ours(arch, data, args.batch_size, gen, channels_last=False), False),
         "ours (tensors, channels-last)": lambda: (*ours(arch, data, args.batch_size, gen), False),
@@ -191,6 +225,12 @@ def main() -> int:
             print(f"round {r + 1} {parallel_name}: {results[parallel_name][-1]:.1f} img/s",
                   flush=True)
         for name, make in variants.items():
+            if make is None:
+                rate, first_s = plain_fresh(args, arch, root)
+                results[name].append(rate)
+                first[name].append(first_s)
+                print(f"round {r + 1} {name}: {rate:.1f} img/s", flush=True)
+                continue
             torch.manual_seed(0)
             model, it, bf16 = make()
             rate, first_s = time_steps(model, it, args.steps, args.warmup, bf16,
@@ -200,14 +240,16 @@ def main() -> int:
             del model, it  # stop the plain pipeline's workers before the next variant is timed
             gc.collect()
             print(f"round {r + 1} {name}: {results[name][-1]:.1f} img/s", flush=True)
-    plain = statistics.median(results["plain (DataLoader+PIL, NCHW)"])
+    plain = statistics.median(results[plain_name])
     lines = [
         f"# proxy_throughput  {datetime.date.today()}  {cpu_name()}, {args.threads} threads, "
         f"torch {torch.__version__}, python {platform.python_version()}",
         f"# command: python {' '.join(sys.argv)}",
         f"# network: {args.arch} adapted to 32x32 with final map {args.final_map} "
         f"({arch.to_str()}), batch {args.batch_size}, "
-        f"{args.steps} timed steps after {args.warmup}, {args.rounds} interleaved rounds",
+        f"{args.steps} timed steps after {args.warmup}, {args.rounds} interleaved rounds; "
+        f"plain in a fresh process per round, the other rows in this one, malloc thresholds "
+        f"{args.malloc}",
         f"{'pipeline':32s} {'img/s (median)':>15s} {'rounds':>24s} {'vs plain':>9s} "
         f"{'1st step s max':>14s}",
     ]
@@ -216,6 +258,10 @@ def main() -> int:
         firsts = f"{max(first[name]):14.2f}" if first.get(name) else f"{'-':>14s}"
         lines.append(f"{name:32s} {med:15.1f} {' '.join(f'{v:7.1f}' for v in vals):>24s} "
                      f"{med / plain:8.2f}x {firsts}")
+    per_round = [o / q for o, q in zip(results["ours (tensors, channels-last)"],
+                                       results[plain_name], strict=True)]
+    lines.append(f"# ours/plain within each round: {' '.join(f'{v:.2f}' for v in per_round)} "
+                 f"(median {statistics.median(per_round):.2f}x)")
     text = "\n".join(lines)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
