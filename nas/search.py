@@ -260,6 +260,24 @@ def open_study(args: argparse.Namespace, storage: optuna.storages.BaseStorage,
     return study
 
 
+def check_stored_params(study: optuna.Study, space: SearchSpace, name: str) -> None:
+    """Refuse a study whose trials asked a parameter with other choices than this space asks.
+
+    Optuna keeps one value space per parameter name: every sampler but random raises on the
+    first suggest ("CategoricalDistribution does not support dynamic value space"), so each new
+    trial would fail. The settings check catches an edited space file; this catches a nas
+    version that asks a factor another way.
+    """
+    now = space.param_choices()
+    for t in study.get_trials(deepcopy=False):
+        for key, dist in t.distributions.items():
+            was = getattr(dist, "choices", None)
+            if key in now and was is not None and tuple(was) != now[key]:
+                raise UsageError(f"study {name!r}: trial {t.number} asked {key} from {list(was)}, "
+                                 f"this nas version asks it from {list(now[key])}; pick a new "
+                                 "--name, or resume with the version that made the study")
+
+
 def refusal(name: str, key: str, was: Any, now: Any) -> str:
     """Why a resume is refused, naming the proxy flag that restores the study's budget."""
     if key == "budget" and isinstance(was, dict) and isinstance(now, dict):
@@ -692,6 +710,7 @@ def run(args: argparse.Namespace, write: bool = True, ready=None, stop=None) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
     storage = open_storage(args, run_dir)
     study = open_study(args, storage, settings)
+    check_stored_params(study, ctx.space, args.name)
     baselines = [n.strip() for n in args.baselines.split(",") if n.strip()]
     already = _finished(study)
     if write:

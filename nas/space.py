@@ -258,6 +258,11 @@ class SearchSpace:
             cin = spec.filters
         return params
 
+    def param_choices(self) -> dict[str, tuple]:
+        """Every parameter `sample` may ask, with its choices (to check a stored study against)."""
+        return {param_name(i, f): b.options(f) for i, b in enumerate(self.blocks)
+                for f in FACTORS if len(b.options(f)) > 1}
+
     def size(self) -> int:
         """Number of distinct networks: a product over blocks, but skip counts only where a
         layer can take a shortcut, which depends on the width the block before chose."""

@@ -118,6 +118,35 @@ def test_resume_with_other_settings_is_refused(image_folder, tmp_path, capsys):
     assert len(study_of(tmp_path).trials) == 1
 
 
+def test_resume_refuses_a_study_that_asked_a_parameter_from_other_choices(
+        image_folder, tmp_path, capsys, monkeypatch):
+    # As if another nas version had rounded widths to multiples of 4: the space file, and so
+    # the settings, are the same, but block 2 asked its width from other values. Optuna's
+    # storage refuses a second value space under one name, so each new trial would fail.
+    monkeypatch.setattr("nas.space.FILTER_DIVISOR", 4)
+    assert main(args(tmp_path, image_folder, "--trials", "1")) == 0
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(args(tmp_path, image_folder, "--trials", "3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trial 0 asked b2_filters from [12, 16, 20]" in err[0]
+    assert "asks it from [16, 24]" in err[0] and "--name" in err[0]
+    assert len(study_of(tmp_path).trials) == 1
+
+
+def test_resume_of_a_study_with_the_old_width_parameter_goes_on(image_folder, tmp_path):
+    # Before the width parameter was b<i>_filters, it was b<i>_filters_mult over the listed
+    # multipliers; such a study resumes, and the default sampler (TPE) proposes from it.
+    assert main(args(tmp_path, image_folder, "--trials", "1")) == 0
+    dist = optuna.distributions.CategoricalDistribution((0.75, 1.0, 1.25))
+    study_of(tmp_path).add_trial(optuna.trial.create_trial(
+        params={"b2_filters_mult": 0.75}, distributions={"b2_filters_mult": dist}, value=0.1))
+    assert main(args(tmp_path, image_folder, "--trials", "4")) == 0
+    trials = study_of(tmp_path).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert all("b2_filters" in t.params for t in trials[2:])
+
+
 def test_resume_with_another_proxy_budget_names_the_flag_that_restores_it(image_folder, tmp_path,
                                                                           capsys):
     assert main(args(tmp_path, image_folder, "--trials", "1")) == 0
