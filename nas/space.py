@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # annotations only: importing the space needs neither optuna 
 
 DEFAULT_SPACE = "mnasnet"
 FILTER_DIVISOR = 8  # searched widths are rounded like MobileNetV2's width multiplier
-# Order in which a block's factors are suggested; `param_name` gives their Optuna parameter names.
+# A block's factors, as the space file names them; `param_name` gives their Optuna parameter names.
 FACTORS = ("op", "kernel", "expansion", "se_ratio", "skip", "repeats_delta", "filters_mult")
 _PARAM_SUFFIX = {"filters_mult": "filters"}  # the parameter's values are widths, not multipliers
 _BASE_KEYS = ("filters", "repeats", "stride", "act")
