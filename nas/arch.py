@@ -63,6 +63,13 @@ def yaml_problem(e: yaml.YAMLError) -> str:
     return str(e).splitlines()[0]
 
 
+# Bounds far above any mobile network (EfficientNet-B7's widest layer: 3840 channels; its longest
+# stage: 10 layers) that stop a typo (c16000000) from reaching torch, where it overflows or asks
+# for terabytes.
+MAX_WIDTH = 16384
+MAX_REPEATS = 256
+
+
 def _check_choice(where: str, name: str, value: Any, allowed: tuple) -> None:
     # by type too: 3.0 == 3 and True == 1, but torch wants an int kernel (an edited config's 3.0
     # reached Conv2d and failed there)
@@ -71,9 +78,9 @@ def _check_choice(where: str, name: str, value: Any, allowed: tuple) -> None:
                         f"expected one of {list(allowed)}")
 
 
-def _check_int(where: str, name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ArchError(f"{where}: {name}={value!r} must be an integer >= {minimum}")
+def _check_int(where: str, name: str, value: Any, *, minimum: int, maximum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ArchError(f"{where}: {name}={value!r} must be an integer from {minimum} to {maximum}")
 
 
 def _check_float(where: str, name: str, value: Any, *, lo: float, hi: float, lo_open=False) -> None:
@@ -103,9 +110,9 @@ class BlockSpec:
         """Raise ArchError naming the first bad field."""
         _check_choice(where, "op", self.op, OPS)
         _check_choice(where, "kernel", self.kernel, KERNELS)
-        _check_int(where, "filters", self.filters, minimum=1)
+        _check_int(where, "filters", self.filters, minimum=1, maximum=MAX_WIDTH)
         _check_choice(where, "stride", self.stride, STRIDES)
-        _check_int(where, "repeats", self.repeats, minimum=1)
+        _check_int(where, "repeats", self.repeats, minimum=1, maximum=MAX_REPEATS)
         _check_float(where, "expansion", self.expansion, lo=0.0, hi=16.0, lo_open=True)
         if self.op != "mbconv" and self.expansion != 1:
             raise ArchError(f"{where}: expansion={self.expansion!r} applies to mbconv only; "
@@ -196,7 +203,7 @@ class Stem:
     act: str = "relu"
 
     def validate(self, where: str = "stem") -> None:
-        _check_int(where, "filters", self.filters, minimum=1)
+        _check_int(where, "filters", self.filters, minimum=1, maximum=MAX_WIDTH)
         _check_choice(where, "kernel", self.kernel, KERNELS)
         _check_choice(where, "stride", self.stride, STRIDES)
         _check_choice(where, "act", self.act, ACTS)
@@ -213,9 +220,9 @@ class Head:
     dropout: float = 0.2
 
     def validate(self, where: str = "head") -> None:
-        _check_int(where, "filters", self.filters, minimum=0)
+        _check_int(where, "filters", self.filters, minimum=0, maximum=MAX_WIDTH)
         _check_choice(where, "act", self.act, ACTS)
-        _check_int(where, "hidden", self.hidden, minimum=0)
+        _check_int(where, "hidden", self.hidden, minimum=0, maximum=MAX_WIDTH)
         _check_choice(where, "hidden_act", self.hidden_act, ACTS)
         _check_float(where, "dropout", self.dropout, lo=0.0, hi=0.99)
 
@@ -237,8 +244,8 @@ class Settings:
         _check_choice(where, "se_from", self.se_from, SE_FROM)
         _check_choice(where, "se_gate", self.se_gate, SE_GATES)
         _check_choice(where, "se_act", self.se_act, ACTS)
-        _check_int(where, "se_divisor", self.se_divisor, minimum=1)
-        _check_int(where, "divisor", self.divisor, minimum=1)
+        _check_int(where, "se_divisor", self.se_divisor, minimum=1, maximum=MAX_WIDTH)
+        _check_int(where, "divisor", self.divisor, minimum=1, maximum=MAX_WIDTH)
         _check_float(where, "bn_eps", self.bn_eps, lo=0.0, hi=1.0, lo_open=True)
         _check_float(where, "bn_momentum", self.bn_momentum, lo=0.0, hi=1.0, lo_open=True)
 

@@ -593,7 +593,10 @@ def measure_networks(specs: Sequence[str], *, input_size: int = 224, device: str
     builders = [(spec, network_builder(spec)) for spec in specs]  # fail before measuring
     rows = []
     for spec, build in builders:
-        model = build()
+        try:
+            model = build()
+        except ArchError as e:  # too large for memory: known only once built
+            raise LatencyError(f"{spec}: {e}") from None
         try:
             params, macs = count_params(model), count_macs(model, input_size)
             result = measure_latency(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
-from nas.arch import Architecture
+from nas.arch import ArchError, Architecture
 from nas.blocks import ACTIVATIONS, Block, conv_bn, layer_configs
 
 
@@ -64,4 +66,12 @@ def build_model(arch: Architecture, num_classes: int = 1000, in_channels: int = 
     """Build the network an architecture describes (untrained)."""
     if num_classes < 1:
         raise ValueError(f"num_classes={num_classes} must be >= 1")
-    return Network(arch, num_classes=num_classes, in_channels=in_channels)
+    try:
+        return Network(arch, num_classes=num_classes, in_channels=in_channels)
+    except RuntimeError as e:  # torch's CPU allocator: a multi-line C++ report
+        if "can't allocate memory" not in str(e):
+            raise
+        size = re.search(r"allocate (\d+) bytes", str(e))
+        what = f"a {int(size.group(1)) / 2**30:.1f} GiB weight" if size else "its weights"
+        raise ArchError(f"too large to build in this machine's memory ({what} could not be "
+                        "allocated)") from None

@@ -100,8 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.input_size // arch.total_stride < 1:
         parser.error(f"--input-size {args.input_size}: too small for total stride "
                      f"{arch.total_stride} of {args.config}")
+    try:
+        table = format_table(summarize(arch, input_size=args.input_size,
+                                       num_classes=args.num_classes))
+    except ArchError as e:  # too large for memory: known only once built
+        parser.exit(2, f"nas.summary: error: {args.config}: {e}\n")
     print(f"{arch.name or args.config} at {args.input_size}x{args.input_size}")
-    print(format_table(summarize(arch, input_size=args.input_size, num_classes=args.num_classes)))
+    print(table)
     return 0
 
 

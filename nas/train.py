@@ -272,8 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         arch, data, cfg, run_dir = prepare(args)
         created = make_run_dir(run_dir)
-        metrics = train(arch, run_dir, cfg, data=data, device=args.device,
-                        progress=not args.no_progress)
+        try:
+            metrics = train(arch, run_dir, cfg, data=data, device=args.device,
+                            progress=not args.no_progress)
+        except ArchError as e:  # too large for memory: known only once built
+            raise TrainError(f"{args.config}: {e}") from None
         write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     except CandidateFailed as e:
         print(f"nas.train: error: {e}; try a lower --lr", file=sys.stderr)

@@ -61,6 +61,9 @@ def test_block_string_encodes_every_field():
     ("mb6_k3_s1_r1_c24_x9", "unknown token 'x9'"),
     ("mb6_k3_s1_r1_c24_k5", "kernel twice"),
     ("mb6_k3_s1_r0_c24", "repeats=0"),
+    ("mb6_k3_s1_r257_c24", "repeats=257 must be an integer from 1 to 256"),
+    ("mb6_k3_s1_r1_c16385", "filters=16385 must be an integer from 1 to 16384"),
+    ("mb6_k3_s1_r1_c100000000000000000000", "must be an integer from 1 to 16384"),  # crashed torch
     ("sep_k3_s1_r1_c24_se-1", "se_ratio"),
     ("conv_k3_s1_r1_c24_pwact", "pw_act applies to sepconv only"),
 ])
