@@ -1,5 +1,5 @@
 """What the benchmarks' committed tables depend on: the fidelity benchmark's budget names and
-merging, and the variants the fastconv benchmark compares."""
+merging, and the variants the fastconv and throughput benchmarks compare."""
 
 import importlib.util
 import json
@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from nas.arch import load_architecture
+from nas.data import DataSplits, ImageDataset
 from nas.fastconv import MatmulConv2d
+from nas.model import build_model
 from nas.proxy import ProxyBudget, proxy_arch
 
 
@@ -86,3 +88,28 @@ def test_the_cpu_speed_verdict_follows_the_compute_probe_spread():
     compute = next(line for line in lines if line.startswith("compute"))
     assert float(compute.split()[-1]) > 0.95  # the network follows the probe
     assert speed.window_medians(network, t).max() / speed.window_medians(network, t).min() > 1.7
+
+
+def test_the_throughput_benchmark_trains_one_network_in_each_pipeline():
+    """Plain and ours start from the same weights; ours differs in how it computes (nas.fastconv)
+    and its memory format, ours-nchw only in the memory format."""
+    bench = _benchmark("proxy_throughput")
+    arch = proxy_arch(load_architecture("mnasnet_a1"), ProxyBudget(), 32)
+    gen = torch.Generator().manual_seed(0)
+    split = ImageDataset(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=gen),
+                         torch.arange(8) % 2)
+    data = DataSplits(train=split, val=split, test=split, classes=("a", "b"), source="t")
+    torch.manual_seed(0)
+    plain = build_model(arch, num_classes=10)
+    torch.manual_seed(0)
+    ours, it = bench.ours(arch, data, 4, gen)
+    torch.manual_seed(0)
+    nchw, it_nchw = bench.ours(arch, data, 4, gen, channels_last=False)
+    assert any(isinstance(m, MatmulConv2d) for m in ours.modules())
+    assert not any(isinstance(m, MatmulConv2d) for m in plain.modules())
+    for model in (ours, nchw):
+        theirs = model.state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in plain.state_dict().items())
+    x, y = next(it)
+    assert x.shape == (4, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+    assert next(it_nchw)[0].is_contiguous() and y.dtype == torch.int64
