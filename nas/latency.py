@@ -105,7 +105,7 @@ from torch import nn
 
 from nas.arch import ArchError, load_architecture
 from nas.cli import HelpFormatter
-from nas.model import build_model
+from nas.model import TooLargeError, build_model, failed_allocation, is_out_of_memory
 from nas.profile import count_macs, count_params
 
 DEVICES = ("cpu", "cuda")
@@ -595,7 +595,7 @@ def measure_networks(specs: Sequence[str], *, input_size: int = 224, device: str
     for spec, build in builders:
         try:
             model = build()
-        except ArchError as e:  # too large for memory: known only once built
+        except TooLargeError as e:
             raise LatencyError(f"{spec}: {e}") from None
         try:
             params, macs = count_params(model), count_macs(model, input_size)
@@ -604,6 +604,9 @@ def measure_networks(specs: Sequence[str], *, input_size: int = 224, device: str
                 channels_last=channels_last, min_time_s=min_time_s, max_time_s=max_time_s,
                 clock=clock)
         except RuntimeError as e:
+            if is_out_of_memory(e):
+                raise LatencyError(f"{spec}: out of memory at --input-size {input_size} "
+                                   f"({failed_allocation(e)})") from None
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LatencyError(f"{spec}: forward failed at input size {input_size}: "
                                f"{first}") from None

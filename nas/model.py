@@ -68,10 +68,27 @@ def build_model(arch: Architecture, num_classes: int = 1000, in_channels: int = 
         raise ValueError(f"num_classes={num_classes} must be >= 1")
     try:
         return Network(arch, num_classes=num_classes, in_channels=in_channels)
-    except RuntimeError as e:  # torch's CPU allocator: a multi-line C++ report
-        if "can't allocate memory" not in str(e):
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
             raise
-        size = re.search(r"allocate (\d+) bytes", str(e))
-        what = f"a {int(size.group(1)) / 2**30:.1f} GiB weight" if size else "its weights"
-        raise ArchError(f"too large to build in this machine's memory ({what} could not be "
-                        "allocated)") from None
+        raise TooLargeError(f"too large to build in this machine's memory "
+                            f"({failed_allocation(e, 'weight')})") from None
+
+
+class TooLargeError(ArchError):
+    """The network's weights do not fit in memory: the architecture's fault, not a bug."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's CPU allocator failure (a RuntimeError with a C++ report) or CUDA's OOM error."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def failed_allocation(e: BaseException, what: str = "tensor") -> str:
+    """'a 16.0 GiB weight could not be allocated', from torch's multi-line report."""
+    size = re.search(r"allocate (\d+(?:\.\d+)?) ?(bytes|[KMGT]iB)", str(e))
+    if size is None:
+        return f"a {what} could not be allocated"
+    scale = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[size.group(2)]
+    return f"a {float(size.group(1)) * scale / 2**30:.1f} GiB {what} could not be allocated"

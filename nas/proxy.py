@@ -33,7 +33,7 @@ from nas.arch import Architecture, adapt_to_input
 from nas.data import CIFAR10_MEAN, CIFAR10_STD, DataSplits, ImageDataset, batches
 from nas.fastconv import matmul_convs
 from nas.latency import pin_malloc_thresholds
-from nas.model import build_model
+from nas.model import build_model, failed_allocation, is_out_of_memory
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,10 @@ def proxy_train(arch: Architecture, data: DataSplits, budget: ProxyBudget | None
                            channels_last=budget.channels_last)
     try:
         return _train(model, trained, data, budget, device=device, seed=seed, trial=trial)
-    except torch.OutOfMemoryError as e:
-        raise CandidateFailed(f"out of memory: {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:  # CUDA's OutOfMemoryError or the CPU allocator's report
+        if not is_out_of_memory(e):
+            raise
+        raise CandidateFailed(f"out of memory ({failed_allocation(e)})") from None
 
 
 def _train(model: nn.Module, trained: Architecture, data: DataSplits, budget: ProxyBudget, *,

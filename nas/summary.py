@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nas.arch import ArchError, Architecture, load_architecture, reference_names
 from nas.cli import HelpFormatter
-from nas.model import build_model
+from nas.model import TooLargeError, build_model, failed_allocation, is_out_of_memory
 from nas.profile import count_params
 
 
@@ -103,8 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         table = format_table(summarize(arch, input_size=args.input_size,
                                        num_classes=args.num_classes))
-    except ArchError as e:  # too large for memory: known only once built
+    except TooLargeError as e:
         parser.exit(2, f"nas.summary: error: {args.config}: {e}\n")
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        parser.exit(2, f"nas.summary: error: {args.config}: out of memory at --input-size "
+                       f"{args.input_size} ({failed_allocation(e)})\n")
     print(f"{arch.name or args.config} at {args.input_size}x{args.input_size}")
     print(table)
     return 0

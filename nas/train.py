@@ -26,6 +26,7 @@ from nas.cli import MAX_SEED, HelpFormatter, file_in_the_way, is_plain_folder_na
 from nas.data import DataError, DataSplits, batches, load_data
 from nas.files import write_atomic
 from nas.latency import pin_malloc_thresholds
+from nas.model import TooLargeError, failed_allocation, is_out_of_memory
 from nas.proxy import CandidateFailed, ProxyBudget, evaluate, proxy_arch, training_model
 
 
@@ -275,8 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             metrics = train(arch, run_dir, cfg, data=data, device=args.device,
                             progress=not args.no_progress)
-        except ArchError as e:  # too large for memory: known only once built
+        except TooLargeError as e:
             raise TrainError(f"{args.config}: {e}") from None
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            raise TrainError(f"{args.config}: out of memory while training "
+                             f"({failed_allocation(e)}); try a smaller --batch-size") from None
         write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     except CandidateFailed as e:
         print(f"nas.train: error: {e}; try a lower --lr", file=sys.stderr)

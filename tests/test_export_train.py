@@ -159,7 +159,10 @@ def test_training_another_architecture_into_the_same_folder_is_refused(run, imag
               "--batch-size", "32", "--no-progress", "--epochs", "1"]
     assert train.main([str(run / "best.yaml"), *common]) == 0
     assert train.main(["mobilenet_v3_small", *common]) == 2
-    assert "another architecture" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    # the checkpoint is the file at fault, and the line names it first (not the config)
+    assert err[-1].startswith(f"nas.train: error: {tmp_path / 't' / 'checkpoint.pt'}: ")
+    assert "another architecture" in err[-1]
 
 
 def test_export_into_a_missing_folder_is_one_line(run, tmp_path, capsys):
