@@ -38,7 +38,7 @@ import torch
 
 from nas.arch import ArchError, Architecture, load_architecture
 from nas.cli import MAX_SEED, HelpFormatter, file_in_the_way, is_plain_folder_name
-from nas.data import DataError, DataSplits, load_data
+from nas.data import DataError, DataSplits, load_data, split_train_val
 from nas.files import write_atomic
 from nas.latency import (
     DEFAULT_THREADS,
@@ -237,8 +237,9 @@ def sampler_seed(seed: int, existing_trials: int, worker: int = 0) -> int:
 
 
 def open_study(args: argparse.Namespace, storage: optuna.storages.BaseStorage,
-               settings: dict[str, Any]) -> optuna.Study:
-    """Create or resume; refuse to resume a study made with different settings."""
+               settings: dict[str, Any], space: SearchSpace) -> optuna.Study:
+    """Create or resume; refuse, before writing to it, a study made with other settings or
+    whose trials asked the space's parameters from other choices."""
     directions = ["maximize", "minimize"] if args.objective == "pareto" else ["maximize"]
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
               if args.pruner == "median" else optuna.pruners.NopPruner())
@@ -256,6 +257,7 @@ def open_study(args: argparse.Namespace, storage: optuna.storages.BaseStorage,
         if diff:
             raise UsageError(refusal(args.name, diff[0], saved.get(diff[0]),
                                      settings.get(diff[0])))
+    check_stored_params(study, space, args.name)
     fail_dead_local_trials(study)
     return study
 
@@ -575,13 +577,12 @@ def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
     budget = ProxyBudget(train_images=args.proxy_images, epochs=args.proxy_epochs,
                          batch_size=args.proxy_batch, lr=args.proxy_lr, val_images=args.val_size,
                          final_map=args.proxy_final_map)
-    try:
-        data = load_data(args.data, val_size=args.val_size)
-    except DataError as e:  # the data API names its argument; the user typed the flag
-        prefix = f"val_size={args.val_size!r} "
-        if str(e).startswith(prefix):
-            raise UsageError(f"--val-size {args.val_size}: {str(e).removeprefix(prefix)}") from None
-        raise
+    data = load_data(args.data, val_size=0)
+    if args.val_size >= len(data.train):
+        raise UsageError(f"--val-size {args.val_size}: must be from 1 to {len(data.train) - 1} "
+                         f"(the data has {len(data.train)} training images)")
+    fit, val = split_train_val(data.train, val_size=args.val_size, seed=0)  # as load_data splits
+    data = dataclasses.replace(data, train=fit, val=val)
     if args.proxy_batch > len(data.train):
         raise UsageError(f"--proxy-batch {args.proxy_batch}: must be <= the {len(data.train)} "
                          f"training images left after --val-size {args.val_size}")
@@ -709,8 +710,7 @@ def run(args: argparse.Namespace, write: bool = True, ready=None, stop=None) -> 
     torch.set_num_threads(train_threads(args))
     run_dir.mkdir(parents=True, exist_ok=True)
     storage = open_storage(args, run_dir)
-    study = open_study(args, storage, settings)
-    check_stored_params(study, ctx.space, args.name)
+    study = open_study(args, storage, settings, ctx.space)
     baselines = [n.strip() for n in args.baselines.split(",") if n.strip()]
     already = _finished(study)
     if write:
