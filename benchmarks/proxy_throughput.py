@@ -22,7 +22,7 @@ The plain row runs in a fresh process each round, with glibc's own malloc settin
 script runs. Ours runs in this process with glibc's malloc thresholds pinned as nas.proxy pins
 them (--malloc pinned, the default): without that, glibc hands freed activation buffers back to
 the kernel and every step faults them in again (~2,000-4,000 page faults a step, here). The row
-'plain, malloc pinned' gives the plain pipeline the same help, in this process.
+'plain, malloc pinned' gives the plain pipeline the same help, also in a fresh process.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import datetime
 import gc
 import multiprocessing as mp
 import platform
+import queue
 import statistics
 import sys
 import tarfile
@@ -123,24 +124,45 @@ def _parallel_worker(args: argparse.Namespace, arch: Architecture, barrier, out)
     out.put(time_steps(model, it, args.steps, args.warmup, False, ours=True)[0])
 
 
-def _plain_worker(args: argparse.Namespace, arch: Architecture, root: Path, out) -> None:
-    """The plain pipeline in a fresh process: glibc's malloc defaults, as a seed script has."""
+def _plain_worker(args: argparse.Namespace, arch: Architecture, root: Path, pinned: bool,
+                  out) -> None:
+    """The plain pipeline in a fresh process: glibc's malloc defaults (as a seed script has)
+    unless `pinned`."""
     torch.set_num_threads(args.threads)
+    if pinned:
+        pin_malloc_thresholds()
     torch.manual_seed(0)
     model = build_model(arch, num_classes=10)
     it = iter(plain_loader(root, args.batch_size, args.workers))
     out.put(time_steps(model, it, args.steps, args.warmup, False, ours=False))
 
 
-def plain_fresh(args: argparse.Namespace, arch: Architecture, root: Path) -> tuple[float, float]:
+def plain_fresh(args: argparse.Namespace, arch: Architecture, root: Path,
+                pinned: bool = False) -> tuple[float, float]:
     """img/s and first-step seconds of the plain pipeline run in a new process."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    proc = ctx.Process(target=_plain_worker, args=(args, arch, root, out))
+    proc = ctx.Process(target=_plain_worker, args=(args, arch, root, pinned, out))
     proc.start()
-    result = out.get()
-    proc.join()
-    return result
+    return collect(out, [proc])[0]
+
+
+def collect(out, procs: list) -> list:
+    """One result per process; a process that dies without one stops the benchmark, not hangs it."""
+    results = []
+    while len(results) < len(procs):
+        try:
+            results.append(out.get(timeout=1.0))
+        except queue.Empty:
+            dead = [p for p in procs if not p.is_alive() and p.exitcode != 0]
+            if dead:
+                for p in procs:
+                    p.terminate()
+                raise SystemExit(f"proxy_throughput: a worker process exited with status "
+                                 f"{dead[0].exitcode}; its error is printed above") from None
+    for p in procs:
+        p.join()
+    return results
 
 
 def parallel_ours(args: argparse.Namespace, arch: Architecture) -> float:
@@ -151,10 +173,7 @@ def parallel_ours(args: argparse.Namespace, arch: Architecture) -> float:
              for _ in range(args.parallel)]
     for proc in procs:
         proc.start()
-    rates = [out.get() for _ in procs]
-    for proc in procs:
-        proc.join()
-    return sum(rates)
+    return sum(collect(out, procs))
 
 
 def image_folder(source: str, scratch: Path) -> Path:
@@ -186,8 +205,8 @@ def main() -> int:
     p.add_argument("--compile", action="store_true",
                    help="add the row 'ours + torch.compile' (minutes of compiling per round)")
     p.add_argument("--malloc", choices=("pinned", "default"), default="pinned",
-                   help="glibc malloc thresholds of this process (every row but plain): pinned "
-                        "as nas.proxy and nas.train pin them, or glibc's own")
+                   help="glibc malloc thresholds of ours (pinned as nas.proxy and nas.train pin "
+                        "them, or glibc's own); 'pinned' adds the row 'plain, malloc pinned'")
     p.add_argument("--out", default="benchmarks/results/proxy_throughput.txt")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -200,11 +219,9 @@ def main() -> int:
     arch = proxy_arch(load_architecture(args.arch), budget, 32)
     gen = torch.Generator().manual_seed(0)
     plain_name = "plain (DataLoader+PIL, NCHW)"
-    variants = {
-        plain_name: None,  # in a fresh process (plain_fresh)
-        "plain, malloc pinned": lambda: (build_model(arch, num_classes=10),
-                                         iter(plain_loader(root, args.batch_size, args.workers)),
-                                         False),
+    variants = {  # None: the plain pipeline in a fresh process (plain_fresh)
+        plain_name: None,
+        **({"plain, malloc pinned": None} if args.malloc == "pinned" else {}),
         "ours-nchw (tensors, NCHW)": lambda: (
             *ours(arch, data, args.batch_size, gen, channels_last=False), False),
         "ours (tensors, channels-last)": lambda: (*ours(arch, data, args.batch_size, gen), False),
@@ -226,7 +243,7 @@ def main() -> int:
                   flush=True)
         for name, make in variants.items():
             if make is None:
-                rate, first_s = plain_fresh(args, arch, root)
+                rate, first_s = plain_fresh(args, arch, root, pinned=name != plain_name)
                 results[name].append(rate)
                 first[name].append(first_s)
                 print(f"round {r + 1} {name}: {rate:.1f} img/s", flush=True)
@@ -248,7 +265,7 @@ def main() -> int:
         f"# network: {args.arch} adapted to 32x32 with final map {args.final_map} "
         f"({arch.to_str()}), batch {args.batch_size}, "
         f"{args.steps} timed steps after {args.warmup}, {args.rounds} interleaved rounds; "
-        f"plain in a fresh process per round, the other rows in this one, malloc thresholds "
+        f"plain rows in a fresh process each round, ours in this one with malloc thresholds "
         f"{args.malloc}",
         f"{'pipeline':32s} {'img/s (median)':>15s} {'rounds':>24s} {'vs plain':>9s} "
         f"{'1st step s max':>14s}",
