@@ -282,33 +282,42 @@ def _states(run_dir):
         return []
 
 
-def _one_done_one_running(run_dir) -> bool:
-    states = _states(run_dir)  # one read: two could straddle a trial's end
-    return (states.count(optuna.trial.TrialState.COMPLETE) >= 1
-            and states[-1] == optuna.trial.TrialState.RUNNING)
+def _one_done_one_training(run_dir) -> bool:
+    try:  # one read: two could straddle a trial's end
+        trials = study_of(run_dir).trials
+    except Exception:  # the study may not exist yet
+        return False
+    return (sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 1
+            and trials[-1].state == optuna.trial.TrialState.RUNNING
+            and "latency_ms" in trials[-1].user_attrs)  # past latency: now in training
 
 
 def test_killed_worker_leaves_finished_trials_intact(image_folder, tmp_path):
-    # 4 epochs make a trial last seconds, so the kill lands inside the running one (with 1
-    # epoch, a trial could end between the check and the kill: it failed once this session)
-    argv = args(tmp_path, image_folder, "--trials", "50")
-    argv[argv.index("--proxy-epochs") + 1] = "4"
+    # The kill must land inside a trial. A trial still measuring latency can be pruned a moment
+    # later (CI failed on that once); in hard mode with T = 1 s no tiny network is pruned on
+    # latency, and 8 epochs keep it in training for seconds.
+    argv = args(tmp_path, image_folder, "--trials", "50", "--mode", "hard")
+    argv[argv.index("--proxy-epochs") + 1] = "8"
+    argv[argv.index("--target-ms") + 1] = "1000"
     proc = spawn(argv)
     try:
-        assert _wait_for(lambda: _one_done_one_running(tmp_path))
+        assert _wait_for(lambda: _one_done_one_training(tmp_path))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    before = {t.number: (t.state, t.user_attrs.get("accuracy")) for t in study_of(tmp_path).trials
+    trials = study_of(tmp_path).trials
+    before = {t.number: (t.state, t.user_attrs.get("accuracy")) for t in trials
               if t.state == optuna.trial.TrialState.COMPLETE}
-    n_before = len(study_of(tmp_path).trials)
-    argv[argv.index("--trials") + 1] = str(n_before + 1)
+    running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(running) == 1
+    argv[argv.index("--trials") + 1] = str(len(trials) + 1)
     assert main(argv) == 0
     trials = study_of(tmp_path).trials
     assert {t.number: (t.state, t.user_attrs.get("accuracy")) for t in trials
             if t.number in before} == before
     killed = [t for t in trials if "died" in t.user_attrs.get("fail_reason", "")]
-    assert len(killed) == 1 and killed[0].state == optuna.trial.TrialState.FAIL
+    assert [t.number for t in killed] == running
+    assert killed[0].state == optuna.trial.TrialState.FAIL
     assert not any(t.state == optuna.trial.TrialState.RUNNING for t in trials)
 
 
