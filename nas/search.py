@@ -169,20 +169,28 @@ def make_objective(ctx: Context):
             trial.set_user_attr("fail_reason", str(e) if str(e).startswith("pruned") else
                                 f"pruned: {e}")
             raise
-        except KeyboardInterrupt:
-            with contextlib.suppress(Exception):  # the interrupt matters more than its note
-                trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
-            raise
         except CandidateFailed as e:
             trial.set_user_attr("fail_reason", str(e))
             raise
-        except Exception as e:  # invalid combination, shape error: this candidate only
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            trial.set_user_attr("fail_reason", reason)
-            raise CandidateFailed(reason) from e
-        if ctx.args.objective == "pareto":
-            return rec["accuracy"], rec["latency_ms"]
-        return rec["reward"]
+        except Exception as e:
+            if not INTERRUPTED.is_set():  # invalid combination, shape error: this candidate only
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                trial.set_user_attr("fail_reason", reason)
+                raise CandidateFailed(reason) from e
+        except KeyboardInterrupt:
+            pass
+        else:
+            if ctx.args.objective == "pareto":
+                return rec["accuracy"], rec["latency_ms"]
+            return rec["reward"]
+        # Interrupted. Only here, out of the except clause, are the interrupted frames gone: one
+        # that was reading the study held an open SQLite statement, whose read lock made every
+        # write (this note, the heartbeat, the tell, the other workers') wait out the 60 s busy
+        # timeout. A fresh KeyboardInterrupt, too, so Optuna's tell does not keep those frames.
+        gc.collect()
+        with contextlib.suppress(Exception):  # the interrupt matters more than its note
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
+        raise KeyboardInterrupt
 
     return objective
 
