@@ -160,7 +160,7 @@ def _set_attrs(trial: Any, record: dict[str, Any]) -> None:
 def make_objective(ctx: Context):
     """The Optuna objective: a failing candidate fails its trial with the reason recorded."""
 
-    def objective(trial: optuna.Trial):
+    def evaluate(trial: optuna.Trial):
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
             arch = ctx.space.sample(trial)
@@ -173,20 +173,30 @@ def make_objective(ctx: Context):
             trial.set_user_attr("fail_reason", str(e))
             raise
         except Exception as e:
-            if not INTERRUPTED.is_set():  # invalid combination, shape error: this candidate only
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                trial.set_user_attr("fail_reason", reason)
-                raise CandidateFailed(reason) from e
+            if INTERRUPTED.is_set():  # the interrupt, surfacing as another error
+                raise
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            trial.set_user_attr("fail_reason", reason)  # invalid combination, shape error
+            raise CandidateFailed(reason) from e
+        if ctx.args.objective == "pareto":
+            return rec["accuracy"], rec["latency_ms"]
+        return rec["reward"]
+
+    def objective(trial: optuna.Trial):
+        try:
+            return evaluate(trial)
+        except (optuna.TrialPruned, CandidateFailed):
+            raise
+        except Exception:
+            if not INTERRUPTED.is_set():
+                raise
         except KeyboardInterrupt:
             pass
-        else:
-            if ctx.args.objective == "pareto":
-                return rec["accuracy"], rec["latency_ms"]
-            return rec["reward"]
         # Interrupted. Only here, out of the except clause, are the interrupted frames gone: one
-        # that was reading the study held an open SQLite statement, whose read lock made every
-        # write (this note, the heartbeat, the tell, the other workers') wait out the 60 s busy
-        # timeout. A fresh KeyboardInterrupt, too, so Optuna's tell does not keep those frames.
+        # that was reading the study (any write of a trial attribute reads first) held an open
+        # SQLite statement, whose read lock made every write (this note, the heartbeat, the
+        # tell, the other workers') wait out the 60 s busy timeout. A fresh KeyboardInterrupt,
+        # too, for Optuna's tell must not keep those frames either.
         gc.collect()
         with contextlib.suppress(Exception):  # the interrupt matters more than its note
             trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
@@ -765,7 +775,8 @@ def run(args: argparse.Namespace, write: bool = True, ready=None, stop=None) -> 
             workers.interrupt()
         # an interrupt inside Optuna's ask/tell (not the objective) leaves a trial RUNNING
         fail_dead_local_trials(study, ours=True)
-        print("interrupted: writing results of the finished trials", file=sys.stderr)
+        if write:  # the first process; the other workers write nothing
+            print("interrupted: writing results of the finished trials", file=sys.stderr)
     if not write:
         return 130 if interrupted else 0
     if workers and workers.failed():
