@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import optuna
 import pandas as pd
+import sqlalchemy.exc
 import torch
 
 from nas.arch import ArchError, Architecture, load_architecture
@@ -218,13 +219,28 @@ def storage_for(args: argparse.Namespace, run_dir: Path) -> optuna.storages.Base
     return optuna.storages.get_storage(url)
 
 
-def open_storage(args: argparse.Namespace, run_dir: Path) -> optuna.storages.BaseStorage:
-    try:
-        return storage_for(args, run_dir)
-    except Exception as e:  # SQLAlchemy/driver errors: a bad URL is the user's, not a bug
-        what = f"--storage {args.storage}" if args.storage else f"{run_dir / 'study.db'}"
-        raise UsageError(f"{what}: cannot be opened "
-                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+def open_storage(args: argparse.Namespace, run_dir: Path, attempts: int = 5
+                 ) -> optuna.storages.BaseStorage:
+    """The storage; a schema another process is creating at the same moment is waited for."""
+    for attempt in range(attempts):
+        try:
+            return storage_for(args, run_dir)
+        except Exception as e:  # SQLAlchemy/driver errors: a bad URL is the user's, not a bug
+            if attempt + 1 < attempts and created_concurrently(e):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            what = f"--storage {args.storage}" if args.storage else f"{run_dir / 'study.db'}"
+            raise UsageError(f"{what}: cannot be opened "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    raise AssertionError("unreachable")
+
+
+def created_concurrently(e: Exception) -> bool:
+    """Optuna creates its tables and version row unguarded: two workers starting on a new study
+    collide ('table ... already exists', a duplicate alembic_version; optuna#1092), and the
+    loser only has to open what the winner made."""
+    return isinstance(e, sqlalchemy.exc.IntegrityError) or (
+        isinstance(e, sqlalchemy.exc.DatabaseError) and "already exists" in str(e))
 
 
 def storage_url(run_dir: Path) -> str:
