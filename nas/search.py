@@ -256,14 +256,17 @@ def make_sampler(args: argparse.Namespace, seed: int) -> optuna.samplers.BaseSam
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def sampler_seed(seed: int, existing_trials: int, worker: int = 0) -> int:
-    """--seed itself for a fresh study (reproducible); else one that differs per resume/worker.
+def sampler_seed(seed: int, existing_trials: int, worker: int = 0, created: bool = True) -> int:
+    """--seed itself for a study this run created (reproducible); else one that differs per
+    resume/worker.
 
     Optuna never reseeds a sampler, so a resumed run or a second worker seeded like the first
-    would propose the first run's architectures again. The --workers of one fresh run get
-    seeds derived from --seed and their index, so the run stays reproducible in what it tries.
+    would propose the first run's architectures again: so would a second command started at
+    the same moment, finding the study just created and still empty (not `created`). The
+    --workers of one fresh run get seeds derived from --seed and their index, so the run stays
+    reproducible in what it tries.
     """
-    if existing_trials == 0:
+    if existing_trials == 0 and (created or worker > 0):
         return seed if worker == 0 else int(
             np.random.SeedSequence([seed, worker]).generate_state(1)[0])
     ss = np.random.SeedSequence([seed, existing_trials, os.getpid(), time.time_ns() % 2**32])
@@ -277,11 +280,15 @@ def open_study(args: argparse.Namespace, storage: optuna.storages.BaseStorage,
     directions = ["maximize", "minimize"] if args.objective == "pareto" else ["maximize"]
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
               if args.pruner == "median" else optuna.pruners.NopPruner())
-    study = optuna.create_study(
-        study_name=args.name, storage=storage, sampler=make_sampler(args, args.seed),
-        pruner=pruner, directions=directions, load_if_exists=True)
+    try:
+        study, created = optuna.create_study(
+            study_name=args.name, storage=storage, sampler=make_sampler(args, args.seed),
+            pruner=pruner, directions=directions), True
+    except optuna.exceptions.DuplicatedStudyError:  # resumed, or made by another worker
+        study, created = optuna.load_study(study_name=args.name, storage=storage,
+                                           pruner=pruner), False
     study.sampler = make_sampler(args, sampler_seed(args.seed, len(study.trials),
-                                                    getattr(args, "worker_index", 0)))
+                                                    getattr(args, "worker_index", 0), created))
     saved = study.user_attrs.get("settings")
     if saved is None:
         study.set_user_attr("settings", settings)

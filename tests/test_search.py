@@ -354,6 +354,27 @@ def test_workers_starting_together_on_a_new_study_all_open_it(tmp_path):
         assert outcomes == ["ok"] * 4, (round_, outcomes)
 
 
+def _archs(run_dir, name):
+    return [t.user_attrs["arch"] for t in study_of(run_dir, name).trials]
+
+
+def test_a_study_found_just_created_and_empty_is_not_sampled_with_its_creators_seed(
+        image_folder, tmp_path):
+    # A second command started at the same moment as the first finds the study made and empty;
+    # seeded with the same --seed it proposed the very architectures the first one did.
+    for name in ("made", "again"):  # a study this run creates: --seed, reproducible
+        assert main(args(tmp_path, image_folder, "--trials", "3", "--sampler", "random",
+                         name=name)) == 0
+    assert _archs(tmp_path, "made") == _archs(tmp_path, "again")
+    (tmp_path / "joined").mkdir()
+    optuna.create_study(study_name="joined", storage=f"sqlite:///{tmp_path / 'joined/study.db'}",
+                        direction="maximize")  # what the other command had just done
+    assert main(args(tmp_path, image_folder, "--trials", "3", "--sampler", "random",
+                     name="joined")) == 0
+    joined = _archs(tmp_path, "joined")
+    assert len(joined) == 3 and len(set(joined) & set(_archs(tmp_path, "made"))) <= 1
+
+
 def test_two_workers_share_one_study(image_folder, tmp_path):
     # Create the study first so both workers resume it rather than racing to create it.
     assert main(args(tmp_path, image_folder, "--trials", "1")) == 0
