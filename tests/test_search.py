@@ -488,6 +488,16 @@ def test_a_trial_stopped_by_ctrl_c_says_so(image_folder, tmp_path, monkeypatch):
     assert pd.read_csv(tmp_path / "s" / "trials.csv").fail_reason[1] == "interrupted (Ctrl-C)"
 
 
+def _second_trial_interrupted_without_waiting_for_a_lock(tmp_path, image_folder) -> None:
+    start = time.monotonic()
+    assert main(args(tmp_path, image_folder, "--trials", "10")) == 130
+    assert time.monotonic() - start < 50  # not the busy timeout
+    trials = study_of(tmp_path).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE,
+                                         optuna.trial.TrialState.FAIL]
+    assert trials[1].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+
+
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
 @pytest.mark.parametrize("where", ["training", "the trial's first write"])
 def test_an_interrupt_in_the_middle_of_a_read_does_not_lock_the_study(
@@ -523,13 +533,7 @@ def test_an_interrupt_in_the_middle_of_a_read_does_not_lock_the_study(
             return real(self, key, value)
 
         monkeypatch.setattr(optuna.trial.Trial, "set_user_attr", set_user_attr)
-    start = time.monotonic()
-    assert main(args(tmp_path, image_folder, "--trials", "10")) == 130
-    assert time.monotonic() - start < 50  # not the busy timeout
-    trials = study_of(tmp_path).trials
-    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE,
-                                         optuna.trial.TrialState.FAIL]
-    assert trials[1].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+    _second_trial_interrupted_without_waiting_for_a_lock(tmp_path, image_folder)
     assert "Traceback" not in capsys.readouterr().err
 
 
@@ -552,13 +556,7 @@ def test_an_interrupt_inside_optunas_tell_that_holds_the_write_lock_ends_cleanly
         return real(self, trial_id, state, values)
 
     monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_state_values", interrupted_tell)
-    start = time.monotonic()
-    assert main(args(tmp_path, image_folder, "--trials", "10")) == 130
-    assert time.monotonic() - start < 50  # not the busy timeout
-    trials = study_of(tmp_path).trials
-    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE,
-                                         optuna.trial.TrialState.FAIL]
-    assert trials[1].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+    _second_trial_interrupted_without_waiting_for_a_lock(tmp_path, image_folder)
     assert (tmp_path / "s" / "trials.csv").exists()
 
 
