@@ -57,6 +57,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
                     ".gif")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 CACHE_VERSION = 1  # bump when the cached payload changes; old cache files then stop matching
+SPLIT_SEED = 0  # the train/validation split: the same in every run and every tool
 _LIMIT_SEED = 0  # fixes the `limit` training subset, the same in every epoch and every run
 _EXPECTED = ("expected 'cifar10', an ImageFolder directory <dir>/train/<class>/* + "
              "<dir>/test/<class>/* (or a folder holding exactly one such directory), or a "
@@ -115,8 +116,9 @@ def default_data_source() -> str | None:
     return os.environ.get("NAS_DATA") or None
 
 
-def load_data(source: str | os.PathLike | None = None, *, val_size: int = 5000, seed: int = 0,
-              cache_dir: str | os.PathLike | None = None, download: bool = True) -> DataSplits:
+def load_data(source: str | os.PathLike | None = None, *, val_size: int = 5000,
+              seed: int = SPLIT_SEED, cache_dir: str | os.PathLike | None = None,
+              download: bool = True) -> DataSplits:
     """Load (decoding only on a cache miss) and split a data set into train, val and test."""
     source = default_data_source() if source is None else source
     source = "cifar10" if source is None else source

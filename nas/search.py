@@ -39,7 +39,7 @@ import torch
 
 from nas.arch import ArchError, Architecture, load_architecture
 from nas.cli import MAX_SEED, HelpFormatter, file_in_the_way, is_plain_folder_name
-from nas.data import DataError, DataSplits, load_data, split_train_val
+from nas.data import SPLIT_SEED, DataError, DataSplits, load_data, split_train_val
 from nas.files import write_atomic
 from nas.latency import (
     DEFAULT_THREADS,
@@ -188,11 +188,9 @@ def make_objective(ctx: Context):
             return evaluate(trial)
         except (optuna.TrialPruned, CandidateFailed):
             raise
-        except Exception:
-            if not INTERRUPTED.is_set():
+        except BaseException as e:
+            if not was_interrupted(e):
                 raise
-        except KeyboardInterrupt:
-            pass
         # Interrupted. Only here, out of the except clause, are the interrupted frames gone: one
         # that was reading the study (any write of a trial attribute reads first) held an open
         # SQLite statement, whose read lock made every write (this note, the heartbeat, the
@@ -622,7 +620,7 @@ def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
     if args.val_size >= len(data.train):
         raise UsageError(f"--val-size {args.val_size}: must be from 1 to {len(data.train) - 1} "
                          f"(the data has {len(data.train)} training images)")
-    fit, val = split_train_val(data.train, val_size=args.val_size, seed=0)  # as load_data splits
+    fit, val = split_train_val(data.train, val_size=args.val_size, seed=SPLIT_SEED)
     data = dataclasses.replace(data, train=fit, val=val)
     if args.proxy_batch > len(data.train):
         raise UsageError(f"--proxy-batch {args.proxy_batch}: must be <= the {len(data.train)} "

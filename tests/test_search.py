@@ -414,13 +414,12 @@ def test_interrupting_a_run_with_workers_stops_them_all(image_folder, tmp_path, 
     # `kill -INT` of the first process, or Ctrl-C in a terminal (the whole group). Stops in ~3 s;
     # before the fix of the read lock an interrupt, in about 1 run in 8, left the study locked
     # and the run took ~2 minutes (test_an_interrupt_in_the_middle_of_a_read...)
-    run_dir = tmp_path
-    proc = spawn(args(run_dir, image_folder, "--trials", "200", "--workers", "2"),
+    proc = spawn(args(tmp_path, image_folder, "--trials", "200", "--workers", "2"),
                  start_new_session=True)
     try:
-        if not _wait_for(lambda: _states(run_dir).count(optuna.trial.TrialState.COMPLETE) >= 3):
+        if not _wait_for(lambda: _states(tmp_path).count(optuna.trial.TrialState.COMPLETE) >= 3):
             os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"not 3 finished trials in 120 s: {_states(run_dir)}; output:\n"
+            pytest.fail(f"not 3 finished trials in 120 s: {_states(tmp_path)}; output:\n"
                         f"{proc.communicate()[0]}")
         if to == "first process":
             proc.send_signal(signal.SIGINT)
@@ -434,9 +433,9 @@ def test_interrupting_a_run_with_workers_stops_them_all(image_folder, tmp_path, 
             proc.communicate()
     assert proc.returncode == 130 and "Traceback" not in out, out
     assert out.count("interrupted: writing results") == 1, out  # the worker writes none
-    states = _states(run_dir)
+    states = _states(tmp_path)
     assert optuna.trial.TrialState.RUNNING not in states and len(states) < 200
-    assert (pd.read_csv(run_dir / "s" / "trials.csv").state == "COMPLETE").sum() >= 3
+    assert (pd.read_csv(tmp_path / "s" / "trials.csv").state == "COMPLETE").sum() >= 3
 
 
 def test_an_error_optuna_raises_while_interrupted_still_counts_as_the_interrupt(monkeypatch):
