@@ -198,7 +198,7 @@ def make_objective(ctx: Context):
         # too, for Optuna's tell must not keep those frames either.
         gc.collect()
         with contextlib.suppress(Exception):  # the interrupt matters more than its note
-            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
+            trial.set_user_attr("fail_reason", INTERRUPTED.reason())
         raise KeyboardInterrupt
 
     return objective
@@ -360,7 +360,7 @@ def fail_dead_local_trials(study: optuna.Study, *, ours: bool = False) -> list[i
         wh, _, pid = worker.rpartition(":")
         if wh == host and pid.isdigit() and (
                 (ours and int(pid) == os.getpid()) or not _alive(int(pid))):
-            reason = ("interrupted (Ctrl-C)" if int(pid) == os.getpid()
+            reason = (INTERRUPTED.reason() if int(pid) == os.getpid()
                       else f"worker {worker} died (killed?)")
             study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
@@ -649,15 +649,16 @@ def train_threads(args: argparse.Namespace) -> int:
 class Workers:
     """The other --workers: spawned processes running this search (no baselines, no results).
 
-    They start with SIGINT ignored, so an interrupt cannot land mid-import as a traceback; each
-    turns it back on once running, and also exits if `stop` was set before that (its SIGINT was
-    lost). The first process waits until all are ready, so they share the trials from the start.
+    They start with SIGINT and SIGTERM ignored, so an interrupt cannot land mid-import as a
+    traceback; each turns them back on once running, and also exits if `stop` was set before
+    that (its signal was lost). The first process waits until all are ready, so they share the
+    trials from the start.
     """
 
     def __init__(self, args: argparse.Namespace) -> None:
         spawn = multiprocessing.get_context("spawn")  # no forked thread pools or SQLite handles
         self.stop, self.procs, ready = spawn.Event(), [], []
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
         try:
             for i in range(1, args.workers):
                 child = argparse.Namespace(**{**vars(args), "workers": 1, "baselines": "",
@@ -668,7 +669,8 @@ class Workers:
                                                 args=(child, self.stop, ready[-1])))
                 self.procs[-1].start()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         try:
             while any(p.is_alive() and not r.is_set()
                       for p, r in zip(self.procs, ready, strict=True)):
@@ -682,59 +684,83 @@ class Workers:
             proc.join()
 
     def interrupt(self, grace_s: float = 2.0, kill_after_s: float = 30.0) -> None:
-        """Pass an interrupt on to workers that did not get it themselves (a `kill -INT`);
-        terminate one still running after that (its trial is then failed as a dead worker's)."""
+        """Pass an interrupt on to workers that did not get it themselves (a `kill -INT` or
+        `kill -TERM` of this process); terminate one still running after that (its trial is
+        then failed as a dead worker's)."""
         self.stop.set()
         for proc in self.procs:
             proc.join(grace_s)
             if proc.is_alive() and proc.pid is not None:
-                os.kill(proc.pid, signal.SIGINT)
+                os.kill(proc.pid, INTERRUPTED.signum)
             proc.join(kill_after_s)
             if proc.is_alive():
                 proc.terminate()
                 proc.join()
 
     def failed(self) -> int:
-        return sum(p.exitcode not in (0, 130) for p in self.procs)
+        return sum(p.exitcode not in (0, *INTERRUPT_STATUSES) for p in self.procs)
 
 
 def worker_main(args: argparse.Namespace, stop, ready) -> None:
     """Entry point of a spawned worker: the search loop only; the first worker writes results."""
     try:
-        signal.signal(signal.SIGINT, on_sigint)
+        catch_stop_signals()
         if stop.is_set():
             raise KeyboardInterrupt
         status = guarded_run(args, write=False, ready=ready, stop=stop)
     except BaseException as e:  # Ctrl-C reaches the whole process group; the first one reports
         if not was_interrupted(e):
             raise
-        status = 130
+        status = INTERRUPTED.status()
     exit_now_if_interrupted(status)
     sys.exit(status)
 
 
+# Ctrl-C, and the polite stop of `kill`, `timeout`, batch schedulers (SLURM at a job's time
+# limit) and container runtimes: both end the trial in flight and write the results
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+INTERRUPT_STATUSES = tuple(128 + s for s in STOP_SIGNALS)  # the shell's 130 and 143
+
+
 class _Flag:
-    """Set once this process got SIGINT: Optuna can turn the KeyboardInterrupt into another
-    error (an UnboundLocalError from its tell, in optuna 5.0), which still means 'interrupted'.
+    """Set once this process got SIGINT or SIGTERM: Optuna can turn the KeyboardInterrupt into
+    another error (an UnboundLocalError from its tell, in optuna 5.0), which still means
+    'interrupted'.
 
     Not a threading.Event: the signal handler sets it, and Event.set() takes a lock that the
     interrupted main thread may be holding at that moment; a plain attribute cannot deadlock."""
 
     def __init__(self) -> None:
         self.value = False
+        self.signum = signal.SIGINT
 
-    def set(self) -> None:
+    def set(self, signum: int = signal.SIGINT) -> None:
+        self.signum = signum
         self.value = True
 
     def is_set(self) -> bool:
         return self.value
 
+    def reason(self) -> str:
+        """The fail_reason of a trial this interrupt stopped."""
+        return "interrupted (SIGTERM)" if self.signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+
+    def status(self) -> int:
+        """The exit status a shell gives a process this signal stopped: 130, or 143."""
+        return 128 + self.signum
+
 
 INTERRUPTED = _Flag()
 
 
+def catch_stop_signals() -> None:
+    for s in STOP_SIGNALS:
+        signal.signal(s, on_sigint)
+
+
 def on_sigint(signum: int, frame: Any) -> None:
-    INTERRUPTED.set()
+    """SIGINT's and SIGTERM's handler."""
+    INTERRUPTED.set(signum)
     # SQLAlchemy logs, with a traceback, the cursor it could not close when interrupted mid-read
     logging.getLogger("sqlalchemy").setLevel(logging.CRITICAL)
     raise KeyboardInterrupt
@@ -799,13 +825,13 @@ def run(args: argparse.Namespace, write: bool = True, ready=None, stop=None) -> 
         if write:  # the first process; the other workers write nothing
             print("interrupted: writing results of the finished trials", file=sys.stderr)
     if not write:
-        return 130 if interrupted else 0
+        return INTERRUPTED.status() if interrupted else 0
     if workers and workers.failed():
         print(f"nas.search: {workers.failed()} worker(s) failed; their unfinished trials are "
               f"marked failed on the next run", file=sys.stderr)
     files = write_results(study, run_dir, target_ms=args.target_ms)
     print_summary(study, files)
-    return 130 if interrupted else 0
+    return INTERRUPTED.status() if interrupted else 0
 
 
 def print_summary(study: optuna.Study, files: dict[str, Path]) -> None:
@@ -826,7 +852,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def guarded_run(args: argparse.Namespace, write: bool = True, ready=None, stop=None) -> int:
-    """run() with user errors as one line and exit status 2."""
+    """run() with user errors as one line and exit status 2, and an interrupt outside the
+    search loop (loading data, opening the study, writing results) as one line too."""
     # Our progress line reports each trial, failures with their reason; Optuna's own per-trial
     # warnings would repeat them with tracebacks.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -836,20 +863,27 @@ def guarded_run(args: argparse.Namespace, write: bool = True, ready=None, stop=N
     except (UsageError, ArchError, SpaceError, DataError, LatencyError) as e:
         print(f"nas.search: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    except BaseException as e:
+        if not was_interrupted(e):
+            raise
+    if write:  # a worker's interrupt is reported by the first process
+        print("nas.search: interrupted; the study keeps every finished trial, and the same "
+              "command resumes it", file=sys.stderr)
+    return INTERRUPTED.status()
 
 
 def exit_now_if_interrupted(code: int) -> None:
     """After an interrupt, leave at once: the results are written, and an interrupt inside
     Optuna's trial can leave its (non-daemon) heartbeat thread running, on which a normal
     interpreter exit would wait forever."""
-    if code == 130:
+    if code in INTERRUPT_STATUSES:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(code)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, on_sigint)  # remembers the interrupt whatever Optuna makes of it
+    catch_stop_signals()  # remembers the interrupt whatever Optuna makes of it
     status = main()
     exit_now_if_interrupted(status)
     sys.exit(status)

@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -258,13 +259,23 @@ def remove_if_empty(created: list[Path]) -> None:
             return
 
 
-def interrupted(run_dir: Path | None) -> int:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a batch scheduler's time limit) stops training as Ctrl-C
+    does: the checkpoint of the last finished epoch stays, and the same command resumes."""
+
+
+def on_sigterm(signum: int, frame) -> None:
+    raise Terminated
+
+
+def interrupted(run_dir: Path | None, e: KeyboardInterrupt) -> int:
     """Say whether the same command can resume, as the user will want to know."""
     ckpt = run_dir / "checkpoint.pt" if run_dir else None
     kept = (f"; {ckpt} holds the last finished epoch, and the same command resumes from it"
             if ckpt and ckpt.exists() else "")
-    print(f"nas.train: interrupted{kept}", file=sys.stderr)
-    return 130
+    by = " (SIGTERM)" if isinstance(e, Terminated) else ""
+    print(f"nas.train: interrupted{by}{kept}", file=sys.stderr)
+    return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, ArchError, DataError) as e:
         print(f"nas.train: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return interrupted(run_dir)
+    except KeyboardInterrupt as e:
+        return interrupted(run_dir, e)
     finally:
         remove_if_empty(created)
     print(f"test accuracy {metrics['test_accuracy']:.4f}; checkpoint {run_dir / 'checkpoint.pt'}")
@@ -299,4 +310,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, on_sigterm)
     sys.exit(main())

@@ -3,7 +3,12 @@
 import errno
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 
 import pandas as pd
@@ -99,6 +104,37 @@ def test_interrupted_training_resumes_exactly_where_it_stopped(
     assert [h["loss"] for h in metrics["history"]] == [h["loss"] for h in expected["history"]]
     assert metrics["test_accuracy"] == metrics["history"][-1]["test_accuracy"]
     assert metrics["test_accuracy"] > 0.5  # colour classes are easy; chance is 1/3
+
+
+def test_sigterm_stops_training_as_ctrl_c_does(run, image_folder, tmp_path):
+    # kill, timeout, a batch scheduler's time limit: it used to die without a word; now it
+    # says the last finished epoch is kept, and exits with the shell's 143
+    arch_file = tmp_path / "a.yaml"
+    arch_file.write_text(replace(load_architecture(run / "best.yaml"), blocks=tuple(
+        BlockSpec.from_str(b) for b in TRAINABLE_TINY)).to_yaml())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nas.train", str(arch_file), "--data", str(image_folder),
+         "--runs-dir", str(tmp_path), "--name", "t", "--batch-size", "32", "--no-progress",
+         "--epochs", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    ckpt = tmp_path / "t" / "checkpoint.pt"
+    try:
+        end = time.time() + 120
+        while not ckpt.exists() and proc.poll() is None and time.time() < end:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, (out, err)
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"nas.train: interrupted (SIGTERM); {ckpt} holds the last finished epoch, and the same "
+        "command resumes from it")
+    assert torch.load(ckpt, weights_only=True)["epoch"] >= 1
+    assert not (tmp_path / "t" / "metrics.json").exists()
 
 
 def test_export_puts_the_trained_weights_into_torchscript_and_onnx(run, image_folder, tmp_path):
