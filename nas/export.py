@@ -22,7 +22,7 @@ import sqlalchemy
 import torch
 
 from nas.arch import ArchError, Architecture, architecture_text
-from nas.cli import HelpFormatter
+from nas.cli import HelpFormatter, Parser
 from nas.files import write_atomic
 from nas.latency import MIN_INPUT_SIZE
 from nas.model import build_model
@@ -209,7 +209,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags, with their defaults shown in --help."""
-    p = argparse.ArgumentParser(prog="nas.export", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="nas.export", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("run", help="run folder, e.g. runs/search")
     which = p.add_mutually_exclusive_group()

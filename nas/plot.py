@@ -10,14 +10,14 @@ import math
 import sys
 from pathlib import Path
 
-from nas.cli import HelpFormatter
+from nas.cli import HelpFormatter, Parser
 from nas.export import ExportError, load_run_study
 from nas.results import write_results
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags, with their defaults shown in --help."""
-    p = argparse.ArgumentParser(prog="nas.plot", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="nas.plot", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("run", help="run folder, e.g. runs/search")
     p.add_argument("--storage", default=None, help="Optuna storage URL if not the run's own")

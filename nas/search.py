@@ -38,7 +38,7 @@ import sqlalchemy.exc
 import torch
 
 from nas.arch import ArchError, Architecture, load_architecture
-from nas.cli import MAX_SEED, HelpFormatter, file_in_the_way, is_plain_folder_name
+from nas.cli import MAX_SEED, HelpFormatter, Parser, file_in_the_way, is_plain_folder_name
 from nas.data import SPLIT_SEED, DataError, DataSplits, load_data, split_train_val
 from nas.files import write_atomic
 from nas.latency import (
@@ -456,7 +456,7 @@ def run_baselines(names: list[str], ctx: Context, run_dir: Path) -> pd.DataFrame
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="nas.search", description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter)
     g = p.add_argument_group("objective")

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nas.arch import ArchError, Architecture, load_architecture, reference_names
-from nas.cli import HelpFormatter
+from nas.cli import HelpFormatter, Parser
 from nas.model import TooLargeError, build_model, failed_allocation, is_out_of_memory
 from nas.profile import count_params
 
@@ -81,7 +80,7 @@ def format_table(df: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="nas.summary", description=__doc__.split("\n")[0],
         formatter_class=HelpFormatter,
         epilog=f"Reference networks: {', '.join(reference_names())}")

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nas.arch import ArchError, Architecture, load_architecture
-from nas.cli import MAX_SEED, HelpFormatter, file_in_the_way, is_plain_folder_name
+from nas.cli import MAX_SEED, HelpFormatter, Parser, file_in_the_way, is_plain_folder_name
 from nas.data import DataError, DataSplits, batches, load_data
 from nas.files import write_atomic
 from nas.latency import pin_malloc_thresholds
@@ -185,7 +185,7 @@ def _resume(path: Path, arch, cfg: TrainConfig, model, optimizer, scheduler,
 def build_parser() -> argparse.ArgumentParser:
     """Flags, with their defaults shown in --help."""
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="nas.train", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="nas.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("config", help="architecture .yaml/.json (e.g. runs/<name>/best.yaml) or a "
                    "reference name")

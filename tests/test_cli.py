@@ -1,0 +1,31 @@
+"""What every command-line tool shares: usage errors as one line, exit status 2."""
+
+import pytest
+from conftest import one_line_error
+
+from nas import export, latency, plot, search, summary, train
+
+TOOLS = {"nas.export": export, "nas.latency": latency, "nas.plot": plot, "nas.search": search,
+         "nas.summary": summary, "nas.train": train}
+REQUIRED = {"nas.export": ["-o", "a.yaml"], "nas.search": ["--target-ms", "80"]}
+
+
+@pytest.mark.parametrize("name", TOOLS)
+def test_an_unknown_flag_is_one_line_naming_it(name, capsys):
+    # argparse's own error printed the whole usage first: 2-16 lines
+    with pytest.raises(SystemExit) as exit_:
+        status = TOOLS[name].main(["x", *REQUIRED.get(name, []), "--no-such-flag"])
+        raise SystemExit(status)  # nas.latency returns its status instead of exiting
+    assert exit_.value.code == 2
+    one_line_error(capsys, name, "--no-such-flag")
+
+
+@pytest.mark.parametrize("name, argv, fragment", [
+    ("nas.search", ["--target-ms", "80", "--trials", "abc"], "--trials"),
+    ("nas.summary", ["mobilenet_v1", "--input-size", "16"], "--input-size"),
+    ("nas.train", ["a.yaml", "--epochs", "x"], "--epochs")])
+def test_a_bad_or_missing_value_is_one_line_naming_the_flag(name, argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        TOOLS[name].main(argv)
+    assert exit_.value.code == 2
+    one_line_error(capsys, name, fragment)
