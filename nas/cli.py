@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import NoReturn
 
@@ -27,9 +28,26 @@ class Parser(argparse.ArgumentParser):
 MAX_SEED = 2**32 - 1  # numpy's and Optuna's samplers take 32-bit seeds
 
 
+MAX_NAME_BYTES = 255  # a file name's limit on Linux, macOS and Windows file systems
+
+
 def is_plain_folder_name(name: str) -> bool:
-    """A run name that stays one folder inside --runs-dir."""
-    return bool(name) and not any(c in name for c in "/\\") and not name.startswith(".")
+    """A run name that stays one folder inside --runs-dir, and that file systems accept."""
+    return (bool(name) and not any(c in name for c in "/\\\0") and not name.startswith(".")
+            and len(name.encode(errors="surrogateescape")) <= MAX_NAME_BYTES)
+
+
+def folder_name(text: str, max_length: int = 120) -> str:
+    """A run folder's name made from free text (an architecture's `name:`), kept to one plain
+    folder: '../x' must not climb out of --runs-dir, nor a long name pass the file system's."""
+    name = re.sub(r"[^\w.+=-]+", "-", text).lstrip(".-")[:max_length]
+    return name or "run"
+
+
+def oserror_line(e: OSError) -> str:
+    """'<path>: <reason>', as the shell says it (permission denied, no space left, ...)."""
+    where = f"{e.filename}: " if e.filename is not None else ""
+    return f"{where}{e.strerror or e}"
 
 
 def file_in_the_way(folder: Path) -> Path | None:

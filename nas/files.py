@@ -1,4 +1,6 @@
-"""Atomic, durable files: an interrupted, concurrent or power-cut write never leaves half a file."""
+"""Atomic, durable files: an interrupted, concurrent or power-cut write never leaves half a file;
+run folders that a refused or failed start leaves behind no trace of; the URL of a run
+folder's SQLite study, whatever its path holds."""
 
 from __future__ import annotations
 
@@ -25,3 +27,28 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     finally:
         os.close(folder)
     return path
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Make `folder` and its missing parents; returns those this call made, deepest first."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def remove_if_empty(created: list[Path]) -> None:
+    """A run that wrote nothing leaves no folder behind; one with a file in it stays."""
+    for folder in created:
+        try:
+            folder.rmdir()  # only an empty folder goes
+        except OSError:
+            return
+
+
+def sqlite_url(path: str | os.PathLike) -> str:
+    """SQLAlchemy's URL of this SQLite file, escaped: in a plain f'sqlite:///{path}' a '?' or '#'
+    in the path starts the URL's query (the study went to another file) and '%41' is decoded."""
+    from sqlalchemy.engine import URL
+
+    url = URL.create("sqlite", database=str(Path(path).resolve()))
+    return url.render_as_string(hide_password=False)

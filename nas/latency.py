@@ -105,6 +105,7 @@ from torch import nn
 
 from nas.arch import ArchError, load_architecture
 from nas.cli import HelpFormatter
+from nas.files import write_atomic
 from nas.model import TooLargeError, build_model, failed_allocation, is_out_of_memory
 from nas.profile import count_macs, count_params
 
@@ -719,6 +720,8 @@ def _check_cli(args: argparse.Namespace) -> None:
     if args.csv is not None and not args.csv.parent.is_dir():
         problem = "is not a folder" if args.csv.parent.exists() else "does not exist"
         raise LatencyError(f"--csv {args.csv}: folder {args.csv.parent} {problem}")
+    if args.csv is not None and not os.access(args.csv.parent, os.W_OK):  # before minutes of
+        raise LatencyError(f"--csv {args.csv}: folder {args.csv.parent} is not writable")  # work
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -742,7 +745,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.csv is not None:
         import pandas as pd
 
-        pd.DataFrame(rows).to_csv(args.csv, index=False)
+        try:
+            write_atomic(args.csv, pd.DataFrame(rows).to_csv(index=False))
+        except OSError as e:  # e.g. the disk filled while measuring
+            print(f"nas.latency: error: --csv {args.csv}: cannot be written ({e.strerror or e})",
+                  file=sys.stderr)
+            return 2
     return 0
 
 

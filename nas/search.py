@@ -38,9 +38,17 @@ import sqlalchemy.exc
 import torch
 
 from nas.arch import ArchError, Architecture, load_architecture
-from nas.cli import MAX_SEED, HelpFormatter, Parser, file_in_the_way, is_plain_folder_name
+from nas.cli import (
+    MAX_NAME_BYTES,
+    MAX_SEED,
+    HelpFormatter,
+    Parser,
+    file_in_the_way,
+    is_plain_folder_name,
+    oserror_line,
+)
 from nas.data import SPLIT_SEED, DataError, DataSplits, load_data, split_train_val
-from nas.files import write_atomic
+from nas.files import make_folders, remove_if_empty, sqlite_url, write_atomic
 from nas.latency import (
     DEFAULT_THREADS,
     LatencyCache,
@@ -217,6 +225,10 @@ def storage_for(args: argparse.Namespace, run_dir: Path) -> optuna.storages.Base
     return optuna.storages.get_storage(url)
 
 
+def storage_name(args: argparse.Namespace, run_dir: Path) -> str:
+    return f"--storage {args.storage}" if args.storage else f"{run_dir / 'study.db'}"
+
+
 def open_storage(args: argparse.Namespace, run_dir: Path, attempts: int = 5
                  ) -> optuna.storages.BaseStorage:
     """The storage; a schema another process is creating at the same moment is waited for."""
@@ -227,8 +239,7 @@ def open_storage(args: argparse.Namespace, run_dir: Path, attempts: int = 5
             if attempt + 1 < attempts and created_concurrently(e):
                 time.sleep(0.2 * (attempt + 1))
                 continue
-            what = f"--storage {args.storage}" if args.storage else f"{run_dir / 'study.db'}"
-            raise UsageError(f"{what}: cannot be opened "
+            raise UsageError(f"{storage_name(args, run_dir)}: cannot be opened "
                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     raise AssertionError("unreachable")
 
@@ -242,7 +253,7 @@ def created_concurrently(e: Exception) -> bool:
 
 
 def storage_url(run_dir: Path) -> str:
-    return f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    return sqlite_url(run_dir / "study.db")
 
 
 def make_sampler(args: argparse.Namespace, seed: int) -> optuna.samplers.BaseSampler:
@@ -571,7 +582,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag.replace('_', '-')} {value}: no CUDA GPU is available "
                              f"on this machine; use cpu")
     if not is_plain_folder_name(args.name):
-        raise UsageError(f"--name {args.name!r}: must be a plain folder name")
+        raise UsageError(f"--name {args.name!r}: must be a plain folder name (no '/', not "
+                         f"starting with '.', at most {MAX_NAME_BYTES} bytes)")
     blocked = file_in_the_way(Path(args.runs_dir))
     if blocked:
         raise UsageError(f"--runs-dir {args.runs_dir}: {blocked} is a file, so no run folder "
@@ -773,9 +785,21 @@ def was_interrupted(e: BaseException) -> bool:
 def run(args: argparse.Namespace, write: bool = True, ready=None, stop=None) -> int:
     ctx, run_dir, settings = prepare(args)
     torch.set_num_threads(train_threads(args))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(args, run_dir)
-    study = open_study(args, storage, settings, ctx.space)
+    try:
+        created = make_folders(run_dir)
+    except OSError as e:
+        raise UsageError(f"--runs-dir {args.runs_dir}: cannot make the run folder {run_dir} "
+                         f"({e.strerror or e})") from None
+    try:
+        storage = open_storage(args, run_dir)
+        study = open_study(args, storage, settings, ctx.space)
+    except BaseException as e:  # refused (another study's settings, a bad --storage): no trace
+        remove_if_empty(created)
+        if isinstance(e, optuna.exceptions.StorageInternalError):  # e.g. a read-only study.db
+            cause = e.__cause__ or e
+            raise UsageError(f"{storage_name(args, run_dir)}: cannot be written "
+                             f"({str(cause).splitlines()[0]})") from None
+        raise
     baselines = [n.strip() for n in args.baselines.split(",") if n.strip()]
     already = _finished(study)
     if write:
@@ -862,6 +886,9 @@ def guarded_run(args: argparse.Namespace, write: bool = True, ready=None, stop=N
         return run(args, write, ready, stop)
     except (UsageError, ArchError, SpaceError, DataError, LatencyError) as e:
         print(f"nas.search: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only run folder, a full disk (a trial's own errors fail it)
+        print(f"nas.search: error: {oserror_line(e)}", file=sys.stderr)
         return 2
     except BaseException as e:
         if not was_interrupted(e):

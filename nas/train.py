@@ -23,9 +23,18 @@ from torch import nn
 from tqdm import tqdm
 
 from nas.arch import ArchError, Architecture, load_architecture
-from nas.cli import MAX_SEED, HelpFormatter, Parser, file_in_the_way, is_plain_folder_name
+from nas.cli import (
+    MAX_NAME_BYTES,
+    MAX_SEED,
+    HelpFormatter,
+    Parser,
+    file_in_the_way,
+    folder_name,
+    is_plain_folder_name,
+    oserror_line,
+)
 from nas.data import DataError, DataSplits, batches, load_data
-from nas.files import write_atomic
+from nas.files import make_folders, remove_if_empty, write_atomic
 from nas.latency import pin_malloc_thresholds
 from nas.model import TooLargeError, failed_allocation, is_out_of_memory
 from nas.proxy import CandidateFailed, ProxyBudget, evaluate, proxy_arch, training_model
@@ -219,7 +228,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda: no CUDA GPU is available on this machine; use cpu")
     if args.name is not None and not is_plain_folder_name(args.name):
-        raise TrainError(f"--name {args.name!r}: must be a plain folder name")
+        raise TrainError(f"--name {args.name!r}: must be a plain folder name (no '/', not "
+                         f"starting with '.', at most {MAX_NAME_BYTES} bytes)")
     blocked = file_in_the_way(Path(args.runs_dir))
     if blocked:
         raise TrainError(f"--runs-dir {args.runs_dir}: {blocked} is a file, not a folder")
@@ -235,28 +245,17 @@ def prepare(args: argparse.Namespace) -> tuple[Architecture, DataSplits, TrainCo
                          f"{len(data.full_train)} training images")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       final_map=args.final_map, seed=args.seed)
-    name = args.name or f"train-{arch.name or Path(args.config).stem}"
+    name = args.name or folder_name(f"train-{arch.name or Path(args.config).stem}")
     return arch, data, cfg, Path(args.runs_dir) / name
 
 
 def make_run_dir(run_dir: Path) -> list[Path]:
     """Make the run folder; returns the folders this call created, deepest first."""
-    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        return make_folders(run_dir)
     except OSError as e:
         raise TrainError(f"--runs-dir {run_dir.parent}: cannot make the run folder {run_dir} "
                          f"({e.strerror or e})") from None
-    return created
-
-
-def remove_if_empty(created: list[Path]) -> None:
-    """A run that wrote nothing leaves no folder behind; one with a checkpoint stays."""
-    for folder in created:
-        try:
-            folder.rmdir()  # only an empty folder goes
-        except OSError:
-            return
 
 
 class Terminated(KeyboardInterrupt):
@@ -300,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (TrainError, ArchError, DataError) as e:
         print(f"nas.train: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full disk, a name too long: the checkpoint's write
+        print(f"nas.train: error: cannot write {oserror_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         return interrupted(run_dir, e)

@@ -137,6 +137,35 @@ def test_sigterm_stops_training_as_ctrl_c_does(run, image_folder, tmp_path):
     assert not (tmp_path / "t" / "metrics.json").exists()
 
 
+def test_an_architecture_name_cannot_put_the_run_folder_outside_runs_dir(run, image_folder,
+                                                                         tmp_path):
+    # the default folder is train-<the file's name: field>; '../../escaped' climbed out
+    arch_file = tmp_path / "a.yaml"
+    arch_file.write_text(replace(load_architecture(run / "best.yaml"),
+                                 name="../../escaped").to_yaml())
+    runs = tmp_path / "deep" / "runs"
+    assert train.main([str(arch_file), "--data", str(image_folder), "--runs-dir", str(runs),
+                       "--batch-size", "32", "--no-progress", "--epochs", "1"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.yaml", "deep"]
+    assert [p.name for p in runs.iterdir()] == ["train-..-..-escaped"]
+    assert (runs / "train-..-..-escaped" / "metrics.json").exists()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(run, image_folder, tmp_path, capsys,
+                                                         monkeypatch):
+    # a read-only run folder (as another user than root) or a full disk: it was a traceback
+    def refused(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(train, "write_atomic", refused)
+    assert train.main([str(run / "best.yaml"), "--data", str(image_folder), "--runs-dir",
+                       str(tmp_path), "--name", "t", "--batch-size", "32", "--no-progress",
+                       "--epochs", "1"]) == 2
+    line = one_line_error(capsys, "nas.train", "cannot write ")
+    assert line.endswith("checkpoint.pt.tmp: Permission denied") or line.endswith(
+        "checkpoint.pt: Permission denied"), line
+
+
 def test_export_puts_the_trained_weights_into_torchscript_and_onnx(run, image_folder, tmp_path):
     arch_file = run / "best.yaml"
     assert train.main([str(arch_file), "--data", str(image_folder), "--runs-dir", str(tmp_path),

@@ -323,6 +323,44 @@ def test_resolve_network_builds_references_and_torchvision_models():
         resolve_network("nope")
 
 
+def test_a_csv_that_cannot_be_written_is_one_line_and_leaves_no_part(tmp_path, capsys,
+                                                                     monkeypatch):
+    # a disk that filled while measuring: pandas' own write was a traceback and half a file
+    import nas.files
+
+    monkeypatch.setattr(nas.files, "open", lambda *a, **kw: _Full(*a, **kw), raising=False)
+    out = tmp_path / "lat.csv"
+    assert main(["mobilenet_v3_small", "--input-size", "32", "--min-time", "0.05",
+                 "--max-time", "0.1", "--csv", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"nas.latency: error: --csv {out}: cannot be written (No space left on device)"], err
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Full:
+    """A file on a full disk: the first write fails."""
+
+    def __init__(self, path, mode="r", *a, **kw):
+        self.f = open(path, mode, *a, **kw)  # noqa: SIM115 - closed in __exit__
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        self.f.write(data[:10])  # the start of the file, as a full disk leaves it
+        raise OSError(28, "No space left on device")
+
+    def flush(self):
+        self.f.flush()
+
+    def fileno(self):
+        return self.f.fileno()
+
+
 def test_cli_table_and_csv_for_a_reference_a_config_and_torchvision(tmp_path, capsys):
     config = save_architecture(load_architecture("mobilenet_v1"), tmp_path / "mine.yaml")
     out = tmp_path / "lat.csv"

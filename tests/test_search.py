@@ -19,8 +19,10 @@ import pandas as pd
 import pytest
 import sqlalchemy
 import sqlalchemy.orm
+from conftest import one_line_error
 
 from nas.arch import Architecture, load_architecture
+from nas.files import sqlite_url
 from nas.latency import available_cpus
 from nas.model import build_model
 from nas.pareto import pareto_mask
@@ -121,6 +123,43 @@ def test_resume_with_other_settings_is_refused(image_folder, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "target_ms=1.0" in err[0] and "--name" in err[0]
     assert len(study_of(tmp_path).trials) == 1
+
+
+def test_a_refused_start_leaves_no_empty_run_folder(image_folder, tmp_path, capsys):
+    # the run folder was made before the study's settings were checked
+    assert main(args(tmp_path, image_folder, "--trials", "1")) == 0
+    argv = args(tmp_path / "other", image_folder, "--trials", "2", "--storage",
+                sqlite_url(tmp_path / "s" / "study.db"))
+    argv[argv.index("--target-ms") + 1] = "5"
+    assert main(argv) == 2
+    assert "target_ms=1.0" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_study_that_cannot_be_written_is_one_line(image_folder, tmp_path, capsys):
+    # a read-only study.db (as another user); root ignores file modes, so SQLite's read-only
+    # mode stands in for one. Optuna's StorageInternalError came out as a traceback
+    assert main(args(tmp_path, image_folder, "--trials", "1")) == 0
+    url = f"sqlite:///file:{tmp_path / 's' / 'study.db'}?mode=ro&uri=true"
+    assert main(args(tmp_path, image_folder, "--trials", "2", "--storage", url)) == 2
+    one_line_error(capsys, "nas.search", "cannot be written")
+    assert len(study_of(tmp_path).trials) == 1
+
+
+@pytest.mark.parametrize("problem", ["folder", "name"])
+def test_a_run_folder_that_cannot_be_made_is_one_line(image_folder, tmp_path, capsys,
+                                                      monkeypatch, problem):
+    if problem == "folder":  # a folder without write permission (as another user than root)
+        def refused(folder):
+            raise PermissionError(13, "Permission denied", str(folder))
+
+        monkeypatch.setattr("nas.search.make_folders", refused)
+        assert main(args(tmp_path, image_folder, "--trials", "1")) == 2
+        one_line_error(capsys, "nas.search", "cannot make the run folder")
+    else:  # the file system's limit is 255 bytes: 'File name too long' came as a traceback
+        assert main(args(tmp_path, image_folder, "--trials", "1", name="n" * 256)) == 2
+        one_line_error(capsys, "nas.search", "at most 255 bytes")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_refuses_a_study_that_asked_a_parameter_from_other_choices(
@@ -395,6 +434,16 @@ def test_two_workers_share_one_study(image_folder, tmp_path):
     assert len(set(archs)) >= len(archs) - 1
     df = pd.read_csv(tmp_path / "s" / "trials.csv")
     assert sorted(df.number) == numbers
+
+
+def test_a_run_name_with_url_characters_keeps_its_study_in_its_folder(image_folder, tmp_path):
+    # in an unescaped sqlite:/// URL, '?' and '#' end the path (the study went to runs/q, outside
+    # the run folder) and '%41' is decoded ('unable to open database file')
+    name = "q?x#1%41"
+    assert main(args(tmp_path, image_folder, "--trials", "1", name=name)) == 0
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    study = optuna.load_study(study_name=name, storage=sqlite_url(tmp_path / name / "study.db"))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
 
 
 def test_workers_flag_runs_processes_that_share_a_fresh_study(image_folder, tmp_path):
