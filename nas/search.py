@@ -372,7 +372,7 @@ def fail_dead_local_trials(study: optuna.Study, *, ours: bool = False) -> list[i
         if wh == host and pid.isdigit() and (
                 (ours and int(pid) == os.getpid()) or not _alive(int(pid))):
             reason = (INTERRUPTED.reason() if int(pid) == os.getpid()
-                      else f"worker {worker} died (killed?)")
+                      else f"worker {worker} {DIED}")
             study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
             failed.append(t.number)
@@ -424,8 +424,30 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
             optuna.trial.TrialState.FAIL)
 
 
+DIED = "died (killed?)"  # the end of a dead worker's trial's fail_reason
+
+
+def counts_toward_trials(t: optuna.trial.FrozenTrial) -> bool:
+    """Finished, and not cut short by an interrupt or a dead worker: a candidate never scored
+    does not use up --trials (the same command evaluates another in its place)."""
+    reason = t.user_attrs.get("fail_reason", "")
+    return t.state in FINISHED and not (t.state == optuna.trial.TrialState.FAIL and (
+        reason.startswith("interrupted") or reason.endswith(DIED)))
+
+
 def _finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    return sum(map(counts_toward_trials, study.get_trials(deepcopy=False, states=FINISHED)))
+
+
+class StopAtTrials:
+    """Optuna's MaxTrialsCallback, counting only trials that count toward --trials."""
+
+    def __init__(self, trials: int) -> None:
+        self.trials = trials
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if _finished(study) >= self.trials:
+            study.stop()
 
 
 # --------------------------------------------------------------------------- baselines
@@ -486,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("search")
     g.add_argument("--trials", type=int, default=20,
                    help="total finished trials the study should hold (a resumed study counts the "
-                        "ones it already has)")
+                        "ones it already has; not those cut short by Ctrl-C, SIGTERM or a "
+                        "killed worker)")
     g.add_argument("--timeout", type=float, default=None, help="stop starting trials after this "
                    "many seconds (default: no limit)")
     g.add_argument("--space", default=DEFAULT_SPACE,
@@ -823,7 +846,7 @@ def run(args: argparse.Namespace, write: bool = True, ready=None, stop=None) -> 
             workers = Workers(args)
             study.optimize(
                 make_objective(ctx), timeout=args.timeout, catch=(CandidateFailed,),
-                callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=FINISHED),
+                callbacks=[StopAtTrials(args.trials),
                            Progress(args.trials, already),
                            # an interrupt that Python swallowed (raised in a GC callback) or
                            # a worker's lost one still stops the search after this trial

@@ -31,6 +31,7 @@ from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.reward import MODES, reward
 from nas.search import (
     INTERRUPTED,
+    counts_toward_trials,
     fail_dead_local_trials,
     latency_bound_ms,
     main,
@@ -561,6 +562,47 @@ def test_a_trial_stopped_by_ctrl_c_says_so(image_folder, tmp_path, monkeypatch):
                                          optuna.trial.TrialState.FAIL]
     assert trials[1].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
     assert pd.read_csv(tmp_path / "s" / "trials.csv").fail_reason[1] == "interrupted (Ctrl-C)"
+
+
+def test_a_trial_cut_short_does_not_use_up_the_trials(image_folder, tmp_path, monkeypatch,
+                                                        capsys):
+    # it counted: '--trials 5', Ctrl-C in trial 1, then '--trials 2' evaluated nothing more
+    monkeypatch.setattr(INTERRUPTED, "value", False)
+    real, calls = proxy_train, []
+
+    def proxy_interrupted_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            INTERRUPTED.set()
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr("nas.search.proxy_train", proxy_interrupted_second)
+    assert main(args(tmp_path, image_folder, "--trials", "5")) == 130
+    monkeypatch.setattr(INTERRUPTED, "value", False)
+    capsys.readouterr()
+    assert main(args(tmp_path, image_folder, "--trials", "2")) == 0
+    assert ": 1 finished trials, target 2;" in capsys.readouterr().out
+    assert [t.state for t in study_of(tmp_path).trials] == [
+        optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+        optuna.trial.TrialState.COMPLETE]
+
+
+def test_which_trials_count_toward_trials():
+    fail = optuna.trial.TrialState.FAIL
+
+    def trial(state, reason=None):
+        attrs = {"fail_reason": reason} if reason else {}
+        return optuna.trial.create_trial(state=state, user_attrs=attrs, value=(
+            0.5 if state == optuna.trial.TrialState.COMPLETE else None))
+
+    assert counts_toward_trials(trial(optuna.trial.TrialState.COMPLETE))
+    assert counts_toward_trials(trial(optuna.trial.TrialState.PRUNED))
+    assert counts_toward_trials(trial(fail, "non-finite training loss (nan) in epoch 1"))
+    assert counts_toward_trials(trial(fail, "out of memory (2.0 GiB)"))
+    assert not counts_toward_trials(trial(fail, "interrupted (Ctrl-C)"))
+    assert not counts_toward_trials(trial(fail, "interrupted (SIGTERM)"))
+    assert not counts_toward_trials(trial(fail, "worker host:123 died (killed?)"))
 
 
 def _second_trial_interrupted_without_waiting_for_a_lock(tmp_path, image_folder) -> None:
