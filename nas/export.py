@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import io
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from nas.arch import ArchError, Architecture, architecture_text
 from nas.cli import HelpFormatter, Parser
-from nas.files import write_atomic
+from nas.files import sqlite_url, write_atomic
 from nas.latency import MIN_INPUT_SIZE
 from nas.model import build_model
 from nas.pareto import best_trial_row, pareto_frame, trials_frame
@@ -42,7 +43,7 @@ def load_run_study(run_dir: Path, storage: str | None = None) -> tuple[optuna.St
     if not (storage or meta.get("storage") or own.is_file()):
         raise ExportError(f"{run_dir}: no study.db; pass --storage URL if the run used another "
                           f"storage")
-    url = storage or meta.get("storage") or f"sqlite:///{own.resolve()}"
+    url = storage or meta.get("storage") or sqlite_url(own)
     where = f"--storage {url}" if storage else f"{meta_path}: storage {url}"
     name = meta.get("study_name", run_dir.name)
     try:
@@ -62,12 +63,45 @@ def read_run_meta(meta_path: Path) -> dict:
         raise ExportError(f"{meta_path}: unreadable ({e})") from None
     if not isinstance(meta, dict):
         raise ExportError(f"{meta_path}: expected a JSON object, not {type(meta).__name__}")
-    for key, kind in (("storage", str), ("study_name", str), ("settings", dict),
-                      ("num_classes", int)):
-        if meta.get(key) is not None and not isinstance(meta[key], kind):
-            raise ExportError(f"{meta_path}: {key} must be a {kind.__name__}, not "
-                              f"{meta[key]!r}")
+    for field, allowed, ok in RUN_FIELDS:
+        *outer, key = field.split(".")
+        where = meta
+        for name in outer:  # an absent settings has no fields to check
+            where = where.get(name, {})
+        if key in where and not ok(where[key]):
+            raise ExportError(f"{meta_path}: {field} must be {allowed}, not "
+                              f"{_shown(where[key])}")
     return meta
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value) -> str:
+    """A field's value as the error shows it: JSON's null, else Python's repr, kept short."""
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+# The run.json fields nas.export and nas.plot use, with what nas.search writes there (its own
+# checks for --target-ms and --input-size). An absent field takes the tools' default; a present
+# one, null included, must be valid: only storage is null when the run used its own study.db.
+RUN_FIELDS = (
+    ("storage", "a storage URL (a string) or null",
+     lambda v: v is None or isinstance(v, str)),
+    ("study_name", "a string", lambda v: isinstance(v, str)),
+    ("num_classes", "an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    ("settings", "an object", lambda v: isinstance(v, dict)),
+    ("settings.input_size", f"an integer >= {MIN_INPUT_SIZE}",
+     lambda v: _is_int(v) and v >= MIN_INPUT_SIZE),
+    ("settings.target_ms", "a finite number > 0",
+     lambda v: _is_number(v) and math.isfinite(v) and v > 0),
+)
 
 
 def open_storage(url: str, where: str) -> optuna.storages.BaseStorage:
@@ -241,7 +275,7 @@ def export(args: argparse.Namespace) -> str:
         size = args.input_size
         if size is None:
             size = 32 if args.checkpoint else meta.get("settings", {}).get("input_size", 224)
-        networks = network_bytes(arch, num_classes=int(meta.get("num_classes", 10)),
+        networks = network_bytes(arch, num_classes=meta.get("num_classes", 10),
                                  input_size=size, checkpoint=args.checkpoint,
                                  onnx=args.onnx is not None,
                                  torchscript=args.torchscript is not None)

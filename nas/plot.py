@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nas.cli import HelpFormatter, Parser
 from nas.export import ExportError, load_run_study
-from nas.results import write_results
+from nas.results import BaselinesError, write_results
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         files = plot(args)
-    except ExportError as e:
+    except (ExportError, BaselinesError) as e:
         print(f"nas.plot: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print("\n".join(str(f) for f in files))

@@ -60,7 +60,7 @@ from nas.latency import (
 from nas.model import build_model
 from nas.profile import count_macs, count_params
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
-from nas.results import load_baselines, save_baselines, write_results
+from nas.results import BaselinesError, load_baselines, save_baselines, write_results
 from nas.reward import MODES, exponents, reward
 from nas.space import DEFAULT_SPACE, SearchSpace, SpaceError, load_space
 
@@ -807,6 +807,7 @@ def was_interrupted(e: BaseException) -> bool:
 
 def run(args: argparse.Namespace, write: bool = True, ready=None, stop=None) -> int:
     ctx, run_dir, settings = prepare(args)
+    load_baselines(run_dir)  # a damaged baselines.csv is refused before anything is written
     torch.set_num_threads(train_threads(args))
     try:
         created = make_folders(run_dir)
@@ -907,7 +908,7 @@ def guarded_run(args: argparse.Namespace, write: bool = True, ready=None, stop=N
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         return run(args, write, ready, stop)
-    except (UsageError, ArchError, SpaceError, DataError, LatencyError) as e:
+    except (UsageError, ArchError, SpaceError, DataError, LatencyError, BaselinesError) as e:
         print(f"nas.search: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     except OSError as e:  # a read-only run folder, a full disk (a trial's own errors fail it)

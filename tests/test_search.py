@@ -21,6 +21,7 @@ import sqlalchemy
 import sqlalchemy.orm
 from conftest import one_line_error
 
+from nas import export
 from nas.arch import Architecture, load_architecture
 from nas.files import sqlite_url
 from nas.latency import available_cpus
@@ -445,6 +446,9 @@ def test_a_run_name_with_url_characters_keeps_its_study_in_its_folder(image_fold
     assert [p.name for p in tmp_path.iterdir()] == [name]
     study = optuna.load_study(study_name=name, storage=sqlite_url(tmp_path / name / "study.db"))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
+    assert export.main([str(tmp_path / name), "-o", str(tmp_path / name / "a.yaml")]) == 0
+    assert load_architecture(tmp_path / name / "a.yaml").to_str() == study.trials[0].user_attrs[
+        "arch"]
 
 
 def test_workers_flag_runs_processes_that_share_a_fresh_study(image_folder, tmp_path):
