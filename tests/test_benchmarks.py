@@ -113,3 +113,10 @@ def test_the_throughput_benchmark_trains_one_network_in_each_pipeline():
     x, y = next(it)
     assert x.shape == (4, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
     assert next(it_nchw)[0].is_contiguous() and y.dtype == torch.int64
+
+
+def test_the_step_profile_splits_step_time_into_per_step_and_per_image_costs():
+    step_profile = _benchmark("step_profile")
+    fixed, per_image = step_profile.fit_line([8.0, 16.0, 64.0], [66.0 + 1.5 * b for b in
+                                                                 (8, 16, 64)])
+    assert fixed == pytest.approx(66.0) and per_image == pytest.approx(1.5)
