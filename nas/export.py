@@ -23,7 +23,7 @@ import sqlalchemy
 import torch
 
 from nas.arch import ArchError, Architecture, architecture_text
-from nas.cli import HelpFormatter, Parser
+from nas.cli import HelpFormatter, Parser, run_tool
 from nas.files import sqlite_url, write_atomic
 from nas.latency import MIN_INPUT_SIZE
 from nas.model import build_model
@@ -297,4 +297,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main, "nas.export")

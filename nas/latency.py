@@ -104,7 +104,7 @@ import torch
 from torch import nn
 
 from nas.arch import ArchError, load_architecture
-from nas.cli import HelpFormatter
+from nas.cli import HelpFormatter, run_tool
 from nas.files import write_atomic
 from nas.model import TooLargeError, build_model, failed_allocation, is_out_of_memory
 from nas.profile import count_macs, count_params
@@ -755,4 +755,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_tool(main, "nas.latency")

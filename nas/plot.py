@@ -10,7 +10,7 @@ import math
 import sys
 from pathlib import Path
 
-from nas.cli import HelpFormatter, Parser
+from nas.cli import HelpFormatter, Parser, run_tool
 from nas.export import ExportError, load_run_study
 from nas.results import BaselinesError, write_results
 
@@ -51,4 +51,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main, "nas.plot")

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import pandas as pd
@@ -15,7 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nas.arch import ArchError, Architecture, load_architecture, reference_names
-from nas.cli import HelpFormatter, Parser
+from nas.cli import HelpFormatter, Parser, run_tool
 from nas.model import TooLargeError, build_model, failed_allocation, is_out_of_memory
 from nas.profile import count_params
 
@@ -115,4 +114,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main, "nas.summary")

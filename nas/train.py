@@ -28,9 +28,12 @@ from nas.cli import (
     MAX_SEED,
     HelpFormatter,
     Parser,
+    Terminated,
     file_in_the_way,
     folder_name,
+    interrupt_status,
     is_plain_folder_name,
+    on_sigterm,
     oserror_line,
 )
 from nas.data import DataError, DataSplits, batches, load_data
@@ -258,23 +261,14 @@ def make_run_dir(run_dir: Path) -> list[Path]:
                          f"({e.strerror or e})") from None
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, `timeout`, a batch scheduler's time limit) stops training as Ctrl-C
-    does: the checkpoint of the last finished epoch stays, and the same command resumes."""
-
-
-def on_sigterm(signum: int, frame) -> None:
-    raise Terminated
-
-
 def interrupted(run_dir: Path | None, e: KeyboardInterrupt) -> int:
     """Say whether the same command can resume, as the user will want to know."""
     ckpt = run_dir / "checkpoint.pt" if run_dir else None
     kept = (f"; {ckpt} holds the last finished epoch, and the same command resumes from it"
             if ckpt and ckpt.exists() else "")
-    by = " (SIGTERM)" if isinstance(e, Terminated) else ""
+    by = " (SIGTERM)" if isinstance(e, Terminated) else ""  # which stops it as Ctrl-C does
     print(f"nas.train: interrupted{by}{kept}", file=sys.stderr)
-    return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    return interrupt_status(e)
 
 
 def main(argv: list[str] | None = None) -> int:

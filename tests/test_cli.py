@@ -4,6 +4,7 @@ import pytest
 from conftest import one_line_error
 
 from nas import export, latency, plot, search, summary, train
+from nas.cli import Terminated, run_tool
 
 TOOLS = {"nas.export": export, "nas.latency": latency, "nas.plot": plot, "nas.search": search,
          "nas.summary": summary, "nas.train": train}
@@ -29,3 +30,22 @@ def test_a_bad_or_missing_value_is_one_line_naming_the_flag(name, argv, fragment
         TOOLS[name].main(argv)
     assert exit_.value.code == 2
     one_line_error(capsys, name, fragment)
+
+
+@pytest.mark.parametrize("raised, status, line", [
+    (KeyboardInterrupt, 130, "nas.latency: interrupted"),
+    (Terminated, 143, "nas.latency: interrupted (SIGTERM)"),
+    (None, 0, None)])
+def test_ctrl_c_or_sigterm_ends_a_tool_with_one_line_and_the_shells_status(raised, status, line,
+                                                                           capsys):
+    # nas.latency measuring for minutes, then Ctrl-C: a KeyboardInterrupt traceback
+    def main() -> int:
+        if raised:
+            raise raised
+        return 0
+
+    with pytest.raises(SystemExit) as exit_:
+        run_tool(main, "nas.latency")
+    assert exit_.value.code == status
+    err = capsys.readouterr().err
+    assert err.splitlines() == ([line] if line else [])
