@@ -99,10 +99,14 @@ class Context:
 # --------------------------------------------------------------------------- one candidate
 
 
-def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None) -> dict[str, Any]:
-    """Latency on the target, then proxy accuracy, then reward: the record of one candidate."""
+def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None,
+                          record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Latency on the target, then proxy accuracy, then reward: the record of one candidate.
+
+    Filled into `record` when given, so a caller keeps what was measured before a failure."""
     a = ctx.args
-    record: dict[str, Any] = {"arch": arch.to_str(), "arch_dict": arch.to_dict()}
+    record = {} if record is None else record
+    record.update(arch=arch.to_str(), arch_dict=arch.to_dict())
     deployed = build_model(arch, num_classes=ctx.data.num_classes)
     record["params"] = count_params(deployed)
     record["macs"] = count_macs(deployed, a.input_size)
@@ -466,13 +470,14 @@ def run_baselines(names: list[str], ctx: Context, run_dir: Path) -> pd.DataFrame
         if name in have:
             continue
         print(f"baseline {name} ...", flush=True)
+        rec: dict[str, Any] = {}  # what was measured stays, latency above all, if training fails
         try:
-            rec = evaluate_architecture(load_architecture(name), ctx)
+            evaluate_architecture(load_architecture(name), ctx, record=rec)
         except (CandidateFailed, optuna.TrialPruned) as e:
-            rec = {"fail_reason": str(e)}
+            rec["fail_reason"] = str(e)
         except Exception as e:  # a reference network that fails here fails as a baseline only
             reason = str(e).splitlines()[0] if str(e) else ""
-            rec = {"fail_reason": f"{type(e).__name__}: {reason}"}
+            rec["fail_reason"] = f"{type(e).__name__}: {reason}"
         rec.update(baseline=name, state="COMPLETE" if "accuracy" in rec else "FAIL",
                    arch_dict=json.dumps(rec.get("arch_dict")), val_curve=None)
         rows.append(rec)

@@ -780,17 +780,20 @@ def test_failed_baseline_is_measured_again_on_resume_and_finished_ones_are_not(t
                                                                                monkeypatch):
     calls = []
 
-    def fake_evaluate(arch, ctx):
+    def fake_evaluate(arch, ctx, record):
         calls.append(arch.to_str())
+        record.update(latency_ms=2.0, arch_dict=arch.to_dict())  # measured before training
         if len(calls) == 1:
             raise CandidateFailed("out of memory: boom")
-        return {"accuracy": 0.5, "latency_ms": 2.0, "reward": 0.5, "arch_dict": arch.to_dict()}
+        record.update(accuracy=0.5, reward=0.5)
+        return record
 
     monkeypatch.setattr("nas.search.evaluate_architecture", fake_evaluate)
     names = ["mobilenet_v2", "mobilenet_v3_small"]
     first = run_baselines(names, None, tmp_path)
     assert list(first.state) == ["FAIL", "COMPLETE"]
     assert first.fail_reason[0] == "out of memory: boom"
+    assert first.latency_ms[0] == 2.0  # its latency is kept (it was lost)
     second = run_baselines(names, None, tmp_path)
     assert calls == [load_architecture(n).to_str() for n in [*names, "mobilenet_v2"]]
     assert list(second.baseline) == names and list(second.state) == ["COMPLETE", "COMPLETE"]
