@@ -433,10 +433,13 @@ DIED = "died (killed?)"  # the end of a dead worker's trial's fail_reason
 
 def counts_toward_trials(t: optuna.trial.FrozenTrial) -> bool:
     """Finished, and not cut short by an interrupt or a dead worker: a candidate never scored
-    does not use up --trials (the same command evaluates another in its place)."""
+    does not use up --trials (the same command evaluates another in its place). A failure
+    without a fail_reason came from outside the objective, which gives every failure one: the
+    storage heartbeat failing a dead worker's trial (Optuna writes no reason)."""
+    if t.state != optuna.trial.TrialState.FAIL:
+        return t.state in FINISHED
     reason = t.user_attrs.get("fail_reason", "")
-    return t.state in FINISHED and not (t.state == optuna.trial.TrialState.FAIL and (
-        reason.startswith("interrupted") or reason.endswith(DIED)))
+    return bool(reason) and not (reason.startswith("interrupted") or reason.endswith(DIED))
 
 
 def _finished(study: optuna.Study) -> int:
@@ -689,16 +692,17 @@ def train_threads(args: argparse.Namespace) -> int:
 class Workers:
     """The other --workers: spawned processes running this search (no baselines, no results).
 
-    They start with SIGINT and SIGTERM ignored, so an interrupt cannot land mid-import as a
-    traceback; each turns them back on once running, and also exits if `stop` was set before
-    that (its signal was lost). The first process waits until all are ready, so they share the
-    trials from the start.
+    SIGINT and SIGTERM are held back (blocked, not ignored: a signal arriving then is not lost)
+    while they are spawned, and the children start with them held back too, so an interrupt
+    cannot land mid-import as a traceback; each child lets them through once its handlers are
+    in place, and also exits if `stop` was set before that. The first process waits until all
+    are ready, so they share the trials from the start.
     """
 
     def __init__(self, args: argparse.Namespace) -> None:
         spawn = multiprocessing.get_context("spawn")  # no forked thread pools or SQLite handles
         self.stop, self.procs, ready = spawn.Event(), [], []
-        previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             for i in range(1, args.workers):
                 child = argparse.Namespace(**{**vars(args), "workers": 1, "baselines": "",
@@ -708,10 +712,12 @@ class Workers:
                 self.procs.append(spawn.Process(target=worker_main, name=f"nas-worker-{i}",
                                                 args=(child, self.stop, ready[-1])))
                 self.procs[-1].start()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            self.interrupt()
+            raise
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # one held back arrives here
             while any(p.is_alive() and not r.is_set()
                       for p, r in zip(self.procs, ready, strict=True)):
                 time.sleep(0.05)
@@ -723,19 +729,26 @@ class Workers:
         for proc in self.procs:
             proc.join()
 
-    def interrupt(self, grace_s: float = 2.0, kill_after_s: float = 30.0) -> None:
+    def interrupt(self, grace_s: float = 2.0, kill_after_s: float = 20.0) -> None:
         """Pass an interrupt on to workers that did not get it themselves (a `kill -INT` or
-        `kill -TERM` of this process); terminate one still running after that (its trial is
-        then failed as a dead worker's)."""
+        `kill -TERM` of this process), all at once; kill one still running after that (its
+        trial is then failed as a dead worker's). Workers hold SIGTERM as an interrupt, so the
+        last resort is SIGKILL. At most grace_s + kill_after_s seconds, whatever N."""
         self.stop.set()
-        for proc in self.procs:
-            proc.join(grace_s)
-            if proc.is_alive() and proc.pid is not None:
-                os.kill(proc.pid, INTERRUPTED.signum)
-            proc.join(kill_after_s)
+        started = [p for p in self.procs if p.pid is not None]
+        deadline = time.monotonic() + grace_s
+        for proc in started:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in started:
             if proc.is_alive():
-                proc.terminate()
-                proc.join()
+                os.kill(proc.pid, INTERRUPTED.signum)
+        deadline = time.monotonic() + kill_after_s
+        for proc in started:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in started:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5.0)
 
     def failed(self) -> int:
         return sum(p.exitcode not in (0, *INTERRUPT_STATUSES) for p in self.procs)
@@ -745,6 +758,7 @@ def worker_main(args: argparse.Namespace, stop, ready) -> None:
     """Entry point of a spawned worker: the search loop only; the first worker writes results."""
     try:
         catch_stop_signals()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held back since the spawn
         if stop.is_set():
             raise KeyboardInterrupt
         status = guarded_run(args, write=False, ready=ready, stop=stop)
@@ -913,14 +927,17 @@ def guarded_run(args: argparse.Namespace, write: bool = True, ready=None, stop=N
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         return run(args, write, ready, stop)
-    except (UsageError, ArchError, SpaceError, DataError, LatencyError, BaselinesError) as e:
-        print(f"nas.search: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a read-only run folder, a full disk (a trial's own errors fail it)
-        print(f"nas.search: error: {oserror_line(e)}", file=sys.stderr)
-        return 2
     except BaseException as e:
-        if not was_interrupted(e):
+        if was_interrupted(e):  # whatever error it surfaced as
+            pass
+        elif isinstance(e, (UsageError, ArchError, SpaceError, DataError, LatencyError,
+                            BaselinesError)):
+            print(f"nas.search: error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
+        elif isinstance(e, OSError):  # a read-only run folder, a full disk (not a trial's)
+            print(f"nas.search: error: {oserror_line(e)}", file=sys.stderr)
+            return 2
+        else:
             raise
     if write:  # a worker's interrupt is reported by the first process
         print("nas.search: interrupted; the study keeps every finished trial, and the same "

@@ -248,7 +248,8 @@ def prepare(args: argparse.Namespace) -> tuple[Architecture, DataSplits, TrainCo
                          f"{len(data.full_train)} training images")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       final_map=args.final_map, seed=args.seed)
-    name = args.name or folder_name(f"train-{arch.name or Path(args.config).stem}")
+    default = f"train-{arch.name or Path(args.config).stem}"  # as before, when it is plain
+    name = args.name or (default if is_plain_folder_name(default) else folder_name(default))
     return arch, data, cfg, Path(args.runs_dir) / name
 
 
@@ -294,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, ArchError, DataError) as e:
         print(f"nas.train: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    except OSError as e:  # a read-only or full disk, a name too long: the checkpoint's write
-        print(f"nas.train: error: cannot write {oserror_line(e)}", file=sys.stderr)
+    except OSError as e:  # a read-only or full disk: the checkpoint's write, its read
+        print(f"nas.train: error: {oserror_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         return interrupted(run_dir, e)

@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import optuna
@@ -32,10 +33,12 @@ from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.reward import MODES, reward
 from nas.search import (
     INTERRUPTED,
+    Workers,
     counts_toward_trials,
     fail_dead_local_trials,
     latency_bound_ms,
     main,
+    on_sigint,
     open_storage,
     refusal,
     run_baselines,
@@ -607,6 +610,62 @@ def test_which_trials_count_toward_trials():
     assert not counts_toward_trials(trial(fail, "interrupted (Ctrl-C)"))
     assert not counts_toward_trials(trial(fail, "interrupted (SIGTERM)"))
     assert not counts_toward_trials(trial(fail, "worker host:123 died (killed?)"))
+    assert not counts_toward_trials(trial(fail))  # failed by the storage heartbeat: no reason
+
+
+def _deaf_worker(ready) -> None:
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    ready.set()
+    time.sleep(120)
+
+
+def test_interrupting_workers_kills_a_deaf_one_within_a_bounded_time(monkeypatch):
+    # workers take SIGTERM as an interrupt now, so terminate() was no last resort any more: a
+    # worker stuck (a 60 s SQLite busy wait) held the first process in an unbounded join
+    fork = multiprocessing.get_context("fork")
+    workers = Workers.__new__(Workers)
+    workers.stop = fork.Event()
+    readies = [fork.Event() for _ in range(3)]
+    workers.procs = [fork.Process(target=_deaf_worker, args=(r,)) for r in readies]
+    for proc, ready in zip(workers.procs, readies, strict=True):
+        proc.start()
+        assert ready.wait(30)
+    monkeypatch.setattr(INTERRUPTED, "signum", signal.SIGTERM)
+    start = time.monotonic()
+    done = threading.Thread(target=workers.interrupt, kwargs={"grace_s": 0.3,
+                                                              "kill_after_s": 0.5})
+    done.start()
+    done.join(20)
+    try:
+        assert not done.is_alive()
+        assert time.monotonic() - start < 5  # one shared deadline, not 3 x (grace + wait)
+        assert [p.exitcode for p in workers.procs] == [-signal.SIGKILL] * 3
+    finally:
+        for proc in workers.procs:
+            if proc.is_alive():
+                proc.kill()
+
+
+def test_a_sigterm_while_workers_are_spawned_is_not_lost(image_folder, tmp_path, monkeypatch):
+    # SIGINT and SIGTERM were ignored (SIG_IGN) while the workers were spawned: one arriving
+    # then was dropped and the search ran on. Now they are held back, and it arrives after.
+    monkeypatch.setattr(INTERRUPTED, "value", False)
+    monkeypatch.setattr(INTERRUPTED, "signum", signal.SIGINT)
+    real_start = multiprocessing.context.SpawnProcess.start
+
+    def start_with_a_sigterm(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_start(self)
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", start_with_a_sigterm)
+    previous = signal.signal(signal.SIGTERM, on_sigint)
+    try:
+        status = main(args(tmp_path, image_folder, "--trials", "4", "--workers", "2"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert status == 143
+    assert not any(counts_toward_trials(t) for t in study_of(tmp_path).trials)
 
 
 def _second_trial_interrupted_without_waiting_for_a_lock(tmp_path, image_folder) -> None:
