@@ -341,13 +341,20 @@ def _one_done_one_training(run_dir) -> bool:
             and "latency_ms" in trials[-1].user_attrs)  # past latency: now in training
 
 
+def _long_trials(tmp_path, image_folder) -> list[str]:
+    """Trials that spend seconds in training and are never pruned on latency (hard mode,
+    T = 1 s): a signal sent once one is training lands inside it."""
+    argv = args(tmp_path, image_folder, "--trials", "50", "--mode", "hard")
+    argv[argv.index("--proxy-epochs") + 1] = "8"
+    argv[argv.index("--target-ms") + 1] = "1000"
+    return argv
+
+
 def test_killed_worker_leaves_finished_trials_intact(image_folder, tmp_path):
     # The kill must land inside a trial. A trial still measuring latency can be pruned a moment
     # later (CI failed on that once); in hard mode with T = 1 s no tiny network is pruned on
     # latency, and 8 epochs keep it in training for seconds.
-    argv = args(tmp_path, image_folder, "--trials", "50", "--mode", "hard")
-    argv[argv.index("--proxy-epochs") + 1] = "8"
-    argv[argv.index("--target-ms") + 1] = "1000"
+    argv = _long_trials(tmp_path, image_folder)
     proc = spawn(argv)
     try:
         assert _wait_for(lambda: _one_done_one_training(tmp_path))
@@ -551,29 +558,8 @@ def test_an_interrupt_python_swallowed_still_stops_the_search_after_the_trial(
     assert (pd.read_csv(tmp_path / "s" / "trials.csv").state == "COMPLETE").sum() == 2
 
 
-def test_a_trial_stopped_by_ctrl_c_says_so(image_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(INTERRUPTED, "value", False)
-    calls = []
-
-    def proxy_interrupted_second(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            INTERRUPTED.set()
-            raise KeyboardInterrupt
-        return proxy_train(*a, **kw)
-
-    monkeypatch.setattr("nas.search.proxy_train", proxy_interrupted_second)
-    assert main(args(tmp_path, image_folder, "--trials", "10")) == 130
-    trials = study_of(tmp_path).trials
-    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE,
-                                         optuna.trial.TrialState.FAIL]
-    assert trials[1].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
-    assert pd.read_csv(tmp_path / "s" / "trials.csv").fail_reason[1] == "interrupted (Ctrl-C)"
-
-
-def test_a_trial_cut_short_does_not_use_up_the_trials(image_folder, tmp_path, monkeypatch,
-                                                        capsys):
-    # it counted: '--trials 5', Ctrl-C in trial 1, then '--trials 2' evaluated nothing more
+def _ctrl_c_in_the_second_training(monkeypatch) -> None:
+    """As the SIGINT handler does it: the flag set, then KeyboardInterrupt; once only."""
     monkeypatch.setattr(INTERRUPTED, "value", False)
     real, calls = proxy_train, []
 
@@ -585,6 +571,22 @@ def test_a_trial_cut_short_does_not_use_up_the_trials(image_folder, tmp_path, mo
         return real(*a, **kw)
 
     monkeypatch.setattr("nas.search.proxy_train", proxy_interrupted_second)
+
+
+def test_a_trial_stopped_by_ctrl_c_says_so(image_folder, tmp_path, monkeypatch):
+    _ctrl_c_in_the_second_training(monkeypatch)
+    assert main(args(tmp_path, image_folder, "--trials", "10")) == 130
+    trials = study_of(tmp_path).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE,
+                                         optuna.trial.TrialState.FAIL]
+    assert trials[1].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+    assert pd.read_csv(tmp_path / "s" / "trials.csv").fail_reason[1] == "interrupted (Ctrl-C)"
+
+
+def test_a_trial_cut_short_does_not_use_up_the_trials(image_folder, tmp_path, monkeypatch,
+                                                        capsys):
+    # it counted: '--trials 5', Ctrl-C in trial 1, then '--trials 2' evaluated nothing more
+    _ctrl_c_in_the_second_training(monkeypatch)
     assert main(args(tmp_path, image_folder, "--trials", "5")) == 130
     monkeypatch.setattr(INTERRUPTED, "value", False)
     capsys.readouterr()
@@ -749,10 +751,7 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_writes_results(image_folder, tmp_pa
                                                            reason):
     # in training when the signal lands (as in test_killed_worker...: hard mode, T = 1 s, and
     # 8 epochs, so the trial in flight is neither pruned on latency nor over in a moment)
-    argv = args(tmp_path, image_folder, "--trials", "50", "--mode", "hard")
-    argv[argv.index("--proxy-epochs") + 1] = "8"
-    argv[argv.index("--target-ms") + 1] = "1000"
-    proc = spawn(argv)
+    proc = spawn(_long_trials(tmp_path, image_folder))
     try:
         assert _wait_for(lambda: _one_done_one_training(tmp_path))
         proc.send_signal(sig)
