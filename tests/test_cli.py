@@ -1,9 +1,5 @@
 """What every command-line tool shares: usage errors as one line, exit status 2; Ctrl-C and
-SIGTERM as one line; OpenMP's spin-wait shortened before torch loads."""
-
-import os
-import subprocess
-import sys
+SIGTERM as one line."""
 
 import pytest
 from conftest import one_line_error
@@ -55,19 +51,3 @@ def test_ctrl_c_or_sigterm_ends_a_tool_with_one_line_and_the_shells_status(raise
     err = capsys.readouterr().err
     assert err.splitlines() == ([line] if line else [])
 
-
-@pytest.mark.parametrize("env, expected", [({}, "10000"), ({"GOMP_SPINCOUNT": "500"}, "500")])
-def test_the_tools_shorten_openmps_spin_wait_before_torch_loads_it(env, expected):
-    # two trainings with a thread per core each ran 14x slower with libgomp's 300,000 spins
-    # (benchmarks/oversubscription.py); libgomp reads the variable once, when torch loads it
-    code = ("import nas.search, os, sys, torch; "
-            "print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)")
-    clean = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
-    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, text=True,
-                         capture_output=True, check=True).stdout.split()
-    assert out == [expected, "True"]
-    # ...and nothing imports torch before nas/__init__.py has set it
-    order = subprocess.run([sys.executable, "-X", "importtime", "-c", "import nas.search"],
-                           env=clean, text=True, capture_output=True, check=True).stderr
-    imported = [line.rsplit("|", 1)[-1].strip() for line in order.splitlines()]
-    assert imported.index("nas") < imported.index("torch")
