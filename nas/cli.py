@@ -72,6 +72,11 @@ def interrupt_status(e: KeyboardInterrupt) -> int:
     return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
 
 
+def interrupt_label(e: KeyboardInterrupt) -> str:
+    """What follows 'interrupted' in a tool's last line: nothing for Ctrl-C."""
+    return " (SIGTERM)" if isinstance(e, Terminated) else ""
+
+
 def run_tool(main: Callable[[], int], prog: str) -> NoReturn:
     """`python -m nas.<tool>`: Ctrl-C or SIGTERM ends it with one line and the shell's status,
     not a traceback (the tools write their files atomically: nothing is left half written)."""
@@ -79,7 +84,6 @@ def run_tool(main: Callable[[], int], prog: str) -> NoReturn:
     try:
         status = main()
     except KeyboardInterrupt as e:
-        by = " (SIGTERM)" if isinstance(e, Terminated) else ""
-        print(f"{prog}: interrupted{by}", file=sys.stderr)
+        print(f"{prog}: interrupted{interrupt_label(e)}", file=sys.stderr)
         status = interrupt_status(e)
     sys.exit(status)

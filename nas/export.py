@@ -244,7 +244,7 @@ def check_args(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Flags, with their defaults shown in --help."""
     p = Parser(prog="nas.export", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+               formatter_class=HelpFormatter)
     p.add_argument("run", help="run folder, e.g. runs/search")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--best", action="store_true", help="best reward (the default)")

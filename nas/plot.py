@@ -18,7 +18,7 @@ from nas.results import BaselinesError, write_results
 def build_parser() -> argparse.ArgumentParser:
     """Flags, with their defaults shown in --help."""
     p = Parser(prog="nas.plot", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+               formatter_class=HelpFormatter)
     p.add_argument("run", help="run folder, e.g. runs/search")
     p.add_argument("--storage", default=None, help="Optuna storage URL if not the run's own")
     p.add_argument("--target-ms", type=float, default=None,

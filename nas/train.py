@@ -28,9 +28,9 @@ from nas.cli import (
     MAX_SEED,
     HelpFormatter,
     Parser,
-    Terminated,
     file_in_the_way,
     folder_name,
+    interrupt_label,
     interrupt_status,
     is_plain_folder_name,
     on_sigterm,
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Flags, with their defaults shown in --help."""
     d = TrainConfig()
     p = Parser(prog="nas.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+               formatter_class=HelpFormatter)
     p.add_argument("config", help="architecture .yaml/.json (e.g. runs/<name>/best.yaml) or a "
                    "reference name")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
@@ -267,8 +267,7 @@ def interrupted(run_dir: Path | None, e: KeyboardInterrupt) -> int:
     ckpt = run_dir / "checkpoint.pt" if run_dir else None
     kept = (f"; {ckpt} holds the last finished epoch, and the same command resumes from it"
             if ckpt and ckpt.exists() else "")
-    by = " (SIGTERM)" if isinstance(e, Terminated) else ""  # which stops it as Ctrl-C does
-    print(f"nas.train: interrupted{by}{kept}", file=sys.stderr)
+    print(f"nas.train: interrupted{interrupt_label(e)}{kept}", file=sys.stderr)
     return interrupt_status(e)
 
 
