@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import gc
 import json
 import logging
@@ -174,7 +175,7 @@ def make_objective(ctx: Context):
     """The Optuna objective: a failing candidate fails its trial with the reason recorded."""
 
     def evaluate(trial: optuna.Trial):
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker", worker_id())  # stamped at creation by StampedStorage
         try:
             arch = ctx.space.sample(trial)
             rec = evaluate_architecture(arch, ctx, trial)
@@ -219,11 +220,36 @@ def make_objective(ctx: Context):
 # --------------------------------------------------------------------------- study and storage
 
 
+def worker_id() -> str:
+    """Who runs a trial, "host:pid": how an interrupted or dead worker's trial is found."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class StampedStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage, each new trial created with its worker_id in the same transaction.
+
+    Optuna's ask creates a trial, then builds it (the sampler reads the study) and starts the
+    heartbeat before the objective runs: an interrupt there left a RUNNING trial that no
+    process knew as its own (fail_dead_local_trials). _create_new_trial is what both
+    RDBStorage and Optuna's cache over it call."""
+
+    def _create_new_trial(self, study_id: int,
+                          template_trial: optuna.trial.FrozenTrial | None = None
+                          ) -> optuna.trial.FrozenTrial:
+        if template_trial is None:
+            template_trial = optuna.trial.FrozenTrial(
+                number=-1, state=optuna.trial.TrialState.RUNNING, value=None,
+                datetime_start=datetime.datetime.now(), datetime_complete=None, params={},
+                distributions={}, user_attrs={"worker": worker_id()}, system_attrs={},
+                intermediate_values={}, trial_id=-1)
+        return super()._create_new_trial(study_id, template_trial)
+
+
 def storage_for(args: argparse.Namespace, run_dir: Path) -> optuna.storages.BaseStorage:
     """SQLite in runs/<name>/ by default (optuna-dashboard opens it); else any Optuna URL."""
     url = args.storage or storage_url(run_dir)
     if url.startswith(("sqlite", "postgresql", "mysql")):
-        return optuna.storages.RDBStorage(
+        return StampedStorage(
             url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
             engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
     return optuna.storages.get_storage(url)

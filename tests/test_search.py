@@ -597,6 +597,28 @@ def test_a_trial_cut_short_does_not_use_up_the_trials(image_folder, tmp_path, mo
         optuna.trial.TrialState.COMPLETE]
 
 
+def test_an_interrupt_between_optunas_creating_a_trial_and_the_objective_fails_that_trial(
+        image_folder, tmp_path, monkeypatch):
+    # CI, 1 run in many: Ctrl-C landed after Optuna's ask had created a trial but before the
+    # objective stamped it with its worker, so no process knew it as its own; it stayed RUNNING
+    monkeypatch.setattr(INTERRUPTED, "value", False)
+    real, calls = optuna.study._optimize.get_heartbeat_thread, []
+
+    def interrupted_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            INTERRUPTED.set()
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(optuna.study._optimize, "get_heartbeat_thread", interrupted_second)
+    assert main(args(tmp_path, image_folder, "--trials", "10")) == 130
+    trials = study_of(tmp_path).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE,
+                                         optuna.trial.TrialState.FAIL]
+    assert trials[1].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+
+
 def test_which_trials_count_toward_trials():
     fail = optuna.trial.TrialState.FAIL
 
