@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,7 @@ class ProxyResult:
     epoch_losses: tuple[float, ...]
     val_curve: tuple[float, ...]  # intermediate validation accuracy per report
     trained_arch: str  # the 32x32 adaptation that was actually trained
+    threads: tuple[int, ...] = ()  # CPU threads of each epoch, when asked for per epoch
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -116,8 +118,12 @@ def proxy_arch(arch: Architecture, budget: ProxyBudget, input_size: int = 32) ->
 
 
 def proxy_train(arch: Architecture, data: DataSplits, budget: ProxyBudget | None = None, *,
-                device: str = "cpu", seed: int = 0, trial: Any = None) -> ProxyResult:
-    """Train briefly, score on validation; reports to `trial` so pruners can stop it early."""
+                device: str = "cpu", seed: int = 0, trial: Any = None,
+                threads: Callable[[], int] | None = None) -> ProxyResult:
+    """Train briefly, score on validation; reports to `trial` so pruners can stop it early.
+
+    `threads`, asked at the start of each epoch, sets the CPU threads of that epoch (restored
+    afterwards): processes training on one machine can share its cores as they come and go."""
     budget = budget or ProxyBudget()
     budget.validate()
     pin_malloc_thresholds()  # no page faults per step: 2x2-map training ran ~15% faster here
@@ -126,16 +132,21 @@ def proxy_train(arch: Architecture, data: DataSplits, budget: ProxyBudget | None
     trained = proxy_arch(arch, budget, size)
     model = training_model(trained, data.num_classes, device=device,
                            channels_last=budget.channels_last)
+    previous = torch.get_num_threads()
     try:
-        return _train(model, trained, data, budget, device=device, seed=seed, trial=trial)
+        return _train(model, trained, data, budget, device=device, seed=seed, trial=trial,
+                      threads=threads)
     except RuntimeError as e:  # CUDA's OutOfMemoryError or the CPU allocator's report
         if not is_out_of_memory(e):
             raise
         raise CandidateFailed(f"out of memory ({failed_allocation(e)})") from None
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _train(model: nn.Module, trained: Architecture, data: DataSplits, budget: ProxyBudget, *,
-           device: str, seed: int, trial: Any) -> ProxyResult:
+           device: str, seed: int, trial: Any,
+           threads: Callable[[], int] | None = None) -> ProxyResult:
     gen = torch.Generator().manual_seed(seed)
     n = min(budget.train_images, len(data.train))
     if n < budget.batch_size:
@@ -144,8 +155,11 @@ def _train(model: nn.Module, trained: Architecture, data: DataSplits, budget: Pr
     steps_per_epoch = max(1, n // budget.batch_size)
     optimizer, scheduler = make_optimizer(model, budget, steps_per_epoch * budget.epochs)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=budget.label_smoothing)
-    losses, curve, seen, train_s, eval_s = [], [], 0, 0.0, 0.0
+    losses, curve, seen, train_s, eval_s, used = [], [], 0, 0.0, 0.0, []
     for epoch in range(budget.epochs):
+        if threads is not None:
+            used.append(threads())
+            torch.set_num_threads(used[-1])
         t0 = time.perf_counter()
         model.train()
         epoch_loss = 0.0
@@ -169,7 +183,7 @@ def _train(model: nn.Module, trained: Architecture, data: DataSplits, budget: Pr
             if trial is not None and not last:
                 _report(trial, acc, epoch)
     return ProxyResult(curve[-1], train_s, eval_s, seen / max(train_s, 1e-9), tuple(losses),
-                       tuple(curve), trained.to_str())
+                       tuple(curve), trained.to_str(), tuple(used))
 
 
 def make_optimizer(model: nn.Module, budget: ProxyBudget, total_steps: int):

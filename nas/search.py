@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +129,10 @@ def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None,
     # Intermediate scores cost a validation pass each: only when a pruner will read them.
     use_trial = trial if (a.objective == "reward" and a.pruner != "none") else None
     result = proxy_train(arch, ctx.data, ctx.budget, device=a.train_device, seed=a.seed,
-                         trial=use_trial)
+                         trial=use_trial,
+                         threads=training_threads(a, trial.study if trial is not None else None))
     record.update(accuracy=result.accuracy, train_s=result.train_seconds,
+                  train_threads=list(result.threads),
                   eval_s=result.eval_seconds, images_per_s=result.images_per_second,
                   trained_arch=result.trained_arch, val_curve=list(result.val_curve),
                   reward=reward(result.accuracy, lat.median_ms, a.target_ms, alpha=ctx.alpha,
@@ -388,6 +391,15 @@ def release_connections(storage: optuna.storages.BaseStorage) -> None:
         storage.engine.dispose()
 
 
+def local_running_trials(study: optuna.Study) -> Iterator[tuple[optuna.trial.FrozenTrial, int]]:
+    """The RUNNING trials of workers on this host, with their worker's pid."""
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        wh, _, pid = t.user_attrs.get("worker", "").rpartition(":")
+        if wh == host and pid.isdigit():
+            yield t, int(pid)
+
+
 def fail_dead_local_trials(study: optuna.Study, *, ours: bool = False) -> list[int]:
     """A RUNNING trial whose worker was on this host and is gone was killed: fail it now.
 
@@ -395,18 +407,20 @@ def fail_dead_local_trials(study: optuna.Study, *, ours: bool = False) -> list[i
     an interrupt that landed in Optuna's own code rather than in the objective). Workers
     elsewhere are covered by the storage heartbeat (failed after GRACE_S seconds).
     """
-    host, failed = socket.gethostname(), []
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker", "")
-        wh, _, pid = worker.rpartition(":")
-        if wh == host and pid.isdigit() and (
-                (ours and int(pid) == os.getpid()) or not _alive(int(pid))):
-            reason = (INTERRUPTED.reason() if int(pid) == os.getpid()
-                      else f"worker {worker} {DIED}")
+    failed = []
+    for t, pid in list(local_running_trials(study)):
+        if (ours and pid == os.getpid()) or not _alive(pid):
+            reason = (INTERRUPTED.reason() if pid == os.getpid()
+                      else f"worker {t.user_attrs['worker']} {DIED}")
             study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
             failed.append(t.number)
     return failed
+
+
+def local_trainers(study: optuna.Study) -> int:
+    """Live processes on this host with a trial of the study in flight, this one included."""
+    return len({pid for _, pid in local_running_trials(study) if _alive(pid)} | {os.getpid()})
 
 
 def _alive(pid: int) -> bool:
@@ -577,7 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: --device)")
     g.add_argument("--train-threads", type=int, default=None,
                    help="CPU threads for proxy training (default: the usable CPUs divided "
-                        "by --workers)")
+                        "by --workers, and by the processes on this machine training this "
+                        "study, asked at each epoch)")
     g.add_argument("--workers", type=int, default=1,
                    help="processes on this machine that evaluate candidates at once, sharing "
                         "the study; on a 2-core Zen 3 CPU, 2 workers x 1 thread finished 1.26x "
@@ -713,6 +728,20 @@ def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
 def train_threads(args: argparse.Namespace) -> int:
     """--train-threads, else an equal share of the usable CPUs per worker."""
     return args.train_threads or max(1, available_cpus() // args.workers)
+
+
+SHARED_NOTE = " (an equal share while other processes on this machine train this study)"
+
+
+def training_threads(args: argparse.Namespace, study: optuna.Study | None) -> Callable[[], int]:
+    """A proxy training's CPU threads, asked at each epoch: without --train-threads, at most an
+    equal share among the processes training this study on this machine, so the same command
+    started twice trains on half the cores each (with every core each, two ran 12x slower
+    together than one alone: benchmarks/results/oversubscription_cascadelake.txt)."""
+    most = train_threads(args)
+    if args.train_threads or study is None:
+        return lambda: most
+    return lambda: max(1, min(most, available_cpus() // local_trainers(study)))
 
 
 class Workers:
@@ -880,8 +909,8 @@ def run(args: argparse.Namespace, write: bool = True, ready=None, stop=None) -> 
               f"{args.trials}; space {args.space} ({ctx.space.size():,} architectures); "
               f"T = {args.target_ms:g} ms, alpha = {ctx.alpha:g}, beta = {ctx.beta:g}; "
               f"data {ctx.data.source}: {len(ctx.data.train)} train / {len(ctx.data.val)} "
-              f"val; {args.workers} worker(s) x {train_threads(args)} training thread(s)",
-              flush=True)
+              f"val; {args.workers} worker(s) x {train_threads(args)} training thread(s)"
+              f"{'' if args.train_threads else SHARED_NOTE}", flush=True)
     interrupted, workers = False, None
     try:
         if baselines:

@@ -139,3 +139,24 @@ def test_diverged_weights_fail_when_scored_instead_of_counting_as_class_0():
     data = synthetic_splits()
     with pytest.raises(CandidateFailed, match="non-finite network outputs"):
         evaluate(Diverged(), data.val, mean=data.mean, std=data.std)
+
+
+def test_threads_are_asked_at_each_epoch_used_for_its_steps_and_restored(monkeypatch):
+    # search processes sharing one machine share its cores as they come and go (nas.search)
+    import nas.proxy
+
+    asked, seen, real = iter([1, 2, 3]), [], nas.proxy.train_step
+
+    def step(*a, **kw):
+        seen.append(torch.get_num_threads())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(nas.proxy, "train_step", step)
+    before = torch.get_num_threads()
+    result = proxy_train(SLOW_BN, synthetic_splits(), dataclasses.replace(FAST, epochs=3),
+                         threads=lambda: next(asked))
+    assert result.threads == (1, 2, 3)
+    steps = 256 // 32
+    assert seen == [1] * steps + [2] * steps + [3] * steps
+    assert torch.get_num_threads() == before
+    assert proxy_train(SLOW_BN, synthetic_splits(), FAST).threads == ()  # not asked: as set

@@ -37,11 +37,13 @@ from nas.search import (
     counts_toward_trials,
     fail_dead_local_trials,
     latency_bound_ms,
+    local_trainers,
     main,
     on_sigint,
     open_storage,
     refusal,
     run_baselines,
+    training_threads,
     was_interrupted,
 )
 
@@ -617,6 +619,47 @@ def test_an_interrupt_between_optunas_creating_a_trial_and_the_objective_fails_t
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE,
                                          optuna.trial.TrialState.FAIL]
     assert trials[1].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+
+
+def _worker_attr(pid: int, host: str | None = None) -> str:
+    return f"{host or socket.gethostname()}:{pid}"
+
+
+def test_local_trainers_counts_live_processes_on_this_host_with_a_trial_in_flight():
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    study = optuna.create_study()
+    for pid, host in [(os.getpid(), None), (os.getppid(), None), (os.getppid(), None),
+                      (gone.pid, None), (os.getppid(), "elsewhere")]:
+        study.ask().set_user_attr("worker", _worker_attr(pid, host))
+    finished = study.ask()
+    finished.set_user_attr("worker", _worker_attr(os.getppid() + 1))
+    study.tell(finished, 1.0)
+    assert local_trainers(study) == 2  # this one and its parent; dead, remote, done: not
+    assert local_trainers(optuna.create_study()) == 1  # itself, between trials
+
+
+def test_training_threads_share_the_cpus_among_local_trainers_unless_fixed(monkeypatch):
+    monkeypatch.setattr("nas.search.available_cpus", lambda: 8)
+    trainers = iter([1, 2, 3, 16])
+    monkeypatch.setattr("nas.search.local_trainers", lambda study: next(trainers))
+    auto = training_threads(argparse.Namespace(train_threads=None, workers=1), "study")
+    assert [auto() for _ in range(4)] == [8, 4, 2, 1]  # asked anew each time, at least 1
+    two = training_threads(argparse.Namespace(train_threads=None, workers=2), "study")
+    trainers = iter([1, 4])
+    assert [two(), two()] == [4, 2]  # never above --workers' share
+    fixed = training_threads(argparse.Namespace(train_threads=3, workers=1), "study")
+    assert fixed() == 3  # --train-threads is what the user asked for
+    assert training_threads(argparse.Namespace(train_threads=None, workers=1), None)() == 8
+
+
+def test_a_trial_trains_on_its_share_of_the_cpus_and_records_it(image_folder, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setattr("nas.search.available_cpus", lambda: 2)
+    monkeypatch.setattr("nas.search.local_trainers", lambda study: 2)  # another command here
+    assert main(args(tmp_path, image_folder, "--trials", "1", "--proxy-epochs", "2")) == 0
+    assert study_of(tmp_path).trials[0].user_attrs["train_threads"] == [1, 1]
+    assert pd.read_csv(tmp_path / "s" / "trials.csv").train_threads[0] == "[1, 1]"
 
 
 def test_which_trials_count_toward_trials():

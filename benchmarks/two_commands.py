@@ -1,0 +1,114 @@
+"""The same nas.search command started twice on one machine: do the two share the cores?
+
+    python benchmarks/two_commands.py --data ../shared/datasets/cifar10-jpg.tar.gz
+
+The README's way to add workers to a study is to start the same command again. On one machine
+each command trained on every core before, and two proxy trainings with every core's worth of
+threads each ran 12x slower together than one alone (oversubscription.py: libgomp's idle
+threads spin while their team-mates wait for a core). nas.search now asks, at each epoch, how
+many processes on this machine train the study, and trains on its equal share of the CPUs.
+
+For each variant, two `python -m nas.search` processes start at the same moment on one fresh
+study (real data, a small proxy budget so the old behaviour finishes in minutes) and run until
+the study holds --trials finished trials. Variants:
+
+  every core each   --train-threads <all CPUs>: what both commands did before
+  shared (default)  no --train-threads: an equal share while both train
+
+It reports the wall time until both exit, the finished trials per minute, the median training
+img/s of a trial, and each trial's threads per epoch with its img/s (trials.csv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+
+def run_pair(extra: list[str], common: list[str], runs_dir: Path, name: str) -> float:
+    """Seconds until both commands, started together on one study, have exited."""
+    cmd = [sys.executable, "-m", "nas.search", *common, "--runs-dir", str(runs_dir),
+           "--name", name, *extra]
+    start = time.perf_counter()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"two_commands: a search failed ({proc.returncode}): {err[-2000:]}")
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    from nas.latency import available_cpus, cpu_name
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="nas.search's --data")
+    p.add_argument("--trials", type=int, default=6, help="finished trials per study")
+    p.add_argument("--proxy-images", type=int, default=2000)
+    p.add_argument("--proxy-epochs", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of both variants")
+    p.add_argument("--out", default="benchmarks/results/two_commands.txt")
+    args = p.parse_args()
+    if min(args.trials, args.proxy_images, args.proxy_epochs, args.rounds) < 1:
+        p.error("--trials, --proxy-images, --proxy-epochs and --rounds must be >= 1")
+    cpus = available_cpus()
+    common = ["--data", args.data, "--trials", str(args.trials), "--proxy-images",
+              str(args.proxy_images), "--proxy-epochs", str(args.proxy_epochs),
+              "--latency-time", "0.5", "--target-ms", "80", "--mode", "soft"]
+    variants = {f"every core each (--train-threads {cpus})": ["--train-threads", str(cpus)],
+                "shared (default)": []}
+    rows = {v: [] for v in variants}
+    started = datetime.datetime.now(datetime.UTC)
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for i, (variant, extra) in enumerate(variants.items()):
+                name = f"r{r}v{i}"
+                wall = run_pair(extra, common, Path(tmp), name)
+                df = pd.read_csv(Path(tmp) / name / "trials.csv")
+                done = df[df.state == "COMPLETE"]
+                trials = " ".join(f"{json.loads(t)}:{ips:.0f}" for t, ips in zip(
+                    done.train_threads, done.images_per_s, strict=True))
+                rows[variant].append((wall, len(done), float(done.images_per_s.median()),
+                                      trials))
+                print(f"round {r + 1} {variant}: {wall:.0f} s, {len(done)} trials, median "
+                      f"{done.images_per_s.median():.0f} img/s per trial; per trial, threads "
+                      f"per epoch:img/s {trials}", flush=True)
+    lines = [
+        f"# two_commands  {started:%Y-%m-%d %H:%M} UTC  {cpu_name()}, {cpus} usable CPUs, "
+        f"python {platform.python_version()}",
+        f"# command: python {' '.join(sys.argv)}",
+        f"# two nas.search commands started together on one fresh study until it holds "
+        f"{args.trials} finished trials; proxy {args.proxy_images} images x "
+        f"{args.proxy_epochs} epochs; medians over {args.rounds} round(s)",
+        f"{'variant':40s} {'wall s':>8s} {'trials/min':>11s} {'img/s/trial':>12s}",
+    ]
+    for variant, rs in rows.items():
+        wall = statistics.median(r[0] for r in rs)
+        per_min = statistics.median(r[1] / r[0] * 60 for r in rs)
+        ips = statistics.median(r[2] for r in rs)
+        lines.append(f"{variant:40s} {wall:8.0f} {per_min:11.2f} {ips:12.0f}")
+    lines += [f"# {v.split(' (')[0]}, round {i + 1}, per trial (threads per epoch:img/s): "
+              f"{r[3]}" for v, rs in rows.items() for i, r in enumerate(rs)]
+    text = "\n".join(lines)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
