@@ -5,18 +5,21 @@
 The README's way to add workers to a study is to start the same command again. On one machine
 each command trained on every core before, and two proxy trainings with every core's worth of
 threads each ran 12x slower together than one alone (oversubscription.py: libgomp's idle
-threads spin while their team-mates wait for a core). nas.search now asks, at each epoch, how
-many processes on this machine train the study, and trains on its equal share of the CPUs.
+threads spin while their team-mates wait for a core). nas.search now asks, every 2 s while it
+trains, how many processes on this machine train the study, and trains on its equal share of
+the CPUs.
 
 For each variant, two `python -m nas.search` processes start at the same moment on one fresh
 study (real data, a small proxy budget so the old behaviour finishes in minutes) and run until
 the study holds --trials finished trials. Variants:
 
   every core each   --train-threads <all CPUs>: what both commands did before
-  shared (default)  no --train-threads: an equal share while both train
+  shared (default)  no --train-threads: an equal share while both train, asked every 2 s
+  shared, staggered the second command starts --stagger seconds later, while the first
+                    trains alone on every core
 
 It reports the wall time until both exit, the finished trials per minute, the median training
-img/s of a trial, and each trial's threads per epoch with its img/s (trials.csv).
+img/s of a trial, and each trial's thread counts (one per change) with its img/s (trials.csv).
 """
 
 from __future__ import annotations
@@ -36,18 +39,30 @@ from pathlib import Path
 import pandas as pd
 
 
-def run_pair(extra: list[str], common: list[str], runs_dir: Path, name: str) -> float:
-    """Seconds until both commands, started together on one study, have exited."""
+def run_pair(extra: list[str], common: list[str], runs_dir: Path, name: str,
+             delay_s: float) -> float:
+    """Seconds until both commands, the second started delay_s later, have exited."""
     cmd = [sys.executable, "-m", "nas.search", *common, "--runs-dir", str(runs_dir),
            "--name", name, *extra]
+    logs = [runs_dir / f"{name}-{i}.log" for i in range(2)]
+    procs: list[subprocess.Popen] = []
     start = time.perf_counter()
-    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    for proc in procs:
-        _, err = proc.communicate()
-        if proc.returncode != 0:
-            raise SystemExit(f"two_commands: a search failed ({proc.returncode}): {err[-2000:]}")
-    return time.perf_counter() - start
+    try:
+        for i, log in enumerate(logs):
+            if i:
+                time.sleep(delay_s)
+            with log.open("w") as f:
+                procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f))
+        for proc, log in zip(procs, logs, strict=True):
+            if proc.wait() != 0:
+                raise SystemExit(f"two_commands: a search failed ({proc.returncode}): "
+                                 f"{log.read_text()[-2000:]}")
+        return time.perf_counter() - start
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def main() -> int:
@@ -59,24 +74,30 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=6, help="finished trials per study")
     p.add_argument("--proxy-images", type=int, default=2000)
     p.add_argument("--proxy-epochs", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of both variants")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the variants")
+    p.add_argument("--stagger", type=float, default=20.0,
+                   help="seconds after the first that the second command starts, in the "
+                        "staggered variant (the first then trains alone on every core)")
     p.add_argument("--out", default="benchmarks/results/two_commands.txt")
     args = p.parse_args()
     if min(args.trials, args.proxy_images, args.proxy_epochs, args.rounds) < 1:
         p.error("--trials, --proxy-images, --proxy-epochs and --rounds must be >= 1")
+    if args.stagger < 0:
+        p.error("--stagger must be >= 0")
     cpus = available_cpus()
     common = ["--data", args.data, "--trials", str(args.trials), "--proxy-images",
               str(args.proxy_images), "--proxy-epochs", str(args.proxy_epochs),
               "--latency-time", "0.5", "--target-ms", "80", "--mode", "soft"]
-    variants = {f"every core each (--train-threads {cpus})": ["--train-threads", str(cpus)],
-                "shared (default)": []}
+    variants = {f"every core each (--train-threads {cpus})": (["--train-threads", str(cpus)], 0),
+                "shared (default)": ([], 0),
+                f"shared, 2nd started {args.stagger:g} s later": ([], args.stagger)}
     rows = {v: [] for v in variants}
     started = datetime.datetime.now(datetime.UTC)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for i, (variant, extra) in enumerate(variants.items()):
+            for i, (variant, (extra, delay_s)) in enumerate(variants.items()):
                 name = f"r{r}v{i}"
-                wall = run_pair(extra, common, Path(tmp), name)
+                wall = run_pair(extra, common, Path(tmp), name, delay_s)
                 df = pd.read_csv(Path(tmp) / name / "trials.csv")
                 done = df[df.state == "COMPLETE"]
                 trials = " ".join(f"{json.loads(t)}:{ips:.0f}" for t, ips in zip(
@@ -85,12 +106,12 @@ def main() -> int:
                                       trials))
                 print(f"round {r + 1} {variant}: {wall:.0f} s, {len(done)} trials, median "
                       f"{done.images_per_s.median():.0f} img/s per trial; per trial, threads "
-                      f"per epoch:img/s {trials}", flush=True)
+                      f"used:img/s {trials}", flush=True)
     lines = [
         f"# two_commands  {started:%Y-%m-%d %H:%M} UTC  {cpu_name()}, {cpus} usable CPUs, "
         f"python {platform.python_version()}",
         f"# command: python {' '.join(sys.argv)}",
-        f"# two nas.search commands started together on one fresh study until it holds "
+        f"# two nas.search commands started on one fresh study until it holds "
         f"{args.trials} finished trials; proxy {args.proxy_images} images x "
         f"{args.proxy_epochs} epochs; medians over {args.rounds} round(s)",
         f"{'variant':40s} {'wall s':>8s} {'trials/min':>11s} {'img/s/trial':>12s}",
@@ -100,8 +121,8 @@ def main() -> int:
         per_min = statistics.median(r[1] / r[0] * 60 for r in rs)
         ips = statistics.median(r[2] for r in rs)
         lines.append(f"{variant:40s} {wall:8.0f} {per_min:11.2f} {ips:12.0f}")
-    lines += [f"# {v.split(' (')[0]}, round {i + 1}, per trial (threads per epoch:img/s): "
-              f"{r[3]}" for v, rs in rows.items() for i, r in enumerate(rs)]
+    lines += [f"# {v}, round {i + 1}, per trial (threads used:img/s): {r[3]}"
+              for v, rs in rows.items() for i, r in enumerate(rs)]
     text = "\n".join(lines)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

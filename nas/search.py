@@ -102,10 +102,13 @@ class Context:
 
 
 def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None,
-                          record: dict[str, Any] | None = None) -> dict[str, Any]:
+                          record: dict[str, Any] | None = None,
+                          threads: Callable[[], int] | None = None) -> dict[str, Any]:
     """Latency on the target, then proxy accuracy, then reward: the record of one candidate.
 
-    Filled into `record` when given, so a caller keeps what was measured before a failure."""
+    Filled into `record` when given, so a caller keeps what was measured before a failure.
+    `threads`: the training's CPU threads, asked before each step (default: the trial's
+    ThreadShare, or train_threads without a trial)."""
     a = ctx.args
     record = {} if record is None else record
     record.update(arch=arch.to_str(), arch_dict=arch.to_dict())
@@ -129,8 +132,8 @@ def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None,
     # Intermediate scores cost a validation pass each: only when a pruner will read them.
     use_trial = trial if (a.objective == "reward" and a.pruner != "none") else None
     result = proxy_train(arch, ctx.data, ctx.budget, device=a.train_device, seed=a.seed,
-                         trial=use_trial,
-                         threads=training_threads(a, trial.study if trial is not None else None))
+                         trial=use_trial, threads=threads or training_threads(
+                             a, trial.study if trial is not None else None))
     record.update(accuracy=result.accuracy, train_s=result.train_seconds,
                   train_threads=list(result.threads),
                   eval_s=result.eval_seconds, images_per_s=result.images_per_second,
@@ -418,9 +421,19 @@ def fail_dead_local_trials(study: optuna.Study, *, ours: bool = False) -> list[i
     return failed
 
 
+BASELINES_ATTR = "training_baselines:"  # + worker_id(): a study attribute, True while it does
+
+
 def local_trainers(study: optuna.Study) -> int:
-    """Live processes on this host with a trial of the study in flight, this one included."""
-    return len({pid for _, pid in local_running_trials(study) if _alive(pid)} | {os.getpid()})
+    """Live processes on this host with a trial of the study in flight or training its
+    baselines, this one included."""
+    pids = {pid for _, pid in local_running_trials(study)} | {os.getpid()}
+    host = socket.gethostname()
+    for key, on in study._storage.get_study_system_attrs(study._study_id).items():
+        wh, _, pid = key.removeprefix(BASELINES_ATTR).rpartition(":")
+        if on is True and key.startswith(BASELINES_ATTR) and wh == host and pid.isdigit():
+            pids.add(int(pid))
+    return len({pid for pid in pids if _alive(pid)})
 
 
 def _alive(pid: int) -> bool:
@@ -500,11 +513,27 @@ class StopAtTrials:
 # --------------------------------------------------------------------------- baselines
 
 
-def run_baselines(names: list[str], ctx: Context, run_dir: Path) -> pd.DataFrame:
+def run_baselines(names: list[str], ctx: Context, run_dir: Path,
+                  study: optuna.Study | None = None) -> pd.DataFrame:
     """Reference networks through the same latency and proxy; measured once per run folder.
 
     A baseline that failed (interrupted, out of memory) is measured again on the next resume.
+    With the study, they train on a ThreadShare of it, and other processes count this one
+    while it trains them.
     """
+    if study is None:
+        return _run_baselines(names, ctx, run_dir, None)
+    key = f"{BASELINES_ATTR}{worker_id()}"
+    study._storage.set_study_system_attr(study._study_id, key, True)
+    try:
+        return _run_baselines(names, ctx, run_dir, training_threads(ctx.args, study))
+    finally:
+        with contextlib.suppress(Exception):  # else a dead pid, which local_trainers skips
+            study._storage.set_study_system_attr(study._study_id, key, False)
+
+
+def _run_baselines(names: list[str], ctx: Context, run_dir: Path,
+                   threads: Callable[[], int] | None) -> pd.DataFrame:
     done = load_baselines(run_dir)
     rows = [r for r in (done.to_dict("records") if len(done) else [])
             if r.get("state") == "COMPLETE"]
@@ -515,7 +544,7 @@ def run_baselines(names: list[str], ctx: Context, run_dir: Path) -> pd.DataFrame
         print(f"baseline {name} ...", flush=True)
         rec: dict[str, Any] = {}  # what was measured stays, latency above all, if training fails
         try:
-            evaluate_architecture(load_architecture(name), ctx, record=rec)
+            evaluate_architecture(load_architecture(name), ctx, record=rec, threads=threads)
         except (CandidateFailed, optuna.TrialPruned) as e:
             rec["fail_reason"] = str(e)
         except Exception as e:  # a reference network that fails here fails as a baseline only
@@ -592,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-threads", type=int, default=None,
                    help="CPU threads for proxy training (default: the usable CPUs divided "
                         "by --workers, and by the processes on this machine training this "
-                        "study, asked at each epoch)")
+                        "study, asked every 2 s while training)")
     g.add_argument("--workers", type=int, default=1,
                    help="processes on this machine that evaluate candidates at once, sharing "
                         "the study; on a 2-core Zen 3 CPU, 2 workers x 1 thread finished 1.26x "
@@ -726,22 +755,46 @@ def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
 
 
 def train_threads(args: argparse.Namespace) -> int:
-    """--train-threads, else an equal share of the usable CPUs per worker."""
-    return args.train_threads or max(1, available_cpus() // args.workers)
+    """--train-threads, else an equal share of the usable CPUs per --workers process."""
+    workers = max(args.workers, getattr(args, "local_workers", 1))  # a worker's: its parent's
+    return args.train_threads or max(1, available_cpus() // workers)
 
 
 SHARED_NOTE = " (an equal share while other processes on this machine train this study)"
 
 
+class ThreadShare:
+    """A proxy training's CPU threads, asked before each step: at most train_threads, and an
+    equal share among the processes on this machine training this study (local_trainers), so
+    the same command started twice trains on half the cores each (with every core each, two
+    ran 12x slower together than one alone: benchmarks/results/two_commands_cascadelake.txt).
+
+    The study is read at most every `every_s` seconds; a failed read (a busy database) keeps
+    the last share instead of failing a candidate that trains well."""
+
+    def __init__(self, most: int, study: optuna.Study, every_s: float = 2.0) -> None:
+        self.most, self.study, self.every_s = most, study, every_s
+        self.share, self.asked = most, -math.inf
+
+    def __call__(self) -> int:
+        if time.monotonic() - self.asked >= self.every_s:
+            self.asked = time.monotonic()
+            try:
+                trainers = local_trainers(self.study)
+            except Exception:
+                if INTERRUPTED.is_set():  # the interrupt, surfacing as a database error
+                    raise
+            else:
+                self.share = max(1, min(self.most, available_cpus() // trainers))
+        return self.share
+
+
 def training_threads(args: argparse.Namespace, study: optuna.Study | None) -> Callable[[], int]:
-    """A proxy training's CPU threads, asked at each epoch: without --train-threads, at most an
-    equal share among the processes training this study on this machine, so the same command
-    started twice trains on half the cores each (with every core each, two ran 12x slower
-    together than one alone: benchmarks/results/oversubscription_cascadelake.txt)."""
+    """--train-threads as given; else a ThreadShare of the study (the fixed share without)."""
     most = train_threads(args)
     if args.train_threads or study is None:
         return lambda: most
-    return lambda: max(1, min(most, available_cpus() // local_trainers(study)))
+    return ThreadShare(most, study)
 
 
 class Workers:
@@ -762,7 +815,7 @@ class Workers:
             for i in range(1, args.workers):
                 child = argparse.Namespace(**{**vars(args), "workers": 1, "baselines": "",
                                               "worker_index": i,
-                                              "train_threads": train_threads(args)})
+                                              "local_workers": args.workers})
                 ready.append(spawn.Event())
                 self.procs.append(spawn.Process(target=worker_main, name=f"nas-worker-{i}",
                                                 args=(child, self.stop, ready[-1])))
@@ -914,7 +967,7 @@ def run(args: argparse.Namespace, write: bool = True, ready=None, stop=None) -> 
     interrupted, workers = False, None
     try:
         if baselines:
-            run_baselines(baselines, ctx, run_dir)
+            run_baselines(baselines, ctx, run_dir, study)
         if ready is not None:
             ready.set()
         if already < args.trials:

@@ -32,7 +32,9 @@ from nas.profile import count_macs, count_params
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.reward import MODES, reward
 from nas.search import (
+    BASELINES_ATTR,
     INTERRUPTED,
+    ThreadShare,
     Workers,
     counts_toward_trials,
     fail_dead_local_trials,
@@ -43,6 +45,7 @@ from nas.search import (
     open_storage,
     refusal,
     run_baselines,
+    train_threads,
     training_threads,
     was_interrupted,
 )
@@ -625,32 +628,96 @@ def _worker_attr(pid: int, host: str | None = None) -> str:
     return f"{host or socket.gethostname()}:{pid}"
 
 
-def test_local_trainers_counts_live_processes_on_this_host_with_a_trial_in_flight():
+@pytest.fixture
+def live_pids():
+    """Three live processes other than this one and its parent, and a dead one."""
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+             for _ in range(3)]
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
+    yield [p.pid for p in procs], gone.pid
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_local_trainers_counts_live_processes_on_this_host_training_the_study(live_pids):
+    (a, b, c), dead = live_pids
     study = optuna.create_study()
-    for pid, host in [(os.getpid(), None), (os.getppid(), None), (os.getppid(), None),
-                      (gone.pid, None), (os.getppid(), "elsewhere")]:
+    for pid, host in [(os.getpid(), None), (a, None), (a, None), (dead, None), (b, "elsewhere")]:
         study.ask().set_user_attr("worker", _worker_attr(pid, host))
     finished = study.ask()
-    finished.set_user_attr("worker", _worker_attr(os.getppid() + 1))
+    finished.set_user_attr("worker", _worker_attr(c))
     study.tell(finished, 1.0)
-    assert local_trainers(study) == 2  # this one and its parent; dead, remote, done: not
+    assert local_trainers(study) == 2  # this one and a; dead, remote, finished: not
+    for pid, on in [(b, True), (c, False), (dead, True)]:  # training baselines, or done
+        study._storage.set_study_system_attr(study._study_id,
+                                             f"{BASELINES_ATTR}{_worker_attr(pid)}", on)
+    study._storage.set_study_system_attr(study._study_id,
+                                         f"{BASELINES_ATTR}elsewhere:{c}", True)
+    assert local_trainers(study) == 3  # and b, while it trains its baselines
     assert local_trainers(optuna.create_study()) == 1  # itself, between trials
 
 
-def test_training_threads_share_the_cpus_among_local_trainers_unless_fixed(monkeypatch):
+def test_thread_share_divides_the_cpus_among_local_trainers_unless_fixed(monkeypatch):
     monkeypatch.setattr("nas.search.available_cpus", lambda: 8)
     trainers = iter([1, 2, 3, 16])
     monkeypatch.setattr("nas.search.local_trainers", lambda study: next(trainers))
-    auto = training_threads(argparse.Namespace(train_threads=None, workers=1), "study")
+    auto = ThreadShare(8, "study", every_s=0)
     assert [auto() for _ in range(4)] == [8, 4, 2, 1]  # asked anew each time, at least 1
-    two = training_threads(argparse.Namespace(train_threads=None, workers=2), "study")
     trainers = iter([1, 4])
+    two = ThreadShare(4, "study", every_s=0)
     assert [two(), two()] == [4, 2]  # never above --workers' share
-    fixed = training_threads(argparse.Namespace(train_threads=3, workers=1), "study")
-    assert fixed() == 3  # --train-threads is what the user asked for
-    assert training_threads(argparse.Namespace(train_threads=None, workers=1), None)() == 8
+    args = argparse.Namespace(train_threads=3, workers=1)
+    assert training_threads(args, "study")() == 3  # --train-threads is what the user asked for
+    args.train_threads = None
+    assert training_threads(args, None)() == 8  # no study (nothing to share): all
+    assert isinstance(training_threads(args, "study"), ThreadShare)
+    args.local_workers = 2  # a --workers 2 child: its parent's share at most
+    assert train_threads(args) == 4 and training_threads(args, "study").most == 4
+
+
+def test_thread_share_reads_the_study_at_most_every_few_seconds_and_survives_a_failed_read(
+        monkeypatch):
+    monkeypatch.setattr(INTERRUPTED, "value", False)
+    monkeypatch.setattr("nas.search.available_cpus", lambda: 4)
+    reads, locked = [], sqlalchemy.exc.OperationalError("SELECT", {}, Exception("locked"))
+
+    def trainers(study):
+        answer = [1, 2, locked, 3][len(reads) % 4]
+        reads.append(answer)
+        if answer is locked:
+            raise locked
+        return answer
+
+    monkeypatch.setattr("nas.search.local_trainers", trainers)
+    throttled = ThreadShare(4, "study", every_s=3600)
+    assert [throttled() for _ in range(5)] == [4] * 5 and len(reads) == 1
+    share = ThreadShare(4, "study", every_s=0)
+    assert [share(), share(), share()] == [2, 2, 1]  # a failed read keeps the last share
+    INTERRUPTED.set()  # the interrupt, surfacing as a database error: not swallowed
+    reads[:] = [None] * 2
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        share()
+
+
+def test_baselines_train_on_a_share_and_are_counted_while_they_train(tmp_path, monkeypatch):
+    monkeypatch.setattr("nas.search.available_cpus", lambda: 2)
+    study, seen = optuna.create_study(), []
+    ctx = argparse.Namespace(args=argparse.Namespace(train_threads=None, workers=1))
+    other = study.ask()
+    other.set_user_attr("worker", _worker_attr(os.getppid()))  # another command's trial
+
+    def fake_evaluate(arch, ctx, record, threads):
+        seen.append((threads(), local_trainers(study)))
+        record.update(latency_ms=2.0, accuracy=0.5, reward=0.5, arch_dict=arch.to_dict())
+        return record
+
+    monkeypatch.setattr("nas.search.evaluate_architecture", fake_evaluate)
+    run_baselines(["mobilenet_v2"], ctx, tmp_path, study)
+    assert seen == [(1, 2)]  # its share beside the other command's trial
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    assert attrs == {f"{BASELINES_ATTR}{_worker_attr(os.getpid())}": False}  # down once done
 
 
 def test_a_trial_trains_on_its_share_of_the_cpus_and_records_it(image_folder, tmp_path,
@@ -658,8 +725,8 @@ def test_a_trial_trains_on_its_share_of_the_cpus_and_records_it(image_folder, tm
     monkeypatch.setattr("nas.search.available_cpus", lambda: 2)
     monkeypatch.setattr("nas.search.local_trainers", lambda study: 2)  # another command here
     assert main(args(tmp_path, image_folder, "--trials", "1", "--proxy-epochs", "2")) == 0
-    assert study_of(tmp_path).trials[0].user_attrs["train_threads"] == [1, 1]
-    assert pd.read_csv(tmp_path / "s" / "trials.csv").train_threads[0] == "[1, 1]"
+    assert study_of(tmp_path).trials[0].user_attrs["train_threads"] == [1]
+    assert pd.read_csv(tmp_path / "s" / "trials.csv").train_threads[0] == "[1]"
 
 
 def test_which_trials_count_toward_trials():
@@ -903,7 +970,7 @@ def test_failed_baseline_is_measured_again_on_resume_and_finished_ones_are_not(t
                                                                                monkeypatch):
     calls = []
 
-    def fake_evaluate(arch, ctx, record):
+    def fake_evaluate(arch, ctx, record, threads=None):
         calls.append(arch.to_str())
         record.update(latency_ms=2.0, arch_dict=arch.to_dict())  # measured before training
         if len(calls) == 1:
