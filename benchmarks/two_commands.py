@@ -9,9 +9,10 @@ threads spin while their team-mates wait for a core). nas.search now asks, every
 trains, how many processes on this machine train the study, and trains on its equal share of
 the CPUs.
 
-For each variant, two `python -m nas.search` processes start at the same moment on one fresh
-study (real data, a small proxy budget so the old behaviour finishes in minutes) and run until
-the study holds --trials finished trials. Variants:
+For each variant, two `python -m nas.search` processes start on one fresh study (at the same
+moment, or the second --stagger seconds later; real data, a small proxy budget so that the old
+behaviour finishes in minutes) and run until the study holds --trials finished trials.
+Variants:
 
   every core each   --train-threads <all CPUs>: what both commands did before
   shared (default)  no --train-threads: an equal share while both train, asked every 2 s

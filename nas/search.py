@@ -345,6 +345,7 @@ def open_study(args: argparse.Namespace, storage: optuna.storages.BaseStorage,
                                      settings.get(diff[0])))
     check_stored_params(study, space, args.name)
     fail_dead_local_trials(study)
+    lower_dead_baselines_flags(study)
     return study
 
 
@@ -424,15 +425,28 @@ def fail_dead_local_trials(study: optuna.Study, *, ours: bool = False) -> list[i
 BASELINES_ATTR = "training_baselines:"  # + worker_id(): a study attribute, True while it does
 
 
-def local_trainers(study: optuna.Study) -> int:
-    """Live processes on this host with a trial of the study in flight or training its
-    baselines, this one included."""
-    pids = {pid for _, pid in local_running_trials(study)} | {os.getpid()}
+def local_baselines_flags(study: optuna.Study) -> Iterator[tuple[str, int]]:
+    """The raised baselines flags of processes on this host, with their pid."""
     host = socket.gethostname()
     for key, on in study._storage.get_study_system_attrs(study._study_id).items():
         wh, _, pid = key.removeprefix(BASELINES_ATTR).rpartition(":")
         if on is True and key.startswith(BASELINES_ATTR) and wh == host and pid.isdigit():
-            pids.add(int(pid))
+            yield key, int(pid)
+
+
+def lower_dead_baselines_flags(study: optuna.Study) -> None:
+    """A process killed while it trained baselines left its flag up: lowered, before its pid
+    can be reused by a process that would then count as training."""
+    for key, pid in list(local_baselines_flags(study)):
+        if not _alive(pid):
+            study._storage.set_study_system_attr(study._study_id, key, False)
+
+
+def local_trainers(study: optuna.Study) -> int:
+    """Live processes on this host with a trial of the study in flight or training its
+    baselines, this one included."""
+    pids = {pid for _, pid in local_running_trials(study)} | {os.getpid()}
+    pids |= {pid for _, pid in local_baselines_flags(study)}
     return len({pid for pid in pids if _alive(pid)})
 
 
@@ -523,13 +537,22 @@ def run_baselines(names: list[str], ctx: Context, run_dir: Path,
     """
     if study is None:
         return _run_baselines(names, ctx, run_dir, None)
-    key = f"{BASELINES_ATTR}{worker_id()}"
-    study._storage.set_study_system_attr(study._study_id, key, True)
+    _set_baselines_flag(study, True)
     try:
         return _run_baselines(names, ctx, run_dir, training_threads(ctx.args, study))
     finally:
-        with contextlib.suppress(Exception):  # else a dead pid, which local_trainers skips
-            study._storage.set_study_system_attr(study._study_id, key, False)
+        if not INTERRUPTED.is_set():  # else it is left to the dead pid, which nobody counts:
+            _set_baselines_flag(study, False)  # a write now could wait on the interrupted read
+
+
+def _set_baselines_flag(study: optuna.Study, on: bool) -> None:
+    """Tell other processes this one trains baselines: a missed flag costs cores, not a run."""
+    try:
+        study._storage.set_study_system_attr(study._study_id, f"{BASELINES_ATTR}{worker_id()}",
+                                             on)
+    except Exception:
+        if INTERRUPTED.is_set():
+            raise
 
 
 def _run_baselines(names: list[str], ctx: Context, run_dir: Path,
@@ -767,7 +790,8 @@ class ThreadShare:
     """A proxy training's CPU threads, asked before each step: at most train_threads, and an
     equal share among the processes on this machine training this study (local_trainers), so
     the same command started twice trains on half the cores each (with every core each, two
-    ran 12x slower together than one alone: benchmarks/results/two_commands_cascadelake.txt).
+    trainings ran 12x slower together than one alone, benchmarks/results/oversubscription_
+    cascadelake.txt, and two commands took 8.4x as long: two_commands_cascadelake.txt).
 
     The study is read at most every `every_s` seconds; a failed read (a busy database) keeps
     the last share instead of failing a candidate that trains well."""

@@ -40,6 +40,7 @@ from nas.search import (
     fail_dead_local_trials,
     latency_bound_ms,
     local_trainers,
+    lower_dead_baselines_flags,
     main,
     on_sigint,
     open_storage,
@@ -657,6 +658,11 @@ def test_local_trainers_counts_live_processes_on_this_host_training_the_study(li
                                          f"{BASELINES_ATTR}elsewhere:{c}", True)
     assert local_trainers(study) == 3  # and b, while it trains its baselines
     assert local_trainers(optuna.create_study()) == 1  # itself, between trials
+    lower_dead_baselines_flags(study)  # as a new run does: a killed process's flag goes down
+    flags = study._storage.get_study_system_attrs(study._study_id)
+    assert [k for k, on in flags.items() if on] == [f"{BASELINES_ATTR}{_worker_attr(b)}",
+                                                    f"{BASELINES_ATTR}elsewhere:{c}"]
+    assert local_trainers(study) == 3
 
 
 def test_thread_share_divides_the_cpus_among_local_trainers_unless_fixed(monkeypatch):
@@ -701,6 +707,29 @@ def test_thread_share_reads_the_study_at_most_every_few_seconds_and_survives_a_f
         share()
 
 
+def test_workers_children_share_the_cores_at_most_at_their_parents_share(monkeypatch):
+    started = []
+
+    class FakeProcess:
+        def __init__(self, target, name, args):
+            self.child = args[0]
+
+        def start(self):
+            started.append(self.child)
+
+        def is_alive(self):
+            return False
+
+    fake = argparse.Namespace(Event=threading.Event, Process=FakeProcess)
+    monkeypatch.setattr("nas.search.multiprocessing.get_context", lambda method: fake)
+    monkeypatch.setattr("nas.search.available_cpus", lambda: 8)
+    Workers(argparse.Namespace(workers=4, train_threads=None, baselines="x"))
+    assert len(started) == 3
+    for child in started:  # not a fixed count: a ThreadShare, capped at 8 / 4
+        assert (child.workers, child.train_threads, child.baselines) == (1, None, "")
+        assert train_threads(child) == 2 and isinstance(training_threads(child, "s"), ThreadShare)
+
+
 def test_baselines_train_on_a_share_and_are_counted_while_they_train(tmp_path, monkeypatch):
     monkeypatch.setattr("nas.search.available_cpus", lambda: 2)
     study, seen = optuna.create_study(), []
@@ -709,13 +738,14 @@ def test_baselines_train_on_a_share_and_are_counted_while_they_train(tmp_path, m
     other.set_user_attr("worker", _worker_attr(os.getppid()))  # another command's trial
 
     def fake_evaluate(arch, ctx, record, threads):
-        seen.append((threads(), local_trainers(study)))
+        flags = study._storage.get_study_system_attrs(study._study_id)
+        seen.append((threads(), flags[f"{BASELINES_ATTR}{_worker_attr(os.getpid())}"]))
         record.update(latency_ms=2.0, accuracy=0.5, reward=0.5, arch_dict=arch.to_dict())
         return record
 
     monkeypatch.setattr("nas.search.evaluate_architecture", fake_evaluate)
     run_baselines(["mobilenet_v2"], ctx, tmp_path, study)
-    assert seen == [(1, 2)]  # its share beside the other command's trial
+    assert seen == [(1, True)]  # its share beside the other command's trial; flag up
     attrs = study._storage.get_study_system_attrs(study._study_id)
     assert attrs == {f"{BASELINES_ATTR}{_worker_attr(os.getpid())}": False}  # down once done
 
