@@ -539,7 +539,8 @@ def run_baselines(names: list[str], ctx: Context, run_dir: Path,
         return _run_baselines(names, ctx, run_dir, None)
     _set_baselines_flag(study, True)
     try:
-        return _run_baselines(names, ctx, run_dir, training_threads(ctx.args, study))
+        # every core at most: the --workers children start once the baselines are done
+        return _run_baselines(names, ctx, run_dir, training_threads(ctx.args, study, workers=1))
     finally:
         if not INTERRUPTED.is_set():  # else it is left to the dead pid, which nobody counts:
             _set_baselines_flag(study, False)  # a write now could wait on the interrupted read
@@ -777,9 +778,9 @@ def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
     return ctx, run_dir, settings
 
 
-def train_threads(args: argparse.Namespace) -> int:
+def train_threads(args: argparse.Namespace, workers: int | None = None) -> int:
     """--train-threads, else an equal share of the usable CPUs per --workers process."""
-    workers = max(args.workers, getattr(args, "local_workers", 1))  # a worker's: its parent's
+    workers = workers or max(args.workers, getattr(args, "local_workers", 1))  # a child: N
     return args.train_threads or max(1, available_cpus() // workers)
 
 
@@ -813,9 +814,10 @@ class ThreadShare:
         return self.share
 
 
-def training_threads(args: argparse.Namespace, study: optuna.Study | None) -> Callable[[], int]:
+def training_threads(args: argparse.Namespace, study: optuna.Study | None,
+                     workers: int | None = None) -> Callable[[], int]:
     """--train-threads as given; else a ThreadShare of the study (the fixed share without)."""
-    most = train_threads(args)
+    most = train_threads(args, workers)
     if args.train_threads or study is None:
         return lambda: most
     return ThreadShare(most, study)

@@ -733,7 +733,7 @@ def test_workers_children_share_the_cores_at_most_at_their_parents_share(monkeyp
 def test_baselines_train_on_a_share_and_are_counted_while_they_train(tmp_path, monkeypatch):
     monkeypatch.setattr("nas.search.available_cpus", lambda: 2)
     study, seen = optuna.create_study(), []
-    ctx = argparse.Namespace(args=argparse.Namespace(train_threads=None, workers=1))
+    ctx = argparse.Namespace(args=argparse.Namespace(train_threads=None, workers=2))
     other = study.ask()
     other.set_user_attr("worker", _worker_attr(os.getppid()))  # another command's trial
 
@@ -746,6 +746,10 @@ def test_baselines_train_on_a_share_and_are_counted_while_they_train(tmp_path, m
     monkeypatch.setattr("nas.search.evaluate_architecture", fake_evaluate)
     run_baselines(["mobilenet_v2"], ctx, tmp_path, study)
     assert seen == [(1, True)]  # its share beside the other command's trial; flag up
+    other.set_user_attr("worker", "elsewhere:1")
+    (tmp_path / "baselines.csv").unlink()
+    run_baselines(["mobilenet_v2"], ctx, tmp_path, study)
+    assert seen[-1] == (2, True)  # alone: every core, though --workers 2 (they start later)
     attrs = study._storage.get_study_system_attrs(study._study_id)
     assert attrs == {f"{BASELINES_ATTR}{_worker_attr(os.getpid())}": False}  # down once done
 
