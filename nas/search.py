@@ -252,13 +252,14 @@ class StampedStorage(optuna.storages.RDBStorage):
 
 
 def storage_for(args: argparse.Namespace, run_dir: Path) -> optuna.storages.BaseStorage:
-    """SQLite in runs/<name>/ by default (optuna-dashboard opens it); else any Optuna URL."""
+    """SQLite in runs/<name>/ by default (optuna-dashboard opens it); else any database URL
+    SQLAlchemy takes, as Optuna does (which also refuses redis:// with its own message)."""
     url = args.storage or storage_url(run_dir)
-    if url.startswith(("sqlite", "postgresql", "mysql")):
-        return StampedStorage(
-            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
-    return optuna.storages.get_storage(url)
+    if url.startswith("redis"):
+        return optuna.storages.get_storage(url)
+    return StampedStorage(
+        url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+        engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
 
 
 def storage_name(args: argparse.Namespace, run_dir: Path) -> str:

@@ -46,6 +46,7 @@ from nas.search import (
     open_storage,
     refusal,
     run_baselines,
+    storage_for,
     train_threads,
     training_threads,
     was_interrupted,
@@ -762,6 +763,24 @@ def test_a_trial_trains_on_its_share_of_the_cpus_and_records_it(image_folder, tm
     assert study_of(tmp_path).trials[0].user_attrs["train_threads"] == [1]
     assert pd.read_csv(tmp_path / "s" / "trials.csv").train_threads[0] == "[1]"
 
+
+
+def test_every_database_url_gets_the_stamped_storage_with_its_heartbeat(tmp_path, monkeypatch):
+    # mariadb, mssql or oracle went to Optuna's plain RDBStorage: no heartbeat, no stamp
+    made = []
+
+    class Recorder:
+        def __init__(self, url, **kw):
+            made.append((url, kw))
+
+    monkeypatch.setattr("nas.search.StampedStorage", Recorder)
+    for url in ("sqlite:///x.db", "postgresql://h/db", "mariadb+pymysql://u@h/db",
+                "mssql+pyodbc://u@dsn"):
+        assert isinstance(storage_for(argparse.Namespace(storage=url), tmp_path), Recorder)
+        assert made[-1][0] == url and made[-1][1]["heartbeat_interval"] > 0
+        assert ("connect_args" in (made[-1][1]["engine_kwargs"] or {})) == (url[:6] == "sqlite")
+    with pytest.raises(ValueError, match="Redis"):
+        storage_for(argparse.Namespace(storage="redis://h"), tmp_path)
 
 def test_which_trials_count_toward_trials():
     fail = optuna.trial.TrialState.FAIL
