@@ -32,7 +32,6 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 LIBGOMP_DEFAULT = "300000"
 VARIANTS = {  # label: environment of the training processes
@@ -116,6 +115,7 @@ def main() -> int:
                 rate = run(env, n, threads, args.steps, args.batch_size)
                 results[variant, shape].append(rate)
                 print(f"round {r + 1} {variant}, {shape}: {rate:.1f} img/s", flush=True)
+    from nas.files import save_table
     from nas.latency import cpu_name  # imports torch: after the runs, which set the env first
 
     lines = [
@@ -132,10 +132,7 @@ def main() -> int:
     lines.append("# rounds: " + "; ".join(
         f"{v.split(' ')[0]} {s}: {' '.join(f'{x:.0f}' for x in results[v, s])}"
         for v in VARIANTS for s in shapes))
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    save_table("\n".join(lines), args.out)
     return 0
 
 

@@ -47,6 +47,7 @@ from torchvision import transforms
 
 from nas.arch import Architecture, load_architecture
 from nas.data import CIFAR10_MEAN, CIFAR10_STD, DataSplits, batches, load_data
+from nas.files import save_table
 from nas.latency import cpu_name, pin_malloc_thresholds
 from nas.model import build_model
 from nas.proxy import ProxyBudget, make_optimizer, proxy_arch, train_step, training_model
@@ -279,10 +280,7 @@ def main() -> int:
                                        results[plain_name], strict=True)]
     lines.append(f"# ours/plain within each round: {' '.join(f'{v:.2f}' for v in per_round)} "
                  f"(median {statistics.median(per_round):.2f}x)")
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    save_table("\n".join(lines), args.out)
     return 0
 
 

@@ -22,13 +22,13 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from nas.arch import load_architecture
+from nas.files import save_table
 from nas.latency import cpu_name, pin_malloc_thresholds
 from nas.proxy import ProxyBudget, make_optimizer, proxy_arch, train_step, training_model
 
@@ -173,10 +173,7 @@ def main() -> int:
         "## 3. memory-bound operations alone (the largest activation of mnasnet_a1's proxy "
         "network: 96 channels at 16x16)", *probe,
     ]
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    save_table("\n".join(lines), args.out)
     return 0
 
 

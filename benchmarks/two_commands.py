@@ -67,6 +67,7 @@ def run_pair(extra: list[str], common: list[str], runs_dir: Path, name: str,
 
 
 def main() -> int:
+    from nas.files import save_table
     from nas.latency import available_cpus, cpu_name
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -124,10 +125,7 @@ def main() -> int:
         lines.append(f"{variant:40s} {wall:8.0f} {per_min:11.2f} {ips:12.0f}")
     lines += [f"# {v}, round {i + 1}, per trial (threads used:img/s): {r[3]}"
               for v, rs in rows.items() for i, r in enumerate(rs)]
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    save_table("\n".join(lines), args.out)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Atomic, durable files: an interrupted, concurrent or power-cut write never leaves half a file;
 run folders that a refused or failed start leaves behind no trace of; the URL of a run
-folder's SQLite study, whatever its path holds."""
+folder's SQLite study, whatever its path holds; a benchmark's table kept as its results file."""
 
 from __future__ import annotations
 
@@ -27,6 +27,13 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     finally:
         os.close(folder)
     return path
+
+
+def save_table(text: str, out: str | os.PathLike) -> Path:
+    """Print a benchmark's table and keep it as its results file (its folder made if missing)."""
+    print(text)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(out, text + "\n")
 
 
 def make_folders(folder: Path) -> list[Path]:

@@ -120,3 +120,13 @@ def test_the_step_profile_splits_step_time_into_per_step_and_per_image_costs():
     fixed, per_image = step_profile.fit_line([8.0, 16.0, 64.0], [66.0 + 1.5 * b for b in
                                                                  (8, 16, 64)])
     assert fixed == pytest.approx(66.0) and per_image == pytest.approx(1.5)
+
+
+def test_a_benchmark_table_is_printed_and_kept_whole_in_a_folder_made_for_it(tmp_path, capsys):
+    from nas.files import save_table
+
+    out = tmp_path / "results" / "new" / "table.txt"
+    assert save_table("# head\nrow 1", out) == out
+    assert out.read_text() == "# head\nrow 1\n" and capsys.readouterr().out == "# head\nrow 1\n"
+    save_table("again", out)  # replaced, not appended
+    assert out.read_text() == "again\n" and not list(out.parent.glob(".*tmp"))

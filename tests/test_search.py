@@ -22,6 +22,7 @@ import sqlalchemy
 import sqlalchemy.orm
 from conftest import one_line_error
 
+import nas.search
 from nas import export
 from nas.arch import Architecture, load_architecture
 from nas.files import sqlite_url
@@ -565,19 +566,24 @@ def test_an_interrupt_python_swallowed_still_stops_the_search_after_the_trial(
     assert (pd.read_csv(tmp_path / "s" / "trials.csv").state == "COMPLETE").sum() == 2
 
 
-def _ctrl_c_in_the_second_training(monkeypatch) -> None:
-    """As the SIGINT handler does it: the flag set, then KeyboardInterrupt; once only."""
+def _ctrl_c_in_the_second_call(monkeypatch, owner, name: str) -> None:
+    """Ctrl-C in the second call of owner.name, as the SIGINT handler does it: the flag set,
+    then KeyboardInterrupt; once only."""
     monkeypatch.setattr(INTERRUPTED, "value", False)
-    real, calls = proxy_train, []
+    real, calls = getattr(owner, name), []
 
-    def proxy_interrupted_second(*a, **kw):
+    def interrupted_second(*a, **kw):
         calls.append(1)
         if len(calls) == 2:
             INTERRUPTED.set()
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr("nas.search.proxy_train", proxy_interrupted_second)
+    monkeypatch.setattr(owner, name, interrupted_second)
+
+
+def _ctrl_c_in_the_second_training(monkeypatch) -> None:
+    _ctrl_c_in_the_second_call(monkeypatch, nas.search, "proxy_train")
 
 
 def test_a_trial_stopped_by_ctrl_c_says_so(image_folder, tmp_path, monkeypatch):
@@ -608,17 +614,7 @@ def test_an_interrupt_between_optunas_creating_a_trial_and_the_objective_fails_t
         image_folder, tmp_path, monkeypatch):
     # CI, 1 run in many: Ctrl-C landed after Optuna's ask had created a trial but before the
     # objective stamped it with its worker, so no process knew it as its own; it stayed RUNNING
-    monkeypatch.setattr(INTERRUPTED, "value", False)
-    real, calls = optuna.study._optimize.get_heartbeat_thread, []
-
-    def interrupted_second(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            INTERRUPTED.set()
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(optuna.study._optimize, "get_heartbeat_thread", interrupted_second)
+    _ctrl_c_in_the_second_call(monkeypatch, optuna.study._optimize, "get_heartbeat_thread")
     assert main(args(tmp_path, image_folder, "--trials", "10")) == 130
     trials = study_of(tmp_path).trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE,
