@@ -95,7 +95,7 @@ def main() -> int:
     p.add_argument("--space", default="mnasnet")
     p.add_argument("--archs", type=int, default=8, help="sampled architectures beside mnasnet_a1")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=ProxyBudget().batch_size)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=4, help="timed steps per variant and round")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())

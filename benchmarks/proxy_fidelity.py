@@ -37,12 +37,15 @@ from nas.latency import cpu_name
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.space import load_space
 
-_TOKEN = re.compile(r"^(?:fm(?P<fm>\d+)|(?P<n>\d+)x(?P<ep>\d+)|b(?P<b>\d+)|lr(?P<lr>[\d.e-]+)"
-                    r"|@(?P<tag>\w+))$")
+_TOKEN = re.compile(r"^(?:fm(?P<fm>\d+)|(?P<n>\d+)x(?P<ep>\d+)|b(?P<b>\d+)|g(?P<g>\d+)"
+                    r"|lr(?P<lr>[\d.e-]+)|@(?P<tag>\w+))$")
+# what a name leaves out, fixed: stored results keep their meaning when nas.proxy's defaults change
+BASE = dataclasses.replace(ProxyBudget(), train_images=8000, epochs=2, batch_size=64,
+                           ghost_batches=1, lr=2e-3)
 
 
 def parse_budget(name: str) -> ProxyBudget:
-    """'fm1 16000x2 b128 lr0.003' -> the default ProxyBudget with those fields replaced.
+    """'fm1 16000x2 b128 g2 lr0.003' -> BASE with those fields replaced (g: ghost batches).
 
     A trailing '@tag' only labels results merged from another run (--merge FILE@tag)."""
     changes: dict = {}
@@ -50,16 +53,18 @@ def parse_budget(name: str) -> ProxyBudget:
         m = _TOKEN.match(token)
         if not m:
             raise SystemExit(f"budget {name!r}: token {token!r} is not one of fm<final map>, "
-                             "<images>x<epochs>, b<batch>, lr<peak lr>, @<tag>")
+                             "<images>x<epochs>, b<batch>, g<ghost batches>, lr<peak lr>, @<tag>")
         if m["fm"]:
             changes["final_map"] = int(m["fm"])
         if m["n"]:
             changes.update(train_images=int(m["n"]), epochs=int(m["ep"]))
         if m["b"]:
             changes["batch_size"] = int(m["b"])
+        if m["g"]:
+            changes["ghost_batches"] = int(m["g"])
         if m["lr"]:
             changes["lr"] = float(m["lr"])
-    return dataclasses.replace(ProxyBudget(), **changes)
+    return dataclasses.replace(BASE, **changes)
 
 
 def sample_archs(space_name: str, n: int, seed: int) -> list[Architecture]:
@@ -67,6 +72,23 @@ def sample_archs(space_name: str, n: int, seed: int) -> list[Architecture]:
     space = load_space(space_name)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     return [space.sample(study.ask()) for _ in range(n)]
+
+
+def state_archs(state: dict, args: argparse.Namespace, where: str) -> list[Architecture]:
+    """The architectures a state's results belong to. Results are keyed by index, so a state
+    keeps its list: sampling again after the search space or Optuna changed would draw others
+    and silently pair their results with the stored reference's."""
+    if "archs" not in state:
+        if state:
+            raise SystemExit(f"{where}: results without the architectures they belong to; add "
+                             "them as 'archs' (Architecture.to_dict) or use another --state")
+        return sample_archs(args.space, args.archs, args.seed)
+    archs = [Architecture.from_dict(d, f"{where}: archs[{i}]")
+             for i, d in enumerate(state["archs"])]
+    if args.archs > len(archs):
+        raise SystemExit(f"--archs {args.archs}: {where} holds {len(archs)} architectures; pass "
+                         f"--archs {len(archs)} or use another --state")
+    return archs[:args.archs]
 
 
 def run_one(arch: Architecture, data, budget: ProxyBudget) -> dict:
@@ -80,11 +102,14 @@ def run_one(arch: Architecture, data, budget: ProxyBudget) -> dict:
     return {"accuracy": acc, "seconds": time.perf_counter() - t0}
 
 
-def merged_state(spec: str) -> dict:
+def merged_state(spec: str, archs: list[dict]) -> dict:
     """'FILE' or 'FILE@tag': another run's results; with a tag its budgets become 'budget @tag'
     columns, so a run on another machine (or an older reference) ranks beside this one."""
     path, _, tag = spec.rpartition("@") if "@" in spec else (spec, "", "")
     state = json.loads(Path(path).read_text())
+    if state.pop("archs", [])[:len(archs)] != archs:
+        raise SystemExit(f"--merge {spec!r}: its results belong to other architectures than "
+                         "this run's (or it does not list them)")
     if not tag:
         return state
     if not re.fullmatch(r"\w+", tag):
@@ -194,14 +219,15 @@ def main() -> int:
                         "listed in --budgets beside this run's")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    data = load_data(args.data)
-    archs = sample_archs(args.space, args.archs, args.seed)
     names = [n.strip() for n in args.budgets.split(",") if n.strip()] + [args.reference]
     ladder = {n: parse_budget(n) for n in names}
     state_path = Path(args.state)
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    archs = state_archs(state, args, args.state)
+    listed = state.setdefault("archs", [a.to_dict() for a in archs])[:len(archs)]
     for extra in filter(None, (args.merge or "").split(",")):
-        state.update(merged_state(extra))
+        state.update(merged_state(extra, listed))
+    data = load_data(args.data)
     mine = (range(len(archs)) if args.only is None
             else [int(i) for i in args.only.split(",")])
     order = [(k, i) for k in list(ladder)[:-1] for i in mine]

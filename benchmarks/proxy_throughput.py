@@ -7,7 +7,10 @@ plain:  torchvision ImageFolder over the JPEG files, PIL RandomCrop/Flip/ToTenso
 ours:   uint8 tensors in memory, batched crop/flip on tensors, channels-last, convolutions that
         are matrix products (one-pixel outputs, pointwise) computed as such and the depthwise
         weight gradients oneDNN computes slowly done another way (nas.fastconv), and
-        nas.proxy's own training step (fused AdamW); plain steps with SGD, as the seed does
+        nas.proxy's own training step (fused AdamW; the batch as --ghost-batches parts trained
+        at once on their own threads, nas.proxy's default); plain steps with SGD, as the seed does
+ours, 1 part of B: ours with the batch on every thread as one part, to isolate what the parts
+        at once buy (only with --ghost-batches above 1)
 ours, every conv through oneDNN: ours without nas.fastconv, to isolate what it buys
 ours-nchw: ours with the default memory format, to isolate what channels-last buys
 ours + bf16: ours under bfloat16 autocast (CPUs with avx512_bf16 / AMX)
@@ -63,14 +66,14 @@ def plain_loader(root: Path, batch_size: int, workers: int):
                                        persistent_workers=workers > 0)
 
 
-def time_steps(model, it, steps: int, warmup: int, bf16: bool, ours: bool
+def time_steps(model, it, steps: int, warmup: int, bf16: bool, ours: bool, parts: int = 1
                ) -> tuple[float, float]:
     """Images per second over `steps` training steps after `warmup` untimed ones, and the
     seconds of the first step (where torch.compile compiles; the table shows the slowest round,
     later rounds may hit inductor's cache, which a search's new candidates would not).
 
-    Ours runs nas.proxy's own step (fused AdamW, label smoothing); plain runs the seed's
-    SGD + cross-entropy step.
+    Ours runs nas.proxy's own step (fused AdamW, label smoothing, the batch as `parts` ghost
+    batches at once); plain runs the seed's SGD + cross-entropy step.
     """
     if ours:
         budget = ProxyBudget()
@@ -80,12 +83,14 @@ def time_steps(model, it, steps: int, warmup: int, bf16: bool, ours: bool
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
         loss_fn = nn.CrossEntropyLoss()
     model.train()
+    seeds = torch.Generator().manual_seed(0)
     n, start, first = 0, None, 0.0
     for i, (x, y) in enumerate(it):
         if i == warmup:
             start = time.perf_counter()
         t0 = time.perf_counter()
-        train_step(model, x, y, loss_fn, opt, bf16, "cpu")
+        train_step(model, x, y, loss_fn, opt, bf16, "cpu", parts=parts if ours else 1,
+                   gen=seeds)
         if i == 0:
             first = time.perf_counter() - t0
         if i >= warmup:
@@ -122,7 +127,8 @@ def _parallel_worker(args: argparse.Namespace, arch: Architecture, barrier, out)
     torch.manual_seed(0)
     model, it = ours(arch, data, args.batch_size, torch.Generator().manual_seed(0))
     barrier.wait()
-    out.put(time_steps(model, it, args.steps, args.warmup, False, ours=True)[0])
+    out.put(time_steps(model, it, args.steps, args.warmup, False, ours=True,
+                       parts=args.ghost_batches)[0])
 
 
 def _plain_worker(args: argparse.Namespace, arch: Architecture, root: Path, pinned: bool,
@@ -196,6 +202,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=ProxyBudget().batch_size)
+    p.add_argument("--ghost-batches", type=int, default=ProxyBudget().ghost_batches,
+                   help="parts each batch of ours trains as, at once on the threads (nas.proxy)")
     p.add_argument("--final-map", type=int, default=ProxyBudget().final_map,
                    help="the proxy's 32x32 adaptation (nas.proxy): smallest final feature map")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -230,6 +238,9 @@ def main() -> int:
             *ours(arch, data, args.batch_size, gen, matmul=False), False),
         "ours + bf16 autocast": lambda: (*ours(arch, data, args.batch_size, gen), True),
     }
+    if args.ghost_batches > 1:  # what the parts at once buy over one batch on every thread
+        variants[f"ours, 1 part of {args.batch_size}"] = lambda: (
+            *ours(arch, data, args.batch_size, gen), False)
     if args.compile:
         variants["ours + torch.compile"] = lambda: compiled(arch, data, args.batch_size, gen)
     parallel_name = f"ours, {args.parallel} x 1 thread"
@@ -252,7 +263,8 @@ def main() -> int:
             torch.manual_seed(0)
             model, it, bf16 = make()
             rate, first_s = time_steps(model, it, args.steps, args.warmup, bf16,
-                                       ours=not name.startswith("plain"))
+                                       ours=not name.startswith("plain"),
+                                       parts=1 if " 1 part " in name else args.ghost_batches)
             results[name].append(rate)
             first[name].append(first_s)
             del model, it  # stop the plain pipeline's workers before the next variant is timed
@@ -264,7 +276,8 @@ def main() -> int:
         f"torch {torch.__version__}, python {platform.python_version()}",
         f"# command: python {' '.join(sys.argv)}",
         f"# network: {args.arch} adapted to 32x32 with final map {args.final_map} "
-        f"({arch.to_str()}), batch {args.batch_size}, "
+        f"({arch.to_str()}), batch {args.batch_size} (ours: {args.ghost_batches} ghost "
+        f"batches at once), "
         f"{args.steps} timed steps after {args.warmup}, {args.rounds} interleaved rounds; "
         f"plain rows in a fresh process each round, ours in this one with malloc thresholds "
         f"{args.malloc}",

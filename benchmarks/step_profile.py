@@ -138,7 +138,7 @@ def main() -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="mnasnet_a1")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--batch-size", type=int, default=ProxyBudget().batch_size,
+    p.add_argument("--batch-size", type=int, default=64,
                    help="the profiled batch size")
     p.add_argument("--scan", default="8,16,32,64,128",
                    help="comma-separated batch sizes of the step-time scan")

@@ -74,8 +74,10 @@ SETTINGS_THAT_MUST_MATCH = ("target_ms", "alpha", "beta", "objective", "space", 
                             "latency_device")
 # the flag that sets each ProxyBudget field, for the refusal to resume with another budget
 BUDGET_FLAGS = {"train_images": "--proxy-images", "epochs": "--proxy-epochs",
-                "batch_size": "--proxy-batch", "lr": "--proxy-lr",
-                "final_map": "--proxy-final-map", "val_images": "--val-size"}
+                "batch_size": "--proxy-batch", "ghost_batches": "--proxy-ghost-batches",
+                "lr": "--proxy-lr", "final_map": "--proxy-final-map", "val_images": "--val-size"}
+# budget fields newer than some studies, with the value those studies were trained with
+BUDGET_ADDED_LATER = {"ghost_batches": 1}
 # latencies from another CPU or GPU model would mix two hardware targets in one reward;
 # studies saved before a setting existed are not refused for lacking it
 SETTINGS_ADDED_LATER = ("latency_device",)
@@ -336,6 +338,8 @@ def open_study(args: argparse.Namespace, storage: optuna.storages.BaseStorage,
     study.sampler = make_sampler(args, sampler_seed(args.seed, len(study.trials),
                                                     getattr(args, "worker_index", 0), created))
     saved = study.user_attrs.get("settings")
+    if saved is not None and isinstance(saved.get("budget"), dict):
+        saved = {**saved, "budget": {**BUDGET_ADDED_LATER, **saved["budget"]}}
     if saved is None:
         study.set_user_attr("settings", settings)
     else:
@@ -657,6 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training images per epoch (seeded subset of the proxy-train split)")
     g.add_argument("--proxy-epochs", type=int, default=d.epochs, help="proxy epochs")
     g.add_argument("--proxy-batch", type=int, default=d.batch_size, help="proxy batch size")
+    g.add_argument("--proxy-ghost-batches", type=int, default=d.ghost_batches,
+                   help="parts each batch trains as, each with its own batch-norm statistics, "
+                        "at once on their own CPU threads when this process's share has the "
+                        "cores (weights do not depend on how many ran at once)")
     g.add_argument("--proxy-lr", type=float, default=d.lr, help="peak learning rate")
     g.add_argument("--proxy-final-map", type=int, default=d.final_map,
                    help="the trained network's earliest strides are reduced until its last "
@@ -679,8 +687,8 @@ def check_args(args: argparse.Namespace) -> None:
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"--{flag.replace('_', '-')} {value:g}: must be a finite number "
                              f"> 0")
-    for flag in ("trials", "proxy_images", "proxy_epochs", "proxy_batch", "proxy_final_map",
-                 "val_size", "startup_trials"):
+    for flag in ("trials", "proxy_images", "proxy_epochs", "proxy_batch", "proxy_ghost_batches",
+                 "proxy_final_map", "val_size", "startup_trials"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     if args.population < 2:
@@ -699,6 +707,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.proxy_batch > args.proxy_images:
         raise UsageError(f"--proxy-batch {args.proxy_batch}: must be <= --proxy-images "
                          f"{args.proxy_images} (else no training step is taken)")
+    if args.proxy_batch % args.proxy_ghost_batches:
+        raise UsageError(f"--proxy-ghost-batches {args.proxy_ghost_batches}: must divide "
+                         f"--proxy-batch {args.proxy_batch}")
     if args.objective == "pareto" and args.pruner != "none":
         raise UsageError("--pruner applies to --objective reward only (Optuna does not prune "
                          "multi-objective studies)")
@@ -752,7 +763,8 @@ def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
         raise UsageError(f"--train-device {args.train_device!r}: expected cpu or cuda")
     space = load_space(args.space)
     budget = ProxyBudget(train_images=args.proxy_images, epochs=args.proxy_epochs,
-                         batch_size=args.proxy_batch, lr=args.proxy_lr, val_images=args.val_size,
+                         batch_size=args.proxy_batch, ghost_batches=args.proxy_ghost_batches,
+                         lr=args.proxy_lr, val_images=args.val_size,
                          final_map=args.proxy_final_map)
     data = load_data(args.data, val_size=0)
     if args.val_size >= len(data.train):
@@ -945,6 +957,20 @@ INTERRUPTED = _Flag()
 def catch_stop_signals() -> None:
     for s in STOP_SIGNALS:
         signal.signal(s, on_sigint)
+    if not getattr(sys.unraisablehook, "quiet_interrupts", False):
+        sys.unraisablehook = quiet_interrupts(sys.unraisablehook)
+
+
+def quiet_interrupts(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`hook`, minus the interrupt that on_sigint raised inside a finalizer (a weakref callback
+    of SQLAlchemy's, say): Python can only print it there, as 'Exception ignored' with a
+    traceback; the flag it set still stops the search."""
+    def unraisable(u: Any) -> None:
+        if not (isinstance(u.exc_value, KeyboardInterrupt) and INTERRUPTED.is_set()):
+            hook(u)
+
+    unraisable.quiet_interrupts = True  # type: ignore[attr-defined]
+    return unraisable
 
 
 def on_sigint(signum: int, frame: Any) -> None:

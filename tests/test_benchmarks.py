@@ -29,20 +29,62 @@ fidelity = _benchmark("proxy_fidelity")
 
 
 def test_budget_names_replace_only_the_fields_they_name():
-    b = fidelity.parse_budget("fm2 4000x3 b128 lr0.003")
-    assert (b.final_map, b.train_images, b.epochs, b.batch_size, b.lr) == (2, 4000, 3, 128, 0.003)
+    b = fidelity.parse_budget("fm2 4000x3 b128 g2 lr0.003")
+    assert (b.final_map, b.train_images, b.epochs, b.batch_size, b.ghost_batches, b.lr) == (
+        2, 4000, 3, 128, 2, 0.003)
     assert b.weight_decay == ProxyBudget().weight_decay
+    # a name means what it meant when its results were stored, whatever the defaults are now
+    plain = fidelity.parse_budget("fm1 40000x8")
+    assert (plain.batch_size, plain.ghost_batches, plain.lr) == (64, 1, 2e-3)
     assert fidelity.parse_budget("fm1 16000x2 @zen4") == fidelity.parse_budget("fm1 16000x2")
     with pytest.raises(SystemExit, match="token 'x2'"):
         fidelity.parse_budget("fm1 x2")
 
 
+ARCHS = [load_architecture(n).to_dict() for n in ("mnasnet_a1", "mobilenet_v2")]
+
+
 def test_a_tagged_merge_becomes_columns_beside_this_run(tmp_path):
     other = tmp_path / "other.json"
-    other.write_text(json.dumps({"0|fm1 8000x2": {"accuracy": 0.3, "seconds": 20.0}}))
-    assert fidelity.merged_state(str(other)) == {"0|fm1 8000x2": {"accuracy": 0.3, "seconds": 20.0}}
-    assert fidelity.merged_state(f"{other}@zen4") == {
+    result = {"0|fm1 8000x2": {"accuracy": 0.3, "seconds": 20.0}}
+    other.write_text(json.dumps({"archs": ARCHS, **result}))
+    assert fidelity.merged_state(str(other), ARCHS) == result
+    assert fidelity.merged_state(f"{other}@zen4", ARCHS[:1]) == {
         "0|fm1 8000x2 @zen4": {"accuracy": 0.3, "seconds": 20.0}}
+    # results are keyed by index: another run's of other architectures must not pair up
+    with pytest.raises(SystemExit, match="other architectures"):
+        fidelity.merged_state(str(other), ARCHS[::-1])
+    other.write_text(json.dumps(result))  # a file that does not say which they were
+    with pytest.raises(SystemExit, match="does not list them"):
+        fidelity.merged_state(str(other), ARCHS)
+
+
+def test_a_state_keeps_the_architectures_its_results_belong_to():
+    import argparse
+
+    args = argparse.Namespace(space="tiny", archs=2, seed=0)
+    sampled = fidelity.state_archs({}, args, "s.json")  # a new state: sampled from the space
+    assert len(sampled) == 2
+    stored = {"archs": ARCHS, "0|fm1 8000x2": {"accuracy": 0.3, "seconds": 20.0}}
+    kept = fidelity.state_archs(stored, args, "s.json")  # not sampled again: the space may
+    assert [a.to_dict() for a in kept] == ARCHS  # have changed since the results were stored
+    args.archs = 3
+    with pytest.raises(SystemExit, match="--archs 3: s.json holds 2 architectures"):
+        fidelity.state_archs(stored, args, "s.json")
+    with pytest.raises(SystemExit, match="results without the architectures"):
+        fidelity.state_archs({"0|fm1 8000x2": {"accuracy": 0.3}}, args, "s.json")
+
+
+@pytest.mark.parametrize("name", ["proxy_fidelity", "proxy_fidelity_cascadelake",
+                                  "proxy_fidelity_cascadelake_clean"])
+def test_committed_fidelity_results_list_the_architectures_of_their_tables(name):
+    results = Path(__file__).parent.parent / "benchmarks" / "results"
+    state = json.loads((results / f"{name}.json").read_text())
+    rows = re.findall(r"^\s*(\d+) (\S.{69})", (results / f"{name}.txt").read_text(), re.M)
+    assert rows and len(state["archs"]) == len(rows)
+    for i, shown in rows:  # the table shows each architecture's first 70 characters
+        arch = fidelity.Architecture.from_dict(state["archs"][int(i)])
+        assert arch.to_str()[:70].strip() == shown.strip()
 
 
 def test_twin_agreement_compares_each_tagged_budget_with_its_untagged_twin():

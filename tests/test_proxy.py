@@ -1,6 +1,7 @@
 """Proxy training: valid BN statistics, NaN handling, reproducibility, pruning hooks."""
 
 import dataclasses
+import threading
 
 import optuna
 import pytest
@@ -58,7 +59,7 @@ def test_bn_statistics_are_valid_when_scoring():
     assert fixed.accuracy > 0.9  # the task is easy; eval-mode BN must not spoil it
     # The failure it guards against: the architecture's own slow momentum and no recalibration
     # leave running statistics at their initial values, and eval mode scores near chance.
-    broken = dataclasses.replace(FAST, bn_momentum=1e-4, bn_recalibrate=0)
+    broken = dataclasses.replace(FAST, bn_momentum=1e-4, bn_recalibrate=0, ghost_batches=1)
     assert proxy_train(SLOW_BN, data, broken).accuracy < fixed.accuracy - 0.3
 
 
@@ -159,3 +160,81 @@ def test_threads_are_asked_before_each_step_used_by_it_and_restored(monkeypatch)
     assert seen == answers and result.threads == (1, 2, 3)  # one entry per change
     assert torch.get_num_threads() == before
     assert proxy_train(SLOW_BN, synthetic_splits(), FAST).threads == ()  # not asked: as set
+
+
+GHOST = dataclasses.replace(FAST, ghost_batches=2)  # the default's, in small
+
+
+def test_ghost_batches_train_identically_on_one_thread_and_two_at_once(monkeypatch):
+    # the parts of a batch run at once when the CPU share has the cores, one after the other
+    # when it does not; the weights must not depend on which (the share changes as other
+    # searches come and go), nor on the order the parts' gradients and dropout draws land in
+    import nas.proxy
+
+    seen, real = [], nas.proxy.SeededDropout.forward
+
+    def forward(self, x):
+        if getattr(nas.proxy._local, "dropout", None) is not None:  # a part of a training step
+            seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return real(self, x)
+
+    monkeypatch.setattr(nas.proxy.SeededDropout, "forward", forward)
+    one = proxy_train(SLOW_BN, synthetic_splits(), GHOST, threads=lambda: 1)
+    one_ran = set(seen)
+    seen.clear()
+    two = proxy_train(SLOW_BN, synthetic_splits(), GHOST, threads=lambda: 2)
+    assert one.epoch_losses == two.epoch_losses and one.accuracy == two.accuracy
+    assert len(one_ran) == 1 and {n for _, n in one_ran} == {1}  # each part on one thread,
+    assert len(set(seen)) == 2 and {n for _, n in seen} == {1}  # two parts at once on 2 cores
+    assert len(seen) == FAST.epochs * (FAST.train_images // FAST.batch_size) * 2  # 2 parts a step
+    again = proxy_train(SLOW_BN, synthetic_splits(), GHOST, threads=lambda: 2)
+    assert again.epoch_losses == two.epoch_losses  # dropout draws too: per part, seeded
+    whole = dataclasses.replace(GHOST, ghost_batches=1)
+    assert proxy_train(SLOW_BN, synthetic_splits(), whole).epoch_losses != one.epoch_losses
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_ghost_step_is_the_mean_of_its_parts_each_normalised_alone(threads):
+    from nas.proxy import train_step, training_model
+
+    torch.manual_seed(0)
+    model = training_model(proxy_arch(SLOW_BN, FAST, 16), 4).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    x = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(8) % 4
+    loss_fn = torch.nn.CrossEntropyLoss()
+    expected = sum(loss_fn(model(x[i:i + 4]), y[i:i + 4]) / 2 for i in (0, 4))
+    expected.backward()
+    want = _grads(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loss = train_step(model, x, y, loss_fn, optimizer, False, "cpu", parts=2,
+                          gen=torch.Generator().manual_seed(0))
+    finally:
+        torch.set_num_threads(before)
+    assert loss == pytest.approx(expected.item(), rel=1e-6)
+    for got, w in zip(_grads(model), want, strict=True):
+        torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+    whole = loss_fn(model(x), y)  # one batch of 8: other BN statistics, another gradient
+    whole.backward()
+    assert not all(torch.allclose(g, w, rtol=1e-3) for g, w in zip(_grads(model), want,
+                                                                      strict=True))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"batch_size": 30, "ghost_batches": 4}, "batch_size=30 must be a multiple of ghost_batches=4"),
+    ({"ghost_batches": 0}, "ghost_batches=0 must be >= 1"),
+    ({"ghost_batches": 2, "bn_recalibrate": 0}, "ghost_batches=2 needs bn_recalibrate >= 1"),
+])
+def test_bad_ghost_batches_are_a_clear_error(change, message):
+    with pytest.raises(ValueError, match=message):
+        proxy_train(SLOW_BN, synthetic_splits(), dataclasses.replace(FAST, **change))

@@ -218,11 +218,27 @@ def test_resume_with_another_proxy_budget_names_the_flag_that_restores_it(image_
     assert len(study_of(tmp_path).trials) == 1
 
 
+def test_a_study_from_before_ghost_batches_resumes_as_one_part_per_batch(image_folder, tmp_path,
+                                                                         capsys):
+    one, two = ["--proxy-ghost-batches", "1"], ["--proxy-ghost-batches", "2"]
+    assert main(args(tmp_path, image_folder, "--trials", "1", *one)) == 0
+    study = study_of(tmp_path)  # as a study saved before the field existed
+    settings = study.user_attrs["settings"]
+    assert settings["budget"].pop("ghost_batches") == 1
+    study.set_user_attr("settings", settings)
+    assert main(args(tmp_path, image_folder, "--trials", "2", *two)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ghost_batches=1, not 2" in err[0]
+    assert "resume with --proxy-ghost-batches 1" in err[0]
+    assert main(args(tmp_path, image_folder, "--trials", "2", *one)) == 0
+    assert len(study_of(tmp_path).trials) == 2
+
+
 def test_every_differing_budget_field_is_named_and_flags_only_if_they_restore_it():
     default = dataclasses.asdict(ProxyBudget())
-    was = dataclasses.asdict(ProxyBudget(train_images=16000, lr=1e-3, val_images=1000))
+    was = dataclasses.asdict(ProxyBudget(train_images=8000, lr=1e-3, val_images=1000))
     msg = refusal("s", "budget", was, default)
-    assert "resume with --proxy-images 16000 --proxy-lr 0.001 --val-size 1000" in msg
+    assert "resume with --proxy-images 8000 --proxy-lr 0.001 --val-size 1000" in msg
     msg = refusal("s", "budget", dataclasses.asdict(ProxyBudget(epochs=3, warmup=0.1)), default)
     assert "epochs=3, not 2" in msg and "warmup=0.1, not 0.2" in msg  # warmup has no flag
     assert "resume with" not in msg and "--name" in msg
@@ -275,6 +291,8 @@ def test_failing_candidate_fails_its_trial_and_the_search_goes_on(image_folder, 
     ("--val-size", "200", "--val-size 200: must be from 1 to 119"),
     ("--threads", "0", "--threads 0"),
     ("--proxy-final-map", "0", "--proxy-final-map 0: must be >= 1"),
+    ("--proxy-ghost-batches", "0", "--proxy-ghost-batches 0: must be >= 1"),
+    ("--proxy-ghost-batches", "3", "--proxy-ghost-batches 3: must divide --proxy-batch 32"),
     ("--storage", "nosuchdb://x", "--storage nosuchdb://x"),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(image_folder, tmp_path, capsys, flag, value,
@@ -535,6 +553,40 @@ def test_an_interrupt_while_opening_the_study_is_one_line(image_folder, tmp_path
     err = capsys.readouterr().err
     assert err == ("nas.search: interrupted; the study keeps every finished trial, and the same "
                    "command resumes it\n")
+
+
+def test_an_interrupt_inside_a_finalizer_prints_no_traceback(monkeypatch, capsys):
+    # Ctrl-C to a --workers search once printed 'Exception ignored in: <bound method
+    # InstanceState._cleanup ...>' and a traceback: the handler's KeyboardInterrupt landed in a
+    # weakref callback of SQLAlchemy's, which Python can only print; the flag stops the search
+    import gc
+    import weakref
+
+    from nas.search import quiet_interrupts
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    monkeypatch.setattr(sys, "unraisablehook", quiet_interrupts(sys.unraisablehook))
+    monkeypatch.setattr(INTERRUPTED, "value", False)
+
+    class Session:
+        pass
+
+    def finalize(raised: type[BaseException]) -> None:
+        def callback(ref):
+            raise raised("in a finalizer")
+
+        obj = Session()
+        ref = weakref.ref(obj, callback)  # noqa: F841 (kept alive until obj goes)
+        del obj
+        gc.collect()
+
+    finalize(KeyboardInterrupt)  # not ours (no signal came): Python's own report
+    assert "KeyboardInterrupt: in a finalizer" in capsys.readouterr().err
+    INTERRUPTED.set(signal.SIGINT)
+    finalize(KeyboardInterrupt)
+    assert capsys.readouterr().err == ""
+    finalize(ValueError)  # any other error in a finalizer is still reported
+    assert "ValueError: in a finalizer" in capsys.readouterr().err
 
 
 def test_an_error_optuna_raises_while_interrupted_still_counts_as_the_interrupt(monkeypatch):
