@@ -40,8 +40,10 @@ from nas.space import load_space
 _TOKEN = re.compile(r"^(?:fm(?P<fm>\d+)|(?P<n>\d+)x(?P<ep>\d+)|b(?P<b>\d+)|g(?P<g>\d+)"
                     r"|lr(?P<lr>[\d.e-]+)|@(?P<tag>\w+))$")
 # what a name leaves out, fixed: stored results keep their meaning when nas.proxy's defaults change
-BASE = dataclasses.replace(ProxyBudget(), train_images=8000, epochs=2, batch_size=64,
-                           ghost_batches=1, lr=2e-3)
+BASE = ProxyBudget(train_images=8000, epochs=2, batch_size=64, ghost_batches=1, lr=2e-3,
+                   warmup=0.2, weight_decay=0.05, label_smoothing=0.1, val_images=5000,
+                   final_map=1, bn_momentum=0.1, bn_recalibrate=8, channels_last=True, bf16=False,
+                   report_every=1)
 
 
 def parse_budget(name: str) -> ProxyBudget:
@@ -142,9 +144,10 @@ def report(archs, ladder, state, args) -> str:
         f"# proxy_fidelity  {datetime.date.today()}  {cpu_name()}, {torch.get_num_threads()} "
         f"threads, torch {torch.__version__}, python {platform.python_version()}",
         f"# command: python {' '.join(sys.argv)}",
-        f"# {len(archs)} architectures from space {args.space!r} (RandomSampler seed "
-        f"{args.seed}); reference {names[-1]!r}; fm = final feature map of the 32x32 "
-        "adaptation, NxE = train images x epochs, b = batch",
+        f"# {len(archs)} architectures listed in {args.state} (sampled, when it was new, from "
+        f"the space then called {args.space!r}, RandomSampler seed {args.seed}); reference "
+        f"{names[-1]!r}; fm = final feature map of the 32x32 adaptation, NxE = train images x "
+        "epochs, b = batch, g = ghost batches",
         "",
         f"{'#':>2} {'architecture':70s} "
         + " ".join(f"{k:>{w}s}" for k, w in zip(names, widths, strict=True)),

@@ -19,9 +19,12 @@ deployed, it has 9).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -94,9 +97,11 @@ class ProxyBudget:
             raise ValueError(f"proxy budget: ghost_batches={self.ghost_batches} needs "
                              "bn_recalibrate >= 1 (parts update BN running statistics in "
                              "whatever order they run)")
-        if self.batch_size % self.ghost_batches:
+        if self.batch_size % self.ghost_batches or (
+                self.ghost_batches > 1 and self.batch_size < 2 * self.ghost_batches):
             raise ValueError(f"proxy budget: batch_size={self.batch_size} must be a multiple of "
-                             f"ghost_batches={self.ghost_batches}")
+                             f"ghost_batches={self.ghost_batches}, at least 2 images a part "
+                             "(batch norm needs 2)")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"proxy budget: warmup={self.warmup} must be in [0, 1)")
 
@@ -244,10 +249,10 @@ def train_step(model, x, y, loss_fn, optimizer, bf16: bool, device: str, *, part
     """One optimisation step; returns the loss so the caller can stop on NaN.
 
     With `parts` > 1 the batch trains as that many ghost batches whose weighted losses add up
-    to the batch's mean, each with its own dropout generator seeded from `gen`, on as many
-    threads at once as this thread's CPU share (`torch.get_num_threads()`) has cores. Each part
-    runs on its own thread count of share // parts-at-once (at least 1) and gradients add in
-    either order to the same bits, so 1 or 2 cores give identical weights."""
+    to the batch's mean, each with its own dropout generator seeded from `gen`, as many at once
+    as this thread's CPU share (`torch.get_num_threads()`) has cores, each on share // at-once
+    threads. Their gradients are summed in part order, so weights do not depend on how many
+    ran at once while each runs on one thread (shares below 2 x parts)."""
     optimizer.zero_grad(set_to_none=True)
     if parts == 1:
         with _autocast(bf16, device):
@@ -256,41 +261,55 @@ def train_step(model, x, y, loss_fn, optimizer, bf16: bool, device: str, *, part
         optimizer.step()
         return loss.item()
     seeds, n = torch.randint(2**62, (parts,), generator=gen).tolist(), len(y)
+    params = [p for p in model.parameters() if p.requires_grad]
 
-    def part(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+    def part(x: torch.Tensor, y: torch.Tensor, seed: int):
         with _dropout_seed(seed), _autocast(bf16, device):
             loss = loss_fn(model(x), y) * (len(y) / n)
-        loss.backward()
-        return loss.detach()
+        return loss.detach(), torch.autograd.grad(loss, params, materialize_grads=True)
 
-    losses = _run_parts(part, list(zip(x.chunk(parts), y.chunk(parts), seeds, strict=True)),
-                        cpu=torch.device(device).type == "cpu")
+    done = _run_parts(part, list(zip(x.chunk(parts), y.chunk(parts), seeds, strict=True)),
+                      cpu=torch.device(device).type == "cpu")
+    total = list(done[0][1])
+    for _, grads in done[1:]:
+        torch._foreach_add_(total, grads)
+    for p, g in zip(params, total, strict=True):
+        p.grad = g
     optimizer.step()
-    return sum(loss.item() for loss in losses)
+    return sum(loss.item() for loss, _ in done)
 
 
-def _run_parts(fn: Callable[..., torch.Tensor], args: list[tuple], *,
-               cpu: bool) -> list[torch.Tensor]:
-    """fn(*a) for each a, at once on up to this thread's CPU share; results in order."""
+def _run_parts(fn: Callable[..., Any], args: list[tuple], *, cpu: bool) -> list[Any]:
+    """fn(*a) for each a, at once on up to this thread's CPU share; results in order. If one
+    fails, the others are finished or cancelled first: none trains on behind the caller."""
     if not cpu:
         return [fn(*a) for a in args]
     share = torch.get_num_threads()
     at_once = min(len(args), share)
     each = max(1, share // at_once)
-    pool = _part_pool(at_once)
-    return [f.result() for f in [pool.submit(_on_threads, each, fn, *a) for a in args]]
+    futures = [_part_pool(at_once).submit(_on_threads, each, fn, *a) for a in args]
+    try:
+        return [f.result() for f in futures]
+    finally:
+        for f in futures:
+            f.cancel()
+        concurrent.futures.wait(futures)
 
 
 @functools.cache
 def _part_pool(workers: int) -> ThreadPoolExecutor:
-    """Long-lived: a thread keeps its OpenMP team warm between steps."""
-    return ThreadPoolExecutor(workers, thread_name_prefix=f"ghost{workers}")
+    """Long-lived, so a thread keeps its OpenMP team warm between steps; its threads never take
+    SIGINT or SIGTERM, which nas.search holds back from every thread while it spawns workers."""
+    return ThreadPoolExecutor(workers, thread_name_prefix=f"ghost{workers}",
+                              initializer=signal.pthread_sigmask,
+                              initargs=(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}))
 
 
+os.register_at_fork(after_in_child=_part_pool.cache_clear)  # a forked child has no such threads
 _local = threading.local()
 
 
-def _on_threads(count: int, fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+def _on_threads(count: int, fn: Callable[..., Any], *args) -> Any:
     """Run on `count` CPU threads: OpenMP and MKL thread counts are per calling thread."""
     if getattr(_local, "threads", None) != count:
         torch.set_num_threads(count)

@@ -134,8 +134,8 @@ def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None,
     # Intermediate scores cost a validation pass each: only when a pruner will read them.
     use_trial = trial if (a.objective == "reward" and a.pruner != "none") else None
     result = proxy_train(arch, ctx.data, ctx.budget, device=a.train_device, seed=a.seed,
-                         trial=use_trial, threads=threads or training_threads(
-                             a, trial.study if trial is not None else None))
+                         trial=use_trial, threads=stop_if_interrupted(threads or training_threads(
+                             a, trial.study if trial is not None else None)))
     record.update(accuracy=result.accuracy, train_s=result.train_seconds,
                   train_threads=list(result.threads),
                   eval_s=result.eval_seconds, images_per_s=result.images_per_second,
@@ -707,9 +707,11 @@ def check_args(args: argparse.Namespace) -> None:
     if args.proxy_batch > args.proxy_images:
         raise UsageError(f"--proxy-batch {args.proxy_batch}: must be <= --proxy-images "
                          f"{args.proxy_images} (else no training step is taken)")
-    if args.proxy_batch % args.proxy_ghost_batches:
+    if args.proxy_batch % args.proxy_ghost_batches or (
+            args.proxy_ghost_batches > 1 and args.proxy_batch < 2 * args.proxy_ghost_batches):
         raise UsageError(f"--proxy-ghost-batches {args.proxy_ghost_batches}: must divide "
-                         f"--proxy-batch {args.proxy_batch}")
+                         f"--proxy-batch {args.proxy_batch} into parts of at least 2 images "
+                         "(batch norm needs 2)")
     if args.objective == "pareto" and args.pruner != "none":
         raise UsageError("--pruner applies to --objective reward only (Optuna does not prune "
                          "multi-objective studies)")
@@ -825,6 +827,17 @@ class ThreadShare:
             else:
                 self.share = max(1, min(self.most, available_cpus() // trainers))
         return self.share
+
+
+def stop_if_interrupted(threads: Callable[[], int]) -> Callable[[], int]:
+    """`threads`, asked before each training step, raising the interrupt once one came: a
+    Ctrl-C that landed in a finalizer (quiet_interrupts) still stops the candidate in a step."""
+    def ask() -> int:
+        if INTERRUPTED.is_set():
+            raise KeyboardInterrupt
+        return threads()
+
+    return ask
 
 
 def training_threads(args: argparse.Namespace, study: optuna.Study | None,

@@ -76,7 +76,8 @@ def test_a_state_keeps_the_architectures_its_results_belong_to():
 
 
 @pytest.mark.parametrize("name", ["proxy_fidelity", "proxy_fidelity_cascadelake",
-                                  "proxy_fidelity_cascadelake_clean"])
+                                  "proxy_fidelity_cascadelake_clean",
+                                  "proxy_fidelity_ghost_cascadelake"])
 def test_committed_fidelity_results_list_the_architectures_of_their_tables(name):
     results = Path(__file__).parent.parent / "benchmarks" / "results"
     state = json.loads((results / f"{name}.json").read_text())

@@ -234,7 +234,52 @@ def test_a_ghost_step_is_the_mean_of_its_parts_each_normalised_alone(threads):
     ({"batch_size": 30, "ghost_batches": 4}, "batch_size=30 must be a multiple of ghost_batches=4"),
     ({"ghost_batches": 0}, "ghost_batches=0 must be >= 1"),
     ({"ghost_batches": 2, "bn_recalibrate": 0}, "ghost_batches=2 needs bn_recalibrate >= 1"),
+    ({"batch_size": 2, "ghost_batches": 2}, "at least 2 images a part"),
 ])
 def test_bad_ghost_batches_are_a_clear_error(change, message):
     with pytest.raises(ValueError, match=message):
         proxy_train(SLOW_BN, synthetic_splits(), dataclasses.replace(FAST, **change))
+
+
+def test_three_parts_train_identically_whichever_finishes_first():
+    # three gradients added in the order the parts finished would differ in their last bits
+    three = dataclasses.replace(FAST, batch_size=30, ghost_batches=3)
+    runs = [proxy_train(SLOW_BN, synthetic_splits(), three, threads=lambda n=n: n)
+            for n in (1, 3, 3)]
+    assert runs[0].epoch_losses == runs[1].epoch_losses == runs[2].epoch_losses
+    assert runs[0].accuracy == runs[1].accuracy == runs[2].accuracy
+
+
+def test_a_failing_part_returns_only_once_the_others_have_stopped():
+    # else the next candidate's latency would be measured while an orphan part still trains
+    import time
+
+    from nas.proxy import _run_parts
+
+    finished = []
+
+    def part(i):
+        if i == 0:
+            raise RuntimeError("part 0 failed")
+        time.sleep(0.3)
+        finished.append(i)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="part 0 failed"):
+            _run_parts(part, [(0,), (1,)], cpu=True)
+    finally:
+        torch.set_num_threads(before)
+    assert finished == [1]
+
+
+def test_part_threads_never_take_the_stop_signals():
+    # nas.search holds SIGINT/SIGTERM back while it spawns workers; a thread that could take
+    # them would let Ctrl-C land mid-spawn
+    import signal
+
+    from nas.proxy import _part_pool
+
+    blocked = _part_pool(2).submit(signal.pthread_sigmask, signal.SIG_BLOCK, []).result()
+    assert {signal.SIGINT, signal.SIGTERM} <= blocked

@@ -589,6 +589,17 @@ def test_an_interrupt_inside_a_finalizer_prints_no_traceback(monkeypatch, capsys
     assert "ValueError: in a finalizer" in capsys.readouterr().err
 
 
+def test_a_swallowed_interrupt_still_stops_the_training_at_its_next_step(monkeypatch):
+    from nas.search import stop_if_interrupted
+
+    monkeypatch.setattr(INTERRUPTED, "value", False)
+    ask = stop_if_interrupted(lambda: 2)
+    assert ask() == 2
+    INTERRUPTED.set(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        ask()
+
+
 def test_an_error_optuna_raises_while_interrupted_still_counts_as_the_interrupt(monkeypatch):
     # optuna 5.0's tell turns a KeyboardInterrupt landing in its session.close() into an
     # UnboundLocalError; the SIGINT handler's flag keeps that an interrupt, not a crash
@@ -599,9 +610,10 @@ def test_an_error_optuna_raises_while_interrupted_still_counts_as_the_interrupt(
     assert not was_interrupted(SystemExit(0))
 
 
-def test_an_interrupt_python_swallowed_still_stops_the_search_after_the_trial(
+def test_an_interrupt_python_swallowed_still_stops_the_search_in_the_trial(
         image_folder, tmp_path, monkeypatch):
-    # a SIGINT landing in a GC callback never raises; the handler's flag is all that is left
+    # a SIGINT landing in a GC callback never raises; the handler's flag is all that is left,
+    # and the training in flight stops at its next step, as on a Ctrl-C that raised
     monkeypatch.setattr(INTERRUPTED, "value", False)
     calls = []
 
@@ -613,9 +625,11 @@ def test_an_interrupt_python_swallowed_still_stops_the_search_after_the_trial(
 
     monkeypatch.setattr("nas.search.proxy_train", proxy_then_interrupt)
     assert main(args(tmp_path, image_folder, "--trials", "10")) == 130
-    states = [t.state for t in study_of(tmp_path).trials]
-    assert states == [optuna.trial.TrialState.COMPLETE] * 2  # the trial in flight finished
-    assert (pd.read_csv(tmp_path / "s" / "trials.csv").state == "COMPLETE").sum() == 2
+    trials = study_of(tmp_path).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE,
+                                         optuna.trial.TrialState.FAIL]
+    assert trials[1].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+    assert (pd.read_csv(tmp_path / "s" / "trials.csv").state == "COMPLETE").sum() == 1
 
 
 def _ctrl_c_in_the_second_call(monkeypatch, owner, name: str) -> None:
