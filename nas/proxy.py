@@ -49,18 +49,19 @@ class ProxyBudget:
 
     train_images: int = 16_000  # fixed stratified subset of the proxy-train split. Against a
     # reference of 10x these image-passes (fm1 40000x8), on a 2-core Cascade Lake in one run
-    # (proxy_fidelity_ghost_cascadelake.txt): 16,000 x 2 in batches of 128 as 2 ghost batches,
-    # Kendall tau 0.822 (90% interval 0.61-1.00) at 43.5 s per candidate; the default before,
-    # 8,000 x 2 in one batch of 64, 0.778 (0.54-1.00) at 35.0 s; 8,000 x 2 as 2 x 64, 0.689
-    # (0.41-0.94) at 24.3 s. Within each other's noise; the only one whose interval clears the
-    # 0.6 target, with twice the images of the old default in 1.24x its time
+    # (proxy_fidelity_ghost_cascadelake.txt; its parts' dropout still drew from the global
+    # generator): 16,000 x 2 in batches of 128 as 2 ghost batches, Kendall tau 0.822 (90%
+    # interval 0.61-1.00) at 43.5 s per candidate; the default before, 8,000 x 2 in one batch
+    # of 64, 0.778 (0.54-1.00) at 35.0 s; 8,000 x 2 as 2 x 64, 0.689 (0.41-0.94) at 24.3 s.
+    # Within each other's noise; the only one whose interval clears the 0.6 target, with twice
+    # the images of the old default in 1.24x its time
     epochs: int = 2
     batch_size: int = 128
     ghost_batches: int = 2  # the batch trains as this many equal parts, each normalised by its
-    # own BN statistics (ghost batch norm: BN sees 64 images, as in the old batch-64 default) and
-    # run at once on its own thread when the CPU share has the cores: a 2-core CPU trained 2
-    # one-thread trainings at 2x one, but one batch on 2 threads at only 1.27x one thread.
-    # Results do not depend on how many ran at once
+    # own BN statistics (ghost batch norm: BN sees 64 images, as in the old batch-64 default),
+    # run at once on one thread each when the CPU share has the cores: as fast as one batch of
+    # 128 on 2 threads (proxy_throughput_ghost_cascadelake.txt). Weights do not depend on how
+    # many ran at once while the share is below 2 x parts (train_step)
     lr: float = 3e-3  # peak AdamW learning rate, linear warm-up then linear decay (make_optimizer);
     # 2e-3 at batch 64 before, scaled by sqrt(2) and rounded for batch 128
     warmup: float = 0.2  # fraction of all steps spent warming up

@@ -339,7 +339,7 @@ def open_study(args: argparse.Namespace, storage: optuna.storages.BaseStorage,
                                                     getattr(args, "worker_index", 0), created))
     saved = study.user_attrs.get("settings")
     if saved is not None and isinstance(saved.get("budget"), dict):
-        saved = {**saved, "budget": {**BUDGET_ADDED_LATER, **saved["budget"]}}
+        saved = {**saved, "budget": with_later_fields(saved["budget"])}
     if saved is None:
         study.set_user_attr("settings", settings)
     else:
@@ -352,6 +352,11 @@ def open_study(args: argparse.Namespace, storage: optuna.storages.BaseStorage,
     fail_dead_local_trials(study)
     lower_dead_baselines_flags(study)
     return study
+
+
+def with_later_fields(budget: dict[str, Any]) -> dict[str, Any]:
+    """A stored budget with the fields added since, at the values it was trained with."""
+    return {**budget, **{k: v for k, v in BUDGET_ADDED_LATER.items() if k not in budget}}
 
 
 def check_stored_params(study: optuna.Study, space: SearchSpace, name: str) -> None:
@@ -375,7 +380,7 @@ def check_stored_params(study: optuna.Study, space: SearchSpace, name: str) -> N
 def refusal(name: str, key: str, was: Any, now: Any) -> str:
     """Why a resume is refused, naming the proxy flag that restores the study's budget."""
     if key == "budget" and isinstance(was, dict) and isinstance(now, dict):
-        fields = [f for f in dict.fromkeys([*was, *now]) if was.get(f) != now.get(f)]
+        fields = [f for f in dict.fromkeys([*now, *was]) if was.get(f) != now.get(f)]
         differ = ", ".join(f"{f}={was.get(f)!r}, not {now.get(f)!r}" for f in fields)
         if all(f in BUDGET_FLAGS and f in was for f in fields):
             flags = " ".join(f"{BUDGET_FLAGS[f]} {was[f]}" for f in fields)
@@ -664,7 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--proxy-ghost-batches", type=int, default=d.ghost_batches,
                    help="parts each batch trains as, each with its own batch-norm statistics, "
                         "at once on their own CPU threads when this process's share has the "
-                        "cores (weights do not depend on how many ran at once)")
+                        "cores (weights do not depend on how many ran at once while the share "
+                        "is below 2 x parts)")
     g.add_argument("--proxy-lr", type=float, default=d.lr, help="peak learning rate")
     g.add_argument("--proxy-final-map", type=int, default=d.final_map,
                    help="the trained network's earliest strides are reduced until its last "

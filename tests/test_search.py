@@ -234,6 +234,17 @@ def test_a_study_from_before_ghost_batches_resumes_as_one_part_per_batch(image_f
     assert len(study_of(tmp_path).trials) == 2
 
 
+def test_a_study_of_the_default_before_ghost_batches_is_told_the_flags_that_resume_it():
+    from nas.search import with_later_fields
+
+    before = dataclasses.asdict(ProxyBudget(train_images=8000, batch_size=64, ghost_batches=1,
+                                            lr=2e-3))
+    del before["ghost_batches"]  # stored before the field existed
+    msg = refusal("s", "budget", with_later_fields(before), dataclasses.asdict(ProxyBudget()))
+    assert ("resume with --proxy-images 8000 --proxy-batch 64 --proxy-ghost-batches 1 "
+            "--proxy-lr 0.002 or pick") in msg  # as the README says
+
+
 def test_every_differing_budget_field_is_named_and_flags_only_if_they_restore_it():
     default = dataclasses.asdict(ProxyBudget())
     was = dataclasses.asdict(ProxyBudget(train_images=8000, lr=1e-3, val_images=1000))
