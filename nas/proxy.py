@@ -47,14 +47,15 @@ from nas.model import build_model, failed_allocation, is_out_of_memory
 class ProxyBudget:
     """Everything that decides how much a candidate is trained. Defaults from proxy_fidelity."""
 
-    train_images: int = 16_000  # fixed stratified subset of the proxy-train split. Against a
-    # reference of 10x these image-passes (fm1 40000x8), on a 2-core Cascade Lake in one run
+    train_images: int = 8_000  # fixed stratified subset of the proxy-train split. Against a
+    # reference of 20x these image-passes (fm1 40000x8), on a 2-core Cascade Lake in one run
     # (proxy_fidelity_ghost_cascadelake.txt; its parts' dropout still drew from the global
-    # generator): 16,000 x 2 in batches of 128 as 2 ghost batches, Kendall tau 0.822 (90%
-    # interval 0.61-1.00) at 43.5 s per candidate; the default before, 8,000 x 2 in one batch
-    # of 64, 0.778 (0.54-1.00) at 35.0 s; 8,000 x 2 as 2 x 64, 0.689 (0.41-0.94) at 24.3 s.
-    # Within each other's noise; the only one whose interval clears the 0.6 target, with twice
-    # the images of the old default in 1.24x its time
+    # generator): 8,000 x 2 in batches of 128 as 2 ghost batches, Kendall tau 0.689 (90%
+    # interval 0.41-0.94) at 24.3 s per candidate; the default before, 8,000 x 2 in one batch of
+    # 64, 0.778 (0.54-1.00) at 35.0 s; 16,000 x 2 as 2 x 64, 0.822 (0.61-1.00) at 43.5 s. All
+    # within each other's noise (10 architectures). The same 10 first trials of a real search
+    # took a median 34.8 s, 41.6 s and 71.7 s: 16,000 breaks the 60 s target, the batch of 64
+    # the 5x throughput one (search_ghost_budgets_cascadelake.txt)
     epochs: int = 2
     batch_size: int = 128
     ghost_batches: int = 2  # the batch trains as this many equal parts, each normalised by its

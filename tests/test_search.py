@@ -241,15 +241,15 @@ def test_a_study_of_the_default_before_ghost_batches_is_told_the_flags_that_resu
                                             lr=2e-3))
     del before["ghost_batches"]  # stored before the field existed
     msg = refusal("s", "budget", with_later_fields(before), dataclasses.asdict(ProxyBudget()))
-    assert ("resume with --proxy-images 8000 --proxy-batch 64 --proxy-ghost-batches 1 "
-            "--proxy-lr 0.002 or pick") in msg  # as the README says
+    assert ("resume with --proxy-batch 64 --proxy-ghost-batches 1 --proxy-lr 0.002 or "
+            "pick") in msg  # as the README says
 
 
 def test_every_differing_budget_field_is_named_and_flags_only_if_they_restore_it():
     default = dataclasses.asdict(ProxyBudget())
-    was = dataclasses.asdict(ProxyBudget(train_images=8000, lr=1e-3, val_images=1000))
+    was = dataclasses.asdict(ProxyBudget(train_images=16000, lr=1e-3, val_images=1000))
     msg = refusal("s", "budget", was, default)
-    assert "resume with --proxy-images 8000 --proxy-lr 0.001 --val-size 1000" in msg
+    assert "resume with --proxy-images 16000 --proxy-lr 0.001 --val-size 1000" in msg
     msg = refusal("s", "budget", dataclasses.asdict(ProxyBudget(epochs=3, warmup=0.1)), default)
     assert "epochs=3, not 2" in msg and "warmup=0.1, not 0.2" in msg  # warmup has no flag
     assert "resume with" not in msg and "--name" in msg
