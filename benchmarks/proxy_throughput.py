@@ -238,8 +238,9 @@ def main() -> int:
             *ours(arch, data, args.batch_size, gen, matmul=False), False),
         "ours + bf16 autocast": lambda: (*ours(arch, data, args.batch_size, gen), True),
     }
+    whole = f"ours, 1 part of {args.batch_size}"
     if args.ghost_batches > 1:  # what the parts at once buy over one batch on every thread
-        variants[f"ours, 1 part of {args.batch_size}"] = lambda: (
+        variants[whole] = lambda: (
             *ours(arch, data, args.batch_size, gen), False)
     if args.compile:
         variants["ours + torch.compile"] = lambda: compiled(arch, data, args.batch_size, gen)
@@ -264,7 +265,7 @@ def main() -> int:
             model, it, bf16 = make()
             rate, first_s = time_steps(model, it, args.steps, args.warmup, bf16,
                                        ours=not name.startswith("plain"),
-                                       parts=1 if " 1 part " in name else args.ghost_batches)
+                                       parts=1 if name == whole else args.ghost_batches)
             results[name].append(rate)
             first[name].append(first_s)
             del model, it  # stop the plain pipeline's workers before the next variant is timed

@@ -78,6 +78,12 @@ class ProxyBudget:
     bf16: bool = False  # autocast to bfloat16; 2.2x slower than fp32 on this Zen 4 CPU
     report_every: int = 1  # epochs between intermediate validation reports to the Optuna trial
 
+    @staticmethod
+    def parts_fit(batch_size: int, ghost_batches: int) -> bool:
+        """Equal parts, each of at least 2 images when split (batch norm needs 2)."""
+        return batch_size % ghost_batches == 0 and (ghost_batches == 1
+                                                    or batch_size >= 2 * ghost_batches)
+
     def validate(self) -> None:
         """One-line errors naming the field, for the search's --proxy-* flags."""
         for name in ("train_images", "epochs", "batch_size", "ghost_batches", "val_images",
@@ -99,8 +105,7 @@ class ProxyBudget:
             raise ValueError(f"proxy budget: ghost_batches={self.ghost_batches} needs "
                              "bn_recalibrate >= 1 (parts update BN running statistics in "
                              "whatever order they run)")
-        if self.batch_size % self.ghost_batches or (
-                self.ghost_batches > 1 and self.batch_size < 2 * self.ghost_batches):
+        if not self.parts_fit(self.batch_size, self.ghost_batches):
             raise ValueError(f"proxy budget: batch_size={self.batch_size} must be a multiple of "
                              f"ghost_batches={self.ghost_batches}, at least 2 images a part "
                              "(batch norm needs 2)")

@@ -713,8 +713,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.proxy_batch > args.proxy_images:
         raise UsageError(f"--proxy-batch {args.proxy_batch}: must be <= --proxy-images "
                          f"{args.proxy_images} (else no training step is taken)")
-    if args.proxy_batch % args.proxy_ghost_batches or (
-            args.proxy_ghost_batches > 1 and args.proxy_batch < 2 * args.proxy_ghost_batches):
+    if not ProxyBudget.parts_fit(args.proxy_batch, args.proxy_ghost_batches):
         raise UsageError(f"--proxy-ghost-batches {args.proxy_ghost_batches}: must divide "
                          f"--proxy-batch {args.proxy_batch} into parts of at least 2 images "
                          "(batch norm needs 2)")
