@@ -1,14 +1,18 @@
-"""Export a searched architecture as a config (and optionally as an ONNX / TorchScript network).
+"""Export a searched architecture as a config, and the network in a runtime's format.
 
     python -m nas.export runs/search --best -o arch.yaml
-    python -m nas.export runs/search --pareto 0 -o fastest.yaml --onnx fastest.onnx
+    python -m nas.export runs/search --pareto 0 -o fastest.yaml --network fastest.onnx
+    python -m nas.export runs/search -o best.yaml --network best.pte --checkpoint ckpt.pt
 
-`build_model(load_architecture("arch.yaml"))` rebuilds exactly the searched network.
+`build_model(load_architecture("arch.yaml"))` rebuilds exactly the searched network. The network
+file's suffix picks the runtime (.onnx ONNX Runtime, .pte ExecuTorch, .pt2 AOTInductor); it is
+converted as latency was measured, loaded back in its runtime and checked against PyTorch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import io
 import json
@@ -24,15 +28,30 @@ import torch
 
 from nas.arch import ArchError, Architecture, architecture_text
 from nas.cli import HelpFormatter, Parser, run_tool
+from nas.data import DataError, batches, load_data
 from nas.files import sqlite_url, write_atomic
 from nas.latency import MIN_INPUT_SIZE
 from nas.model import build_model
 from nas.pareto import best_trial_row, pareto_frame, trials_frame
+from nas.runtimes import (
+    PRECISIONS,
+    RUNTIMES,
+    ConversionError,
+    RuntimeUnavailable,
+    UnsupportedSetting,
+    get_runtime,
+)
 from nas.train import TrainConfig, trained_arch
 
 
 class ExportError(ValueError):
     """One line for the user: which run, trial or file, and what is available."""
+
+
+# the runtime each network file suffix is written for
+SUFFIX_RUNTIMES = {rt.suffix: name for name, rt in RUNTIMES.items() if rt.suffix}
+FP32_TOLERANCE = 1e-4  # max abs difference to PyTorch, relative to its largest logit
+CALIBRATION_IMAGES = 256  # training images that calibrate an int8 export
 
 
 def load_run_study(run_dir: Path, storage: str | None = None) -> tuple[optuna.Study, dict]:
@@ -178,7 +197,7 @@ def checkpoint_model(arch: Architecture, checkpoint: Path, *, num_classes: int,
     except Exception as e:  # unpickler, zip and key errors all mean "not our checkpoint"
         raise ExportError(f"--checkpoint {checkpoint}: not a nas.train checkpoint "
                           f"({type(e).__name__})") from None
-    if trained != arch:
+    if dataclasses.replace(trained, name=arch.name) != arch:  # the name is a label only
         raise ExportError(f"--checkpoint {checkpoint}: trained architecture differs from the "
                           f"exported one ({trained.to_str()})")
     model = build_model(trained_arch(arch, cfg, input_size), num_classes=num_classes)
@@ -188,6 +207,49 @@ def checkpoint_model(arch: Architecture, checkpoint: Path, *, num_classes: int,
         raise ExportError(f"--checkpoint {checkpoint}: its weights do not fit a {num_classes}-"
                           f"class network ({type(e).__name__})") from None
     return model
+
+
+def runtime_network(arch: Architecture, path: Path, *, num_classes: int, input_size: int,
+                    checkpoint: Path | None, precision: str,
+                    data_source: str | None) -> tuple[bytes, str]:
+    """The network file for `path`'s runtime, loaded back there and checked against PyTorch on
+    one batch; returns its bytes and the check's one-line summary."""
+    runtime = get_runtime(SUFFIX_RUNTIMES[path.suffix])
+    model = (checkpoint_model(arch, checkpoint, num_classes=num_classes, input_size=input_size)
+             if checkpoint is not None else build_model(arch, num_classes=num_classes))
+    model.eval()
+    x = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    calibration = None
+    if precision == "int8":
+        calibration = calibration_images(data_source, input_size)
+        x = calibration[:1]
+    try:
+        compiled = runtime.compile(model, x, precision=precision, calibration=calibration)
+    except (RuntimeUnavailable, UnsupportedSetting, ConversionError) as e:
+        raise ExportError(f"--network {path}: {e}") from None
+    with torch.inference_mode():
+        expected = model(x)
+    diff = (compiled.predict(x) - expected).abs().max().item()
+    scale = max(1.0, expected.abs().max().item())
+    if precision == "fp32" and not diff <= FP32_TOLERANCE * scale:
+        raise ExportError(f"--network {path}: {runtime.name}'s outputs differ from PyTorch's by "
+                          f"up to {diff:.3g} (allowed {FP32_TOLERANCE * scale:.3g}); not written")
+    return compiled.artifact, (f"{path} ({runtime.name} {precision}, input {input_size}x"
+                               f"{input_size}; max abs difference to PyTorch {diff:.2g})")
+
+
+def calibration_images(source: str | None, input_size: int) -> torch.Tensor:
+    """The first training images of --data, normalised and resized to the network's input."""
+    try:
+        data = load_data(source, val_size=0)
+    except DataError as e:
+        raise ExportError(f"--data: {str(e).splitlines()[0]}") from None
+    x, _ = next(batches(data.train, batch_size=CALIBRATION_IMAGES, shuffle=False, augment=False,
+                        mean=data.mean, std=data.std, channels_last=False))
+    if x.shape[-1] != input_size:
+        x = torch.nn.functional.interpolate(x, size=(input_size, input_size), mode="bilinear",
+                                            align_corners=False)
+    return x.contiguous()
 
 
 def write_all(files: list[tuple[str, Path, str | bytes]]) -> None:
@@ -227,16 +289,24 @@ def check_args(args: argparse.Namespace) -> None:
     if out.suffix not in (".yaml", ".yml", ".json"):
         raise ExportError(f"-o {out}: must end in .yaml, .yml or .json")
     check_paths({"-o": out, "--onnx": args.onnx, "--torchscript": args.torchscript,
-                 "--checkpoint": args.checkpoint})
-    if args.checkpoint and not (args.onnx or args.torchscript):
-        raise ExportError("--checkpoint only applies with --onnx or --torchscript")
+                 "--network": args.network, "--checkpoint": args.checkpoint})
+    networks = args.onnx or args.torchscript or args.network
+    if args.network is not None and args.network.suffix not in SUFFIX_RUNTIMES:
+        raise ExportError(f"--network {args.network}: the suffix picks the runtime; expected "
+                          + ", ".join(f"{s} ({n})" for s, n in SUFFIX_RUNTIMES.items()))
+    if args.checkpoint and not networks:
+        raise ExportError("--checkpoint only applies with --network, --onnx or --torchscript")
+    if args.precision == "int8" and args.network is None:
+        raise ExportError("--precision int8 applies to --network (.onnx or .pte)")
+    if args.precision == "int8" and args.data is None:
+        raise ExportError("--precision int8 calibrates on training images: pass --data")
     if args.input_size is not None and args.input_size < MIN_INPUT_SIZE:
         raise ExportError(f"--input-size {args.input_size}: must be an integer >= "
                           f"{MIN_INPUT_SIZE} (the networks downsample {MIN_INPUT_SIZE}x)")
-    if args.input_size is not None and not (args.onnx or args.torchscript):
-        raise ExportError("--input-size only applies with --onnx or --torchscript")
+    if args.input_size is not None and not networks:
+        raise ExportError("--input-size only applies with --network, --onnx or --torchscript")
     if args.onnx and importlib.util.find_spec("onnx") is None:
-        raise ExportError("--onnx needs the onnx package: pip install 'nas[onnx]'")
+        raise ExportError("--onnx needs the onnx package: pip install -e . (nas depends on it)")
     if args.checkpoint and not args.checkpoint.is_file():
         raise ExportError(f"--checkpoint {args.checkpoint}: no such file")
 
@@ -253,13 +323,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="K-th point of the Pareto front, 0 = fastest")
     p.add_argument("-o", "--output", required=True, help="architecture file (.yaml or .json)")
     p.add_argument("--storage", default=None, help="Optuna storage URL if not the run's own")
-    p.add_argument("--onnx", type=Path, default=None, help="also write the network as ONNX")
-    p.add_argument("--torchscript", type=Path, default=None, help="also write TorchScript")
+    p.add_argument("--network", type=Path, default=None,
+                   help="also write the network for its runtime, picked by the suffix: .onnx "
+                        "(ONNX Runtime), .pte (ExecuTorch, XNNPACK), .pt2 (AOTInductor); "
+                        "checked against PyTorch's outputs on one batch")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="int8: --network statically quantized by its runtime's quantizer, "
+                        "calibrated on --data's first training images")
+    p.add_argument("--data", default=None, help="training images for int8 calibration "
+                   "(as nas.search --data)")
+    p.add_argument("--onnx", type=Path, default=None,
+                   help="also write the network as ONNX (legacy exporter; prefer --network)")
+    p.add_argument("--torchscript", type=Path, default=None,
+                   help="also write TorchScript (deprecated by PyTorch; prefer --network .pt2)")
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="nas.train checkpoint.pt whose weights go into --onnx/--torchscript")
+                   help="nas.train checkpoint.pt whose weights go into the network")
     p.add_argument("--input-size", type=int, default=None,
-                   help=f"input size (>= {MIN_INPUT_SIZE}) of the --onnx/--torchscript network "
-                        f"if not the run's deployment size, or 32 with --checkpoint")
+                   help=f"input size (>= {MIN_INPUT_SIZE}) of the network if not the run's "
+                        f"deployment size, or 32 with --checkpoint")
     return p
 
 
@@ -267,14 +348,23 @@ def export(args: argparse.Namespace) -> str:
     """Read the run, then write every output or none; returns what was exported."""
     study, meta = load_run_study(Path(args.run), args.storage)
     row = select_row(trials_frame(study), trial=args.trial, pareto=args.pareto)
-    arch = row_architecture(row)
+    # a config names where it came from: <run>-trial-<n>
+    name = f"{meta.get('study_name', Path(args.run).name)}-trial-{int(row['number'])}"
+    arch = dataclasses.replace(row_architecture(row), name=name)
     out = Path(args.output)
     # as save_architecture, but written together with the networks: all files or none
     files = [("-o", out, architecture_text(arch, out))]
+    size = args.input_size
+    if size is None:
+        size = 32 if args.checkpoint else meta.get("settings", {}).get("input_size", 224)
+    checked = ""
+    if args.network:
+        data, checked = runtime_network(
+            arch, args.network, num_classes=meta.get("num_classes", 10), input_size=size,
+            checkpoint=args.checkpoint, precision=args.precision, data_source=args.data)
+        files.append(("--network", args.network, data))
+        checked = f"; {checked}"
     if args.onnx or args.torchscript:
-        size = args.input_size
-        if size is None:
-            size = 32 if args.checkpoint else meta.get("settings", {}).get("input_size", 224)
         networks = network_bytes(arch, num_classes=meta.get("num_classes", 10),
                                  input_size=size, checkpoint=args.checkpoint,
                                  onnx=args.onnx is not None,
@@ -282,7 +372,7 @@ def export(args: argparse.Namespace) -> str:
         files += [(f"--{kind}", path, networks[kind]) for kind, path in
                   (("torchscript", args.torchscript), ("onnx", args.onnx)) if path is not None]
     write_all(files)
-    return f"trial {int(row['number'])}: {arch.to_str()} -> {out}"
+    return f"trial {int(row['number'])}: {arch.to_str()} -> {out}{checked}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         print(export(args))
-    except (ExportError, ArchError) as e:
+    except (ExportError, ArchError, DataError) as e:
         print(f"nas.export: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     return 0

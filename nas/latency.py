@@ -108,6 +108,16 @@ from nas.cli import HelpFormatter, run_tool
 from nas.files import write_atomic
 from nas.model import TooLargeError, build_model, failed_allocation, is_out_of_memory
 from nas.profile import count_macs, count_params
+from nas.runtimes import (
+    DEFAULT_RUNTIME,
+    PRECISIONS,
+    RUNTIME_NAMES,
+    ConversionError,
+    Runtime,
+    RuntimeUnavailable,
+    UnsupportedSetting,
+    get_runtime,
+)
 
 DEVICES = ("cpu", "cuda")
 CLOCKS = ("thread", "wall")  # thread: CPU time of the calling thread; wall: perf_counter
@@ -142,14 +152,21 @@ class LatencyContext:
     torch_version: str
     input_size: int
     batch_size: int
-    memory_format: str  # "channels_last" or "contiguous"
+    memory_format: str  # "channels_last" or "contiguous" (the input's; runtimes pick their own)
     clock: str  # "thread" (CPU time of the one measuring thread), "wall" or "cuda-events"
+    # added 2026-12-05; results and studies from before were all eager PyTorch, float32
+    runtime: str = "eager"  # see nas.runtimes
+    runtime_version: str = ""  # "" for eager: torch_version is its version
+    precision: str = "fp32"  # or "int8" (statically quantized by the runtime's quantizer)
 
     def describe(self) -> str:
         """One line for tables and logs."""
-        return (f"{self.device} ({self.device_name}), {self.threads} thread(s), "
-                f"torch {self.torch_version}, input {self.input_size}x{self.input_size}, "
-                f"batch {self.batch_size}, {self.memory_format}, {self.clock} clock")
+        runtime = (f"{self.runtime} {self.runtime_version}, " if self.runtime != "eager"
+                   else "eager, ")
+        return (f"{self.device} ({self.device_name}), {runtime}{self.precision}, "
+                f"{self.threads} thread(s), torch {self.torch_version}, "
+                f"input {self.input_size}x{self.input_size}, batch {self.batch_size}, "
+                f"{self.memory_format}, {self.clock} clock")
 
 
 @dataclass(frozen=True)
@@ -168,6 +185,7 @@ class LatencyResult:
     context: LatencyContext
     stop_above_ms: float | None = None  # the bound this was measured under
     load_avg: float | None = None  # 1-minute load average when it finished (None: unknown)
+    convert_s: float = 0.0  # converting the network for its runtime (not in `seconds`)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat and JSON-able, for Optuna user attributes, CSV rows and the cache file."""
@@ -179,7 +197,7 @@ class LatencyResult:
     def from_dict(cls, data: dict[str, Any]) -> LatencyResult:
         """Inverse of `to_dict`."""
         ctx_names = {f.name for f in dataclasses.fields(LatencyContext)}
-        context = LatencyContext(**{k: data[k] for k in ctx_names})
+        context = LatencyContext(**{k: data[k] for k in ctx_names if k in data})
         own = {f.name for f in dataclasses.fields(cls)} - {"context"}
         return cls(**{k: data[k] for k in own if k in data}, context=context)
 
@@ -267,8 +285,14 @@ def _check_budget(min_runs: int, min_time_s: float, max_time_s: float,
         raise LatencyError(f"stop_above_ms={stop_above_ms!r} must be > 0 ms, or None")
 
 
-def _resolve_clock(clock: str | None, dev: torch.device, threads: int) -> str:
+def _resolve_clock(clock: str | None, dev: torch.device, threads: int,
+                   runtime: str = "eager") -> str:
     """thread CPU time where one thread does all the work; CUDA events on GPU; else wall."""
+    if dev.type == "cuda" and runtime != "eager":  # the runtime returns its output on the CPU
+        if clock not in (None, "wall"):
+            raise LatencyError(f"clock={clock!r} is for CPU; runtime {runtime!r} on {dev} is "
+                               f"timed by the wall clock (clock None or 'wall')")
+        return "wall"
     if dev.type == "cuda":
         if clock not in (None, "wall"):
             raise LatencyError(f"clock={clock!r} is for CPU; on {dev} latency is timed with "
@@ -286,9 +310,11 @@ def _resolve_clock(clock: str | None, dev: torch.device, threads: int) -> str:
 
 def latency_context(input_size: int = 224, *, device: str = "cpu", batch_size: int = 1,
                     threads: int | None = None, channels_last: bool = True,
-                    clock: str | None = None) -> LatencyContext:
+                    clock: str | None = None, runtime: str = "eager",
+                    precision: str = "fp32") -> LatencyContext:
     """Validate the options and say where a measurement would run, without running it."""
     dev = _check_device(device)
+    rt = _check_runtime(runtime, precision, dev)
     _check_int("input_size", input_size, minimum=MIN_INPUT_SIZE)
     _check_int("batch_size", batch_size, minimum=1)
     threads = DEFAULT_THREADS if threads is None else threads
@@ -297,8 +323,18 @@ def latency_context(input_size: int = 224, *, device: str = "cpu", batch_size: i
     return LatencyContext(
         device=str(dev), device_name=name, threads=threads, torch_version=torch.__version__,
         input_size=input_size, batch_size=batch_size,
-        memory_format="channels_last" if channels_last else "contiguous",
-        clock=_resolve_clock(clock, dev, threads))
+        memory_format="channels_last" if channels_last and rt.name == "eager" else "contiguous",
+        clock=_resolve_clock(clock, dev, threads, rt.name), runtime=rt.name,
+        runtime_version="" if rt.name == "eager" else rt.version(), precision=precision)
+
+
+def _check_runtime(runtime: str, precision: str, dev: torch.device) -> Runtime:
+    try:
+        rt = get_runtime(runtime)
+        rt.check(precision=precision, device=dev.type)
+    except (RuntimeUnavailable, UnsupportedSetting) as e:
+        raise LatencyError(str(e)) from None
+    return rt
 
 
 # --------------------------------------------------------------------------- measuring
@@ -440,17 +476,26 @@ def _summarise(times: list[float], *, warmup_runs: int, seconds: float, stopped_
 def measure_latency(model: nn.Module, input_size: int = 224, *, device: str = "cpu",
                     batch_size: int = 1, threads: int | None = None, channels_last: bool = True,
                     min_runs: int = 20, min_time_s: float = 1.0, max_time_s: float = 2.0,
-                    stop_above_ms: float | None = None, clock: str | None = None) -> LatencyResult:
+                    stop_above_ms: float | None = None, clock: str | None = None,
+                    runtime: str = "eager", precision: str = "fp32",
+                    calibration: torch.Tensor | None = None) -> LatencyResult:
     """Median inference latency of `model` on a random batch, by the protocol in the module doc.
 
     `threads` defaults to 1 (one core, as MnasNet's single Pixel core); `clock` defaults to the
-    thread's CPU time for 1 CPU thread, else wall time. The model is moved to `device` and
-    converted to the memory format in place, as ``model.to`` would; its training flags are
-    restored.
+    thread's CPU time for 1 CPU thread, else wall time. With `runtime` other than eager the
+    network is first converted (int8: quantized, calibrated on `calibration` images, else on
+    random ones) and the runtime's predictor is timed; a network the converter refuses raises
+    nas.runtimes.ConversionError. Eager: the model is moved to `device` and converted to the
+    memory format in place, as ``model.to`` would; its training flags are restored.
     """
     context = latency_context(input_size, device=device, batch_size=batch_size,
-                              threads=threads, channels_last=channels_last, clock=clock)
+                              threads=threads, channels_last=channels_last, clock=clock,
+                              runtime=runtime, precision=precision)
     _check_budget(min_runs, min_time_s, max_time_s, stop_above_ms)
+    if context.runtime != "eager":
+        return _measure_in_runtime(model, context, calibration=calibration, min_runs=min_runs,
+                                   min_time_s=min_time_s, max_time_s=max_time_s,
+                                   stop_above_ms=stop_above_ms)
     dev = torch.device(context.device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if dev.type == "cpu":
@@ -461,12 +506,47 @@ def measure_latency(model: nn.Module, input_size: int = 224, *, device: str = "c
     x = x.to(device=dev, memory_format=fmt)
     with (_num_threads(context.threads), _eval_mode(model), _gc_paused(),
           torch.inference_mode()):
-        run = _runner(model, x, context.clock)
-        start = time.perf_counter()
-        warm, stopped = _warm_up(run, until=start + WARMUP_BUDGET_FRACTION * max_time_s,
-                                 stop_above_ms=stop_above_ms)
-        timed = warm if stopped else _timed_runs(
-            run, min_runs=min_runs, min_time_s=min_time_s, deadline=start + max_time_s)
+        return _protocol(_runner(model, x, context.clock), context, min_runs=min_runs,
+                         min_time_s=min_time_s, max_time_s=max_time_s,
+                         stop_above_ms=stop_above_ms)
+
+
+def _measure_in_runtime(model: nn.Module, context: LatencyContext, *,
+                        calibration: torch.Tensor | None, min_runs: int, min_time_s: float,
+                        max_time_s: float, stop_above_ms: float | None) -> LatencyResult:
+    """The same protocol over a runtime's predictor: convert and load first (not timed)."""
+    if context.device == "cpu":
+        pin_malloc_thresholds()
+    gen = torch.Generator().manual_seed(0)
+    size = context.input_size
+    x = torch.randn(context.batch_size, IN_CHANNELS, size, size, generator=gen)
+    with _eval_mode(model):
+        compiled = get_runtime(context.runtime).compile(
+            model.cpu(), x, threads=context.threads, precision=context.precision,
+            calibration=calibration, device=context.device)
+    now = time.thread_time_ns if context.clock == "thread" else time.perf_counter_ns
+    predict = compiled.predict
+
+    def run() -> float:  # the predictors return on the CPU, so wall time includes the GPU's
+        t0 = now()
+        predict(x)
+        return (now() - t0) / 1e6
+
+    with _gc_paused():
+        result = _protocol(run, context, min_runs=min_runs, min_time_s=min_time_s,
+                           max_time_s=max_time_s, stop_above_ms=stop_above_ms)
+    return dataclasses.replace(result, convert_s=compiled.convert_s)
+
+
+def _protocol(run: Callable[[], float], context: LatencyContext, *, min_runs: int,
+              min_time_s: float, max_time_s: float,
+              stop_above_ms: float | None) -> LatencyResult:
+    """Warm up until settled (or stop early), then the timed runs, then their statistics."""
+    start = time.perf_counter()
+    warm, stopped = _warm_up(run, until=start + WARMUP_BUDGET_FRACTION * max_time_s,
+                             stop_above_ms=stop_above_ms)
+    timed = warm if stopped else _timed_runs(
+        run, min_runs=min_runs, min_time_s=min_time_s, deadline=start + max_time_s)
     return _summarise(timed, warmup_runs=0 if stopped else len(warm),
                       seconds=time.perf_counter() - start, stopped_early=stopped,
                       context=context, stop_above_ms=stop_above_ms)
@@ -506,11 +586,13 @@ class LatencyCache:
                        input_size: int = 224, device: str = "cpu", batch_size: int = 1,
                        threads: int | None = None, channels_last: bool = True,
                        min_runs: int = 20, min_time_s: float = 1.0, max_time_s: float = 2.0,
-                       stop_above_ms: float | None = None,
-                       clock: str | None = None) -> LatencyResult:
+                       stop_above_ms: float | None = None, clock: str | None = None,
+                       runtime: str = "eager", precision: str = "fp32",
+                       calibration: torch.Tensor | None = None) -> LatencyResult:
         """The cached result for `key` in this context, else build with `model_fn` and measure."""
         context = latency_context(input_size, device=device, batch_size=batch_size,
-                                  threads=threads, channels_last=channels_last, clock=clock)
+                                  threads=threads, channels_last=channels_last, clock=clock,
+                                  runtime=runtime, precision=precision)
         cached = self._entries.get((key, context))
         if cached is not None and _reusable(cached, stop_above_ms):
             self.hits += 1
@@ -519,7 +601,8 @@ class LatencyCache:
         result = measure_latency(
             model_fn(), input_size, device=device, batch_size=batch_size, threads=threads,
             channels_last=channels_last, min_runs=min_runs, min_time_s=min_time_s,
-            max_time_s=max_time_s, stop_above_ms=stop_above_ms, clock=clock)
+            max_time_s=max_time_s, stop_above_ms=stop_above_ms, clock=clock, runtime=runtime,
+            precision=precision, calibration=calibration)
         self._entries[(key, result.context)] = result
         if self.path is not None:
             self._write()
@@ -538,9 +621,8 @@ class LatencyCache:
         merged = self._read() if self.path.exists() else {}
         merged.update(self._entries)
         entries = [{"key": k, "result": r.to_dict()} for (k, _), r in merged.items()]
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": self.VERSION, "entries": entries}, indent=1))
-        tmp.replace(self.path)
+        write_atomic(self.path, json.dumps({"version": self.VERSION, "entries": entries},
+                                           indent=1))
 
 
 def _reusable(cached: LatencyResult, stop_above_ms: float | None) -> bool:
@@ -586,10 +668,12 @@ def resolve_network(spec: str) -> tuple[str, nn.Module]:
 def measure_networks(specs: Sequence[str], *, input_size: int = 224, device: str = "cpu",
                      batch_size: int = 1, threads: int | None = None, channels_last: bool = True,
                      min_time_s: float = 1.0, max_time_s: float = 2.0,
-                     clock: str | None = None) -> list[dict[str, Any]]:
+                     clock: str | None = None, runtime: str = "eager",
+                     precision: str = "fp32") -> list[dict[str, Any]]:
     """One flat row per network: its latency result plus parameters and multiply-adds."""
     latency_context(input_size, device=device, batch_size=batch_size, threads=threads,
-                    channels_last=channels_last, clock=clock)
+                    channels_last=channels_last, clock=clock, runtime=runtime,
+                    precision=precision)
     _check_budget(1, min_time_s, max_time_s, None)
     builders = [(spec, network_builder(spec)) for spec in specs]  # fail before measuring
     rows = []
@@ -603,7 +687,9 @@ def measure_networks(specs: Sequence[str], *, input_size: int = 224, device: str
             result = measure_latency(
                 model, input_size, device=device, batch_size=batch_size, threads=threads,
                 channels_last=channels_last, min_time_s=min_time_s, max_time_s=max_time_s,
-                clock=clock)
+                clock=clock, runtime=runtime, precision=precision)
+        except ConversionError as e:
+            raise LatencyError(f"{spec}: {e}") from None
         except RuntimeError as e:
             if is_out_of_memory(e):
                 raise LatencyError(f"{spec}: out of memory at --input-size {input_size} "
@@ -677,6 +763,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("networks", nargs="+", metavar="NETWORK",
                         help="an architecture file (.yaml/.json), a reference network "
                              "(e.g. mnasnet_a1) or torchvision:NAME (e.g. torchvision:resnet18)")
+    parser.add_argument("--runtime", choices=RUNTIME_NAMES, default=DEFAULT_RUNTIME,
+                        help="what runs the network: the runtime you deploy with (eager is "
+                             "PyTorch itself, kept for comparison; docs/latency.md says which "
+                             "runtime fits which target)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="int8: the network statically quantized by the runtime's own "
+                             "quantizer (onnxruntime, executorch)")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="where to measure; cuda times with CUDA events and needs a GPU")
     parser.add_argument("--input-size", type=_int_at_least(MIN_INPUT_SIZE), default=224,
@@ -732,7 +825,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = measure_networks(
             args.networks, input_size=args.input_size, device=args.device,
             batch_size=args.batch_size, threads=args.threads, channels_last=args.channels_last,
-            min_time_s=args.min_time, max_time_s=args.max_time, clock=args.clock)
+            min_time_s=args.min_time, max_time_s=args.max_time, clock=args.clock,
+            runtime=args.runtime, precision=args.precision)
     except LatencyError as e:
         print(f"nas.latency: error: {e}", file=sys.stderr)
         return 2

@@ -49,7 +49,7 @@ from nas.cli import (
     is_plain_folder_name,
     oserror_line,
 )
-from nas.data import SPLIT_SEED, DataError, DataSplits, load_data, split_train_val
+from nas.data import SPLIT_SEED, DataError, DataSplits, batches, load_data, split_train_val
 from nas.files import make_folders, remove_if_empty, sqlite_url, write_atomic
 from nas.latency import (
     DEFAULT_THREADS,
@@ -64,6 +64,7 @@ from nas.profile import count_macs, count_params
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.results import BaselinesError, load_baselines, save_baselines, write_results
 from nas.reward import MODES, exponents, reward
+from nas.runtimes import DEFAULT_RUNTIME, PRECISIONS, RUNTIME_NAMES
 from nas.space import DEFAULT_SPACE, SearchSpace, SpaceError, load_space
 
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -71,7 +72,7 @@ OBJECTIVES = ("reward", "pareto")
 HEARTBEAT_S, GRACE_S = 30, 120  # a worker silent for 2 minutes is presumed dead
 SETTINGS_THAT_MUST_MATCH = ("target_ms", "alpha", "beta", "objective", "space", "device",
                             "input_size", "threads", "budget", "val_size", "data_fingerprint",
-                            "latency_device")
+                            "latency_device", "runtime", "precision")
 # the flag that sets each ProxyBudget field, for the refusal to resume with another budget
 BUDGET_FLAGS = {"train_images": "--proxy-images", "epochs": "--proxy-epochs",
                 "batch_size": "--proxy-batch", "ghost_batches": "--proxy-ghost-batches",
@@ -81,7 +82,11 @@ BUDGET_ADDED_LATER = {"ghost_batches": 1}
 # latencies from another CPU or GPU model would mix two hardware targets in one reward;
 # studies saved before a setting existed are not refused for lacking it
 SETTINGS_ADDED_LATER = ("latency_device",)
-
+# settings newer than some studies, with the value every such study was measured with: a study
+# from before 2026-12-05 timed eager PyTorch in float32, and resumes only with those flags
+SETTINGS_OF_OLDER_STUDIES = {"runtime": "eager", "precision": "fp32"}
+SETTING_FLAGS = {"runtime": "--runtime", "precision": "--precision"}
+CALIBRATION_IMAGES = 8  # training images that calibrate an int8 network's quantization
 
 class UsageError(ValueError):
     """A bad flag or file: one line, exit 2, nothing written."""
@@ -122,9 +127,12 @@ def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None,
     lat = ctx.cache.get_or_measure(
         f"{architecture_key(arch)}-{ctx.data.num_classes}", lambda: deployed,
         input_size=a.input_size, device=a.device, threads=a.threads,
-        min_time_s=a.latency_time / 2, max_time_s=a.latency_time, stop_above_ms=bound)
+        min_time_s=a.latency_time / 2, max_time_s=a.latency_time, stop_above_ms=bound,
+        runtime=a.runtime, precision=a.precision,
+        calibration=calibration_images(ctx.data) if a.precision != "fp32" else None)
     record.update(latency_ms=lat.median_ms, latency_p10_ms=lat.p10_ms, latency_p90_ms=lat.p90_ms,
-                  latency_cv=lat.cv, latency_s=lat.seconds, latency_stopped_early=lat.stopped_early)
+                  latency_cv=lat.cv, latency_s=lat.seconds, latency_stopped_early=lat.stopped_early,
+                  convert_s=lat.convert_s)
     _set_attrs(trial, record)
     if bound is not None and (lat.stopped_early or lat.median_ms > bound):
         raise optuna.TrialPruned(
@@ -144,6 +152,13 @@ def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None,
                                 beta=ctx.beta))
     _set_attrs(trial, record)
     return record
+
+
+def calibration_images(data: DataSplits) -> torch.Tensor:
+    """The first proxy-training images, normalised: what quantizes an int8 candidate."""
+    x, _ = next(batches(data.train, batch_size=CALIBRATION_IMAGES, shuffle=False, augment=False,
+                        mean=data.mean, std=data.std, channels_last=False))
+    return x
 
 
 def best_reward(trial: Any, ctx: Context) -> float | None:
@@ -340,6 +355,8 @@ def open_study(args: argparse.Namespace, storage: optuna.storages.BaseStorage,
     saved = study.user_attrs.get("settings")
     if saved is not None and isinstance(saved.get("budget"), dict):
         saved = {**saved, "budget": with_later_fields(saved["budget"])}
+    if saved is not None:
+        saved = {**SETTINGS_OF_OLDER_STUDIES, **saved}
     if saved is None:
         study.set_user_attr("settings", settings)
     else:
@@ -388,6 +405,9 @@ def refusal(name: str, key: str, was: Any, now: Any) -> str:
                     f"{flags} or pick a new --name")
         return (f"study {name!r} was created with the proxy's {differ} (not every one has a "
                 f"flag: a default of another nas version); pick a new --name")
+    if key in SETTING_FLAGS:
+        return (f"study {name!r} measured latency with {key} {was!r}, not {now!r}; resume with "
+                f"{SETTING_FLAGS[key]} {was} or pick a new --name")
     detail = f"{key}={was!r}, not {now!r}" if len(repr(was)) < 80 else f"another {key}"
     return (f"study {name!r} was created with {detail}; resume with the same settings or pick "
             f"a new --name")
@@ -637,6 +657,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated reference networks to run through the same latency "
                         "and proxy, e.g. mobilenet_v2,mnasnet_b1")
     g = p.add_argument_group("target device")
+    g.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIME_NAMES,
+                   help="what runs the network when latency is measured: the runtime you will "
+                        "deploy with (docs/latency.md; eager is PyTorch itself, for "
+                        "comparison)")
+    g.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="int8: each candidate statically quantized by the runtime's own "
+                        "quantizer, calibrated on training images (onnxruntime, executorch)")
     g.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="where latency is measured (the deployment target)")
     g.add_argument("--input-size", type=int, default=224, help="deployment input resolution")
@@ -761,7 +788,8 @@ def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
         alpha, beta = exponents(args.mode, args.alpha, args.beta)
     except ValueError as e:
         raise UsageError(f"--alpha/--beta: {e}") from None
-    lat_ctx = latency_context(args.input_size, device=args.device, threads=args.threads)
+    lat_ctx = latency_context(args.input_size, device=args.device, threads=args.threads,
+                              runtime=args.runtime, precision=args.precision)
     try:
         torch.device(args.train_device)
     except RuntimeError:
@@ -792,7 +820,8 @@ def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
                 "val_size": args.val_size, "data_fingerprint": data.fingerprint,
                 "budget": dataclasses.asdict(budget), "data": data.source, "seed": args.seed,
                 "sampler": args.sampler, "pruner": args.pruner,
-                "latency_device": lat_ctx.device_name}
+                "latency_device": lat_ctx.device_name, "runtime": args.runtime,
+                "precision": args.precision}
     ctx = Context(args, space, data, budget, LatencyCache(run_dir / "latency_cache.json"),
                   alpha, beta)
     return ctx, run_dir, settings

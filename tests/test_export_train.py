@@ -29,7 +29,7 @@ def run(image_folder, tmp_path_factory):
     argv = ["--space", "tiny", "--val-size", "30", "--proxy-images", "64", "--proxy-epochs", "1",
             "--proxy-batch", "32", "--input-size", "32", "--latency-time", "0.1",
             "--target-ms", "1", "--trials", "3", "--sampler", "random", "--data",
-            str(image_folder), "--runs-dir", str(runs), "--name", "x"]
+            str(image_folder), "--runs-dir", str(runs), "--name", "x", "--runtime", "eager"]
     assert search.main(argv) == 0
     return runs / "x"
 
@@ -48,6 +48,66 @@ def test_export_best_pareto_and_trial(run, tmp_path):
     n = int(done.number.iloc[-1])
     assert export.main([str(run), "--trial", str(n), "-o", str(tmp_path / "t.yaml")]) == 0
     assert load_architecture(tmp_path / "t.yaml").to_str() == done.arch.iloc[-1]
+    assert load_architecture(tmp_path / "t.yaml").name == f"x-trial-{n}"  # <run>-trial-<n>
+
+
+@pytest.fixture(scope="module")
+def trained(run, image_folder, tmp_path_factory):
+    """A 1-epoch nas.train checkpoint of the run's best architecture, and its PyTorch network."""
+    runs = tmp_path_factory.mktemp("trained")
+    assert train.main([str(run / "best.yaml"), "--data", str(image_folder), "--runs-dir",
+                       str(runs), "--name", "t", "--batch-size", "32", "--no-progress",
+                       "--epochs", "1"]) == 0
+    ckpt = runs / "t" / "checkpoint.pt"
+    arch = load_architecture(run / "best.yaml")
+    model = build_model(proxy_arch(arch, ProxyBudget(final_map=train.TrainConfig().final_map),
+                                   32), num_classes=3).eval()
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+    return ckpt, model
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pte", ".pt2"])
+def test_export_writes_the_network_for_its_runtime_with_the_trained_weights(
+        run, trained, tmp_path, capsys, suffix):
+    from nas.runtimes import RUNTIMES
+
+    runtime = RUNTIMES[export.SUFFIX_RUNTIMES[suffix]]
+    if not runtime.available():
+        pytest.skip(f"{runtime.name} is not installed here")
+    ckpt, model = trained
+    net = tmp_path / f"net{suffix}"
+    assert export.main([str(run), "-o", str(tmp_path / "a.yaml"), "--checkpoint", str(ckpt),
+                        "--network", str(net)]) == 0
+    out = capsys.readouterr().out
+    assert f"{net} ({runtime.name} fp32, input 32x32; max abs difference to PyTorch" in out
+    predict = runtime.load(net.read_bytes(), threads=1, device="cpu")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(predict(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_an_int8_export_is_calibrated_on_the_data_and_quantized(run, trained, image_folder,
+                                                                tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    ckpt, _ = trained
+    net = tmp_path / "q.onnx"
+    argv = [str(run), "-o", str(tmp_path / "q.yaml"), "--checkpoint", str(ckpt),
+            "--network", str(net), "--precision", "int8"]
+    assert export.main(argv) == 2
+    assert "pass --data" in one_line_error(capsys, "nas.export", "--precision int8")
+    assert not any(tmp_path.iterdir())
+    assert export.main([*argv, "--data", str(image_folder)]) == 0
+    assert "(onnxruntime int8, input 32x32" in capsys.readouterr().out
+    ops = {n.op_type for n in onnx.load(str(net)).graph.node}
+    assert "QuantizeLinear" in ops
+
+
+def test_a_network_suffix_without_a_runtime_is_one_line(run, tmp_path, capsys):
+    assert export.main([str(run), "-o", str(tmp_path / "a.yaml"), "--network",
+                        str(tmp_path / "a.tflite")]) == 2
+    assert ".onnx (onnxruntime), .pte (executorch), .pt2 (aoti)" in one_line_error(
+        capsys, "nas.export", "--network")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("extra, fragment", [(["--trial", "999"], "--trial 999"),

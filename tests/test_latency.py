@@ -332,9 +332,11 @@ def test_a_csv_that_cannot_be_written_is_one_line_and_leaves_no_part(tmp_path, c
     out = tmp_path / "lat.csv"
     assert main(["mobilenet_v3_small", "--input-size", "32", "--min-time", "0.05",
                  "--max-time", "0.1", "--csv", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.strip().splitlines() == [
+    err = capsys.readouterr().err.strip().splitlines()
+    # the load-average warning may come first when other jobs share the CPU
+    assert err[-1:] == [
         f"nas.latency: error: --csv {out}: cannot be written (No space left on device)"], err
+    assert all(line.startswith("nas.latency: warning: load average") for line in err[:-1])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -366,7 +368,7 @@ def test_cli_table_and_csv_for_a_reference_a_config_and_torchvision(tmp_path, ca
     out = tmp_path / "lat.csv"
     specs = ["mnasnet_a1", "torchvision:mobilenet_v3_small", str(config)]
     assert main([*specs, "--input-size", "64", "--min-time", "0.05", "--max-time", "0.3",
-                 "--csv", str(out)]) == 0
+                 "--runtime", "eager", "--csv", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["network", "median", "ms"]
     assert [line.split()[0] for line in table[2:5]] == specs

@@ -32,6 +32,7 @@ from nas.pareto import pareto_mask
 from nas.profile import count_macs, count_params
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.reward import MODES, reward
+from nas.runtimes import DEFAULT_RUNTIME
 from nas.search import (
     BASELINES_ATTR,
     INTERRUPTED,
@@ -53,9 +54,11 @@ from nas.search import (
     was_interrupted,
 )
 
+# eager latency: these tests are about the search, and converting each candidate for a
+# deployment runtime costs seconds; the default runtime has its own tests below
 FAST = ["--space", "tiny", "--val-size", "30", "--proxy-images", "64",
         "--proxy-batch", "32", "--input-size", "32", "--latency-time", "0.1", "--target-ms", "1",
-        "--proxy-epochs", "1"]
+        "--proxy-epochs", "1", "--runtime", "eager"]
 
 
 def args(run_dir, data, *extra, name="s"):
@@ -266,6 +269,68 @@ def test_resume_on_another_cpu_model_is_refused_but_an_older_study_is_not(
     study = study_of(tmp_path)  # a study saved before latency_device existed still resumes
     study.set_user_attr("settings", {k: v for k, v in study.user_attrs["settings"].items()
                                      if k != "latency_device"})
+    assert main(args(tmp_path, image_folder, "--trials", "2")) == 0
+    assert len(study_of(tmp_path).trials) == 2
+
+
+def test_a_search_measures_in_the_default_runtime_and_records_it(image_folder, tmp_path):
+    argv = args(tmp_path, image_folder, "--trials", "2", "--sampler", "random")
+    argv.remove("--runtime"), argv.remove("eager")
+    assert main(argv) == 0
+    study = study_of(tmp_path)
+    assert study.user_attrs["settings"]["runtime"] == DEFAULT_RUNTIME
+    assert study.user_attrs["settings"]["precision"] == "fp32"
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert done and all(t.user_attrs["convert_s"] > 0 for t in done)
+    cache = json.loads((tmp_path / "s" / "latency_cache.json").read_text())
+    assert {e["result"]["runtime"] for e in cache["entries"]} == {DEFAULT_RUNTIME}
+
+
+def test_an_int8_search_quantizes_each_candidate(image_folder, tmp_path):
+    argv = args(tmp_path, image_folder, "--trials", "1", "--sampler", "random")
+    argv[argv.index("eager")] = "onnxruntime"
+    assert main([*argv, "--precision", "int8"]) == 0
+    (trial,) = study_of(tmp_path).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    cache = json.loads((tmp_path / "s" / "latency_cache.json").read_text())
+    assert [e["result"]["precision"] for e in cache["entries"]] == ["int8"]
+
+
+def test_a_candidate_the_runtime_cannot_convert_fails_its_trial_and_the_search_goes_on(
+        image_folder, tmp_path, monkeypatch):
+    from nas.runtimes.onnx_runtime import OnnxRuntime
+
+    real, calls = OnnxRuntime.convert, []
+
+    def refuse_the_first(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("Unsupported operator 'aten::weird'\n(and a long trace)")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(OnnxRuntime, "convert", refuse_the_first)
+    argv = args(tmp_path, image_folder, "--trials", "2", "--sampler", "random")
+    argv[argv.index("eager")] = "onnxruntime"
+    assert main(argv) == 0
+    first, second = study_of(tmp_path).trials
+    assert first.state == optuna.trial.TrialState.FAIL
+    assert first.user_attrs["fail_reason"] == (
+        "ConversionError: onnxruntime could not convert the network: RuntimeError: "
+        "Unsupported operator 'aten::weird'")
+    assert second.state == optuna.trial.TrialState.COMPLETE
+
+
+def test_a_study_from_before_runtimes_resumes_only_as_eager(image_folder, tmp_path, capsys):
+    assert main(args(tmp_path, image_folder, "--trials", "1")) == 0
+    study = study_of(tmp_path)  # as saved before 2026-12-05: eager, no runtime setting
+    study.set_user_attr("settings", {k: v for k, v in study.user_attrs["settings"].items()
+                                     if k not in ("runtime", "precision")})
+    argv = args(tmp_path, image_folder, "--trials", "2")
+    argv[argv.index("eager")] = "onnxruntime"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["nas.search: error: study 's' measured latency with runtime 'eager', not "
+                   "'onnxruntime'; resume with --runtime eager or pick a new --name"]
     assert main(args(tmp_path, image_folder, "--trials", "2")) == 0
     assert len(study_of(tmp_path).trials) == 2
 
