@@ -6,7 +6,12 @@ biased latency silently corrupts every decision. The protocol, with the numbers 
 benchmarks/latency_stability.py checks the result across fresh processes):
 
 * **Deployment form.** The whole network, classifier included, at the deployment input size
-  (default 224x224), batch 1, eager PyTorch, float32. No compile, no quantisation.
+  (default 224x224), batch 1, float32 (or int8), in the runtime that will ship it
+  (``runtime``: ONNX Runtime by default; ExecuTorch with XNNPACK, AOTInductor, or eager
+  PyTorch for comparison; see nas.runtimes and docs/latency.md). A runtime other than eager
+  first converts the network (and quantizes it for int8) and loads it, untimed; then the same
+  protocol below times its predictor on a contiguous NCHW input (each runtime picks its own
+  internal layout). The bullets on channels-last, the allocator and oneDNN concern eager.
 * **Eval mode and ``torch.inference_mode()``.** BN uses its running statistics and no autograd
   graph is built. Each submodule's own training flag is put back afterwards.
 * **Channels-last by default.** On this CPU at 1 thread (medians of 5 interleaved rounds),

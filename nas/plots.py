@@ -19,7 +19,8 @@ _HOVER = "%{hovertext}<extra></extra>"
 _BASELINE_SYMBOL = "diamond"
 
 
-def pareto_figure(df: pd.DataFrame, *, target_ms: float | None) -> go.Figure:
+def pareto_figure(df: pd.DataFrame, *, target_ms: float | None,
+                  measured_in: str = "") -> go.Figure:
     """Accuracy vs latency: all trials, the searched front as a step line, target, baselines."""
     pts = points_frame(df)
     searched = pts[~pts["is_baseline"]]
@@ -48,7 +49,8 @@ def pareto_figure(df: pd.DataFrame, *, target_ms: float | None) -> go.Figure:
                       annotation_text=f"target T = {target_ms:g} ms",
                       annotation_position="top right")
     fig.update_layout(title="Accuracy vs latency (error bars: p10-p90 latency)",
-                      xaxis_title="latency (ms, median)", yaxis_title="accuracy (proxy)",
+                      xaxis_title=f"latency (ms, median{'; ' if measured_in else ''}"
+                                  f"{measured_in})", yaxis_title="accuracy (proxy)",
                       hovermode="closest", template="plotly_white")
     return fig
 
@@ -85,12 +87,14 @@ def history_figure(df: pd.DataFrame) -> go.Figure:
 
 
 def write_plots(df: pd.DataFrame, out_dir: str | os.PathLike, *,
-                target_ms: float | None) -> list[Path]:
-    """pareto.html and history.html, each self-contained (plotly.js inlined: works offline)."""
+                target_ms: float | None, measured_in: str = "") -> list[Path]:
+    """pareto.html and history.html, each self-contained (plotly.js inlined: works offline).
+    `measured_in`: the runtime the latencies come from, for the latency axis."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, fig in (("pareto", pareto_figure(df, target_ms=target_ms)),
+    for name, fig in (("pareto", pareto_figure(df, target_ms=target_ms,
+                                               measured_in=measured_in)),
                       ("history", history_figure(df))):
         paths.append(write_atomic(out_dir / f"{name}.html",
                                   fig.to_html(include_plotlyjs=True, full_html=True)))

@@ -73,7 +73,10 @@ def write_results(study: optuna.Study, run_dir: Path, *, target_ms: float) -> di
         out["best"] = save_architecture(arch, run_dir / "best.yaml")
     plot_df = pd.concat([df, baselines], ignore_index=True) if len(baselines) else df
     if len(plot_df):
-        for path in write_plots(plot_df, run_dir, target_ms=target_ms):
+        settings = study.user_attrs.get("settings") or {}  # older studies timed eager fp32
+        measured_in = (f"{settings.get('runtime', 'eager')} "
+                       f"{settings.get('precision', 'fp32')}") if isinstance(settings, dict) else ""
+        for path in write_plots(plot_df, run_dir, target_ms=target_ms, measured_in=measured_in):
             out[path.name] = path
     return out
 

@@ -39,8 +39,18 @@ from nas.cli import (
 from nas.data import DataError, DataSplits, batches, load_data
 from nas.files import make_folders, remove_if_empty, write_atomic
 from nas.latency import pin_malloc_thresholds
-from nas.model import TooLargeError, failed_allocation, is_out_of_memory
+from nas.model import TooLargeError, build_model, failed_allocation, is_out_of_memory
 from nas.proxy import CandidateFailed, ProxyBudget, evaluate, proxy_arch, training_model
+from nas.runtimes import (
+    RUNTIMES,
+    ConversionError,
+    RuntimeUnavailable,
+    UnsupportedSetting,
+    get_runtime,
+)
+from nas.runtimes.accuracy import CALIBRATION_IMAGES, runtime_accuracy
+
+INT8_RUNTIMES = tuple(n for n, r in RUNTIMES.items() if "int8" in r.precisions)
 
 
 class TrainError(ValueError):
@@ -110,6 +120,23 @@ def train(arch: Architecture, run_dir: Path, cfg: TrainConfig, *, data, device: 
     return {"arch": arch.to_str(), "trained_arch": trained.to_str(), "epochs": cfg.epochs,
             "test_accuracy": history[-1]["test_accuracy"] if history else None,
             "history": history, "data": data.source, "device": device, "config": cfg.__dict__}
+
+
+def int8_metrics(arch: Architecture, run_dir: Path, cfg: TrainConfig, data: DataSplits,
+                 runtime: str) -> dict:
+    """Test accuracy of the last checkpoint's network quantized to int8 by `runtime`."""
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True, map_location="cpu")
+    model = build_model(trained_arch(arch, cfg, data.train.images.shape[-1]),
+                        num_classes=data.num_classes)
+    model.load_state_dict(ckpt["model"])
+    try:
+        acc = runtime_accuracy(model, data.test, data.full_train, runtime=runtime,
+                               precision="int8", mean=data.mean, std=data.std)
+    except (ConversionError, RuntimeUnavailable, UnsupportedSetting) as e:
+        raise TrainError(f"--int8 {runtime}: {e}") from None
+    return {"runtime": runtime, "version": get_runtime(runtime).version(), "precision": "int8",
+            "calibration_images": min(CALIBRATION_IMAGES, len(data.full_train)),
+            "test_accuracy": acc}
 
 
 def trained_arch(arch: Architecture, cfg: TrainConfig, input_size: int) -> Architecture:
@@ -216,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder under --runs-dir if not train-<config name>")
     p.add_argument("--runs-dir", default="runs", help="parent folder of run folders")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--int8", choices=INT8_RUNTIMES, default=None, metavar="RUNTIME",
+                   help="after training, also score the network statically quantized to int8 "
+                        f"by this runtime's quantizer ({', '.join(INT8_RUNTIMES)}), calibrated "
+                        f"on {CALIBRATION_IMAGES} training images: the accuracy the deployed "
+                        "int8 network keeps (metrics.json: int8)")
     return p
 
 
@@ -287,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             raise TrainError(f"{args.config}: out of memory while training "
                              f"({failed_allocation(e)}); try a smaller --batch-size") from None
+        if args.int8:
+            metrics["int8"] = int8_metrics(arch, run_dir, cfg, data, args.int8)
         write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     except CandidateFailed as e:
         print(f"nas.train: error: {e}; try a lower --lr", file=sys.stderr)
@@ -302,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         remove_if_empty(created)
     print(f"test accuracy {metrics['test_accuracy']:.4f}; checkpoint {run_dir / 'checkpoint.pt'}")
+    if "int8" in metrics:
+        q = metrics["int8"]
+        print(f"int8 test accuracy {q['test_accuracy']:.4f} ({q['runtime']} {q['version']}, "
+              f"{q['test_accuracy'] - metrics['test_accuracy']:+.4f} against float32)")
     return 0
 
 

@@ -102,6 +102,27 @@ def test_an_int8_export_is_calibrated_on_the_data_and_quantized(run, trained, im
     assert "QuantizeLinear" in ops
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "executorch"])
+def test_train_scores_the_int8_network_its_runtime_would_deploy(run, image_folder, tmp_path,
+                                                                capsys, runtime):
+    from nas.runtimes import RUNTIMES
+
+    if not RUNTIMES[runtime].available():
+        pytest.skip(f"{runtime} is not installed here")
+    argv = [str(run / "best.yaml"), "--data", str(image_folder), "--runs-dir", str(tmp_path),
+            "--name", "q", "--batch-size", "32", "--no-progress", "--epochs", "2",
+            "--int8", runtime]
+    assert train.main(argv) == 0
+    metrics = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    q = metrics["int8"]
+    assert q["runtime"] == runtime and q["precision"] == "int8"
+    assert q["calibration_images"] == 120  # the tiny data set's training images, all of them
+    # 30 test images: accuracy in steps of 1/30, and int8 keeps most of float32's
+    assert q["test_accuracy"] * 30 == pytest.approx(round(q["test_accuracy"] * 30))
+    assert abs(q["test_accuracy"] - metrics["test_accuracy"]) <= 0.2
+    assert f"int8 test accuracy {q['test_accuracy']:.4f} ({runtime}" in capsys.readouterr().out
+
+
 def test_a_network_suffix_without_a_runtime_is_one_line(run, tmp_path, capsys):
     assert export.main([str(run), "-o", str(tmp_path / "a.yaml"), "--network",
                         str(tmp_path / "a.tflite")]) == 2

@@ -284,6 +284,9 @@ def test_a_search_measures_in_the_default_runtime_and_records_it(image_folder, t
     assert done and all(t.user_attrs["convert_s"] > 0 for t in done)
     cache = json.loads((tmp_path / "s" / "latency_cache.json").read_text())
     assert {e["result"]["runtime"] for e in cache["entries"]} == {DEFAULT_RUNTIME}
+    # the plot says what the latencies were measured in
+    assert f"latency (ms, median; {DEFAULT_RUNTIME} fp32)" in (
+        tmp_path / "s" / "pareto.html").read_text()
 
 
 def test_an_int8_search_quantizes_each_candidate(image_folder, tmp_path):

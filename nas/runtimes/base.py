@@ -145,8 +145,8 @@ def calibration_batches(calibration: torch.Tensor | None, example: torch.Tensor,
 def quiet(*loggers: str) -> Iterator[None]:
     """Converters' progress and native libraries' chatter kept out of a tool's output: the named
     Python loggers raised to ERROR, Python's stdout and stderr (the ONNX exporter prints its
-    steps) and file descriptor 2 (where C++ code logs) sent to scratch for the duration. Errors still
-    raise; nothing else writes while a network is converted or loaded."""
+    steps) and file descriptor 2 (where C++ code logs) sent to scratch for the duration.
+    Errors still raise; nothing else writes while a network is converted or loaded."""
     saved = [(lg, lg.level) for lg in map(logging.getLogger, loggers)]
     for lg, _ in saved:
         lg.setLevel(logging.ERROR)
