@@ -293,9 +293,31 @@ def open_storage(args: argparse.Namespace, run_dir: Path, attempts: int = 5
             if attempt + 1 < attempts and created_concurrently(e):
                 time.sleep(0.2 * (attempt + 1))
                 continue
+            if isinstance(e, ImportError):
+                raise UsageError(f"{storage_name(args, run_dir)}: {driver_hint(args.storage)}"
+                                 ) from None
             raise UsageError(f"{storage_name(args, run_dir)}: cannot be opened "
                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     raise AssertionError("unreachable")
+
+
+# the install extra with the driver SQLAlchemy picks for each database's plain URL scheme
+DRIVER_EXTRAS = {"postgresql": ("postgres", "psycopg 3"), "mysql": ("mysql", "PyMySQL"),
+                 "mariadb": ("mysql", "PyMySQL")}
+
+
+def driver_hint(url: str | None) -> str:
+    """What to install when the database's driver is missing (Optuna says only 'install
+    appropriate one')."""
+    scheme = (url or "").split(":", 1)[0]
+    dialect, _, driver = scheme.partition("+")
+    if dialect in DRIVER_EXTRAS and driver in ("", "psycopg", "pymysql"):
+        extra, name = DRIVER_EXTRAS[dialect]
+        use = "" if dialect == "postgresql" else f" and write the URL as {dialect}+pymysql://..."
+        return (f"the {dialect} driver ({name}) is not installed; pip install -e \".[{extra}]\""
+                f"{use}")
+    return (f"the database driver for {scheme}:// is not installed (see SQLAlchemy's dialects "
+            f"for the package it needs)")
 
 
 def created_concurrently(e: Exception) -> bool:
@@ -352,6 +374,11 @@ def open_study(args: argparse.Namespace, storage: optuna.storages.BaseStorage,
                                            pruner=pruner), False
     study.sampler = make_sampler(args, sampler_seed(args.seed, len(study.trials),
                                                     getattr(args, "worker_index", 0), created))
+    if study.metric_names is None:  # optuna-dashboard and Optuna's plots label objectives so
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["accuracy", "latency_ms"] if args.objective == "pareto"
+                                   else ["reward"])
     saved = study.user_attrs.get("settings")
     if saved is not None and isinstance(saved.get("budget"), dict):
         saved = {**saved, "budget": with_later_fields(saved["budget"])}

@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -321,6 +322,31 @@ def test_a_candidate_the_runtime_cannot_convert_fails_its_trial_and_the_search_g
         "ConversionError: onnxruntime could not convert the network: RuntimeError: "
         "Unsupported operator 'aten::weird'")
     assert second.state == optuna.trial.TrialState.COMPLETE
+
+
+@pytest.mark.skipif(importlib.util.find_spec("psycopg") is not None,
+                    reason="psycopg is installed here: the driver is not missing")
+def test_a_database_url_whose_driver_is_missing_names_the_extra(image_folder, tmp_path, capsys):
+    assert main(args(tmp_path, image_folder, "--storage", "postgresql://u:p@127.0.0.1:9/db")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["nas.search: error: --storage postgresql://u:p@127.0.0.1:9/db: the postgresql "
+                   "driver (psycopg 3) is not installed; pip install -e \".[postgres]\""]
+    assert not (tmp_path / "s").exists()
+
+
+def test_driver_hints_name_the_extra_and_the_url_form():
+    assert "pip install -e \".[mysql]\" and write the URL as mysql+pymysql://" in (
+        nas.search.driver_hint("mysql://u@h/db"))
+    assert "cockroachdb://" in nas.search.driver_hint("cockroachdb://u@h/db")
+
+
+@pytest.mark.parametrize("objective, names", [("reward", ["reward"]),
+                                              ("pareto", ["accuracy", "latency_ms"])])
+def test_studies_name_their_metrics_for_the_dashboard(image_folder, tmp_path, objective, names):
+    argv = args(tmp_path, image_folder, "--trials", "1", "--objective", objective,
+                "--sampler", "random")
+    assert main(argv) == 0
+    assert study_of(tmp_path).metric_names == names
 
 
 def test_a_study_from_before_runtimes_resumes_only_as_eager(image_folder, tmp_path, capsys):
