@@ -19,7 +19,7 @@ Design choices:
 - Augmentation pads by reflection (as airbench does): a zero border would add edges the real
   images never have.
 - Cache: ``<cache_dir>/decoded/<name>-<source hash>-<content fingerprint>.pt``, a `torch.save`d dict
-  of tensors loaded with ``weights_only=True``, written atomically (temp file + os.replace). Its
+  of tensors loaded with ``weights_only=True``, written atomically (nas.files.write_atomic). Its
   fingerprint covers the archive's absolute path, size and mtime, or for a folder its path and
   every image file's relative path, size and mtime; files of older fingerprints are deleted.
 """
@@ -30,7 +30,6 @@ import hashlib
 import io
 import os
 import tarfile
-import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -42,6 +41,8 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
+
+from nas.files import write_atomic
 
 try:  # deprecated in torchvision 0.29 (moving to TorchCodec); PIL decodes when it is gone
     from torchvision.io import ImageReadMode, decode_image
@@ -572,21 +573,17 @@ def _read_cache(file: Path, fingerprint: str) -> _Loaded | None:
 
 
 def _write_cache(file: Path, fingerprint: str, loaded: _Loaded) -> None:
-    """Save atomically (temp file + os.replace); a cache that cannot be written only warns."""
+    """Save atomically (nas.files.write_atomic); a cache that cannot be written only warns."""
     train, test, classes, mean, std = loaded
     payload = {"version": CACHE_VERSION, "fingerprint": fingerprint, "classes": list(classes),
                "mean": list(mean), "std": list(std), "train_images": train.images,
                "train_labels": train.labels, "test_images": test.images, "test_labels": test.labels}
-    tmp = None
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".tmp-", suffix=".pt")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, file)
+        write_atomic(file, buffer.getbuffer())
     except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         warnings.warn(f"could not write data cache {file} ({err}); the next load decodes again",
                       stacklevel=3)
         return
