@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import enum
 import gc
 import json
 import logging
@@ -203,17 +204,17 @@ def make_objective(ctx: Context):
             arch = ctx.space.sample(trial)
             rec = evaluate_architecture(arch, ctx, trial)
         except optuna.TrialPruned as e:
-            trial.set_user_attr("fail_reason", str(e) if str(e).startswith("pruned") else
-                                f"pruned: {e}")
+            set_end(trial, TrialEnd.PRUNED,
+                    str(e) if str(e).startswith("pruned") else f"pruned: {e}")
             raise
         except CandidateFailed as e:
-            trial.set_user_attr("fail_reason", str(e))
+            set_end(trial, TrialEnd.FAILED, str(e))
             raise
         except Exception as e:
             if INTERRUPTED.is_set():  # the interrupt, surfacing as another error
                 raise
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            trial.set_user_attr("fail_reason", reason)  # invalid combination, shape error
+            set_end(trial, TrialEnd.FAILED, reason)  # invalid combination, conversion, shape
             raise CandidateFailed(reason) from e
         if ctx.args.objective == "pareto":
             return rec["accuracy"], rec["latency_ms"]
@@ -234,7 +235,7 @@ def make_objective(ctx: Context):
         # too, for Optuna's tell must not keep those frames either.
         gc.collect()
         with contextlib.suppress(Exception):  # the interrupt matters more than its note
-            trial.set_user_attr("fail_reason", INTERRUPTED.reason())
+            set_end(trial, TrialEnd.INTERRUPTED, INTERRUPTED.reason())
         raise KeyboardInterrupt
 
     return objective
@@ -471,9 +472,10 @@ def fail_dead_local_trials(study: optuna.Study, *, ours: bool = False) -> list[i
     failed = []
     for t, pid in list(local_running_trials(study)):
         if (ours and pid == os.getpid()) or not _alive(pid):
-            reason = (INTERRUPTED.reason() if pid == os.getpid()
-                      else f"worker {t.user_attrs['worker']} {DIED}")
+            end, reason = ((TrialEnd.INTERRUPTED, INTERRUPTED.reason()) if pid == os.getpid()
+                           else (TrialEnd.DIED, f"worker {t.user_attrs['worker']} {DIED}"))
             study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+            study._storage.set_trial_user_attr(t._trial_id, END_ATTR, end.value)
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
             failed.append(t.number)
     return failed
@@ -555,6 +557,24 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
 DIED = "died (killed?)"  # the end of a dead worker's trial's fail_reason
 
 
+class TrialEnd(str, enum.Enum):
+    """How a trial that was not scored ended, stored as its user attribute END_ATTR."""
+
+    PRUNED = "pruned"  # could not beat the best reward (or the pruner stopped it)
+    FAILED = "failed"  # the candidate failed on its own: NaN loss, out of memory, conversion
+    INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM cut it short
+    DIED = "died"  # its worker process was killed
+
+
+END_ATTR = "end"
+NOT_COUNTED = {TrialEnd.INTERRUPTED.value, TrialEnd.DIED.value}
+
+
+def set_end(trial: optuna.Trial, end: TrialEnd, reason: str) -> None:
+    trial.set_user_attr("fail_reason", reason)
+    trial.set_user_attr(END_ATTR, end.value)
+
+
 def counts_toward_trials(t: optuna.trial.FrozenTrial) -> bool:
     """Finished, and not cut short by an interrupt or a dead worker: a candidate never scored
     does not use up --trials (the same command evaluates another in its place). A failure
@@ -562,6 +582,9 @@ def counts_toward_trials(t: optuna.trial.FrozenTrial) -> bool:
     storage heartbeat failing a dead worker's trial (Optuna writes no reason)."""
     if t.state != optuna.trial.TrialState.FAIL:
         return t.state in FINISHED
+    if END_ATTR in t.user_attrs:
+        return t.user_attrs[END_ATTR] not in NOT_COUNTED
+    # trials of studies from before 2026-12-05 have only the reason
     reason = t.user_attrs.get("fail_reason", "")
     return bool(reason) and not (reason.startswith("interrupted") or reason.endswith(DIED))
 

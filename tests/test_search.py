@@ -317,7 +317,7 @@ def test_a_candidate_the_runtime_cannot_convert_fails_its_trial_and_the_search_g
     argv[argv.index("eager")] = "onnxruntime"
     assert main(argv) == 0
     first, second = study_of(tmp_path).trials
-    assert first.state == optuna.trial.TrialState.FAIL
+    assert first.state == optuna.trial.TrialState.FAIL and first.user_attrs["end"] == "failed"
     assert first.user_attrs["fail_reason"] == (
         "ConversionError: onnxruntime could not convert the network: RuntimeError: "
         "Unsupported operator 'aten::weird'")
@@ -965,6 +965,14 @@ def test_which_trials_count_toward_trials():
     assert not counts_toward_trials(trial(fail, "interrupted (SIGTERM)"))
     assert not counts_toward_trials(trial(fail, "worker host:123 died (killed?)"))
     assert not counts_toward_trials(trial(fail))  # failed by the storage heartbeat: no reason
+
+    def ended(end, reason):  # since 2026-12-05 the end is stored, not read from the reason
+        return optuna.trial.create_trial(state=fail, user_attrs={"fail_reason": reason,
+                                                                 "end": end})
+
+    assert counts_toward_trials(ended("failed", "ValueError: interrupted by a bad shape"))
+    assert not counts_toward_trials(ended("interrupted", "stopped"))
+    assert not counts_toward_trials(ended("died", "gone"))
 
 
 def _deaf_worker(ready) -> None:
