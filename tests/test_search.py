@@ -734,6 +734,7 @@ def test_an_interrupt_python_swallowed_still_stops_the_search_in_the_trial(
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE,
                                          optuna.trial.TrialState.FAIL]
     assert trials[1].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+    assert trials[1].user_attrs["end"] == "interrupted"
     assert (pd.read_csv(tmp_path / "s" / "trials.csv").state == "COMPLETE").sum() == 1
 
 
