@@ -27,6 +27,13 @@ ACTS = ("relu", "relu6", "hswish")
 SKIPS = ("identity", "none")
 SE_FROM = ("expanded", "input")
 SE_GATES = ("sigmoid", "hardsigmoid")
+# How a width multiplier (`name@0.75`) scales the head conv: kept (torchvision's MNASNet),
+# scaled only above 1 (MobileNetV2), scaled (MobileNetV1), or kept the same multiple of the last
+# block's width (MobileNetV3: 6x); and the expanded widths: a ratio of the scaled input
+# (MobileNetV2, MNASNet) or the unscaled network's expanded width, scaled (MobileNetV3).
+WIDTH_HEAD = ("fixed", "grow", "scaled", "last")
+WIDTH_EXPANDED = ("ratio", "absolute")
+MIN_WIDTH_MULT, MAX_WIDTH_MULT = 0.05, 4.0
 
 # String tokens: op prefix -> op name (the expansion ratio follows `mb`).
 _OP_PREFIX = {"conv": "conv", "sep": "sepconv", "mb": "mbconv"}
@@ -239,8 +246,14 @@ class Settings:
     divisor: int = 8  # rounding of expanded widths
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1  # PyTorch convention: weight of the new batch statistic
+    width_head: str = "fixed"  # how `@m` scales the head conv (WIDTH_HEAD)
+    width_hidden: str = "fixed"  # and the hidden FC: "fixed" or "scaled" (MobileNetV3)
+    width_expanded: str = "ratio"  # and the expanded widths (WIDTH_EXPANDED)
 
     def validate(self, where: str = "settings") -> None:
+        _check_choice(where, "width_head", self.width_head, WIDTH_HEAD)
+        _check_choice(where, "width_hidden", self.width_hidden, ("fixed", "scaled"))
+        _check_choice(where, "width_expanded", self.width_expanded, WIDTH_EXPANDED)
         _check_choice(where, "se_from", self.se_from, SE_FROM)
         _check_choice(where, "se_gate", self.se_gate, SE_GATES)
         _check_choice(where, "se_act", self.se_act, ACTS)
@@ -379,8 +392,13 @@ def reference_names() -> list[str]:
 
 
 def load_architecture(path_or_name: str | Path) -> Architecture:
-    """Read an architecture from a .yaml/.yml/.json file, or a shipped reference network by name."""
+    """Read an architecture from a .yaml/.yml/.json file, or a shipped reference network by name;
+    either with `@m` appended (e.g. mobilenet_v2@0.75) is scaled by width multiplier m."""
     path = Path(path_or_name)
+    text = str(path_or_name)
+    if not path.exists() and "@" in text:
+        base, _, mult = text.rpartition("@")
+        return scale_width(load_architecture(base), _width_mult(mult, text))
     if not path.exists():
         ref = ARCH_DIR / f"{path_or_name}.yaml"
         if ref.exists():
@@ -397,6 +415,61 @@ def load_architecture(path_or_name: str | Path) -> Architecture:
     if path.suffix == ".json":
         return Architecture.from_json(text, where=str(path))
     return Architecture.from_yaml(text, where=str(path))
+
+
+def _width_mult(text: str, where: str) -> float:
+    try:
+        mult = float(text)
+    except ValueError:
+        mult = math.nan
+    if not MIN_WIDTH_MULT <= mult <= MAX_WIDTH_MULT:  # NaN fails too
+        raise ArchError(f"{where}: width multiplier {text!r} must be a number from "
+                        f"{MIN_WIDTH_MULT:g} to {MAX_WIDTH_MULT:g}")
+    return mult
+
+
+def scale_width(arch: Architecture, mult: float) -> Architecture:
+    """The network `arch` at width multiplier `mult`, rounded as its family publishes it (the
+    settings' width_* fields): mobilenet_v2@0.5 has torchvision's mobilenet_v2(width_mult=0.5)
+    weight shapes, mnasnet_b1@0.5 those of its mnasnet0_5."""
+    div = arch.settings.divisor
+
+    def width(c: float) -> int:
+        return make_divisible(c * mult, div)
+
+    blocks, cin, cin_scaled = [], arch.stem.filters, width(arch.stem.filters)
+    for b in arch.blocks:
+        out = width(b.filters)
+        spec = dataclasses.replace(b, filters=out)
+        if b.op == "mbconv" and b.expansion != 1:
+            # each repeat after the first takes the block's own width as input
+            inputs = [(cin, cin_scaled)] + [(b.filters, out)] * (b.repeats - 1)
+            if arch.settings.width_expanded == "absolute":
+                ratios = {width(make_divisible(c * b.expansion, div)) / s for c, s in inputs}
+                if len(ratios) > 1:  # one expansion per block string: split the first repeat
+                    first = dataclasses.replace(spec, repeats=1,
+                                                expansion=width(make_divisible(
+                                                    cin * b.expansion, div)) / cin_scaled)
+                    rest = dataclasses.replace(spec, stride=1, repeats=b.repeats - 1,
+                                               expansion=width(make_divisible(
+                                                   b.filters * b.expansion, div)) / out)
+                    blocks += [first, rest]
+                    cin, cin_scaled = b.filters, out
+                    continue
+                spec = dataclasses.replace(spec, expansion=ratios.pop())
+        blocks.append(spec)
+        cin, cin_scaled = b.filters, out
+    h = arch.head
+    head_filters = {"fixed": h.filters, "grow": make_divisible(h.filters * max(1.0, mult), div),
+                    "scaled": width(h.filters) if h.filters else 0,
+                    "last": (h.filters * blocks[-1].filters // arch.blocks[-1].filters
+                             if h.filters % arch.blocks[-1].filters == 0 else width(h.filters)),
+                    }[arch.settings.width_head]
+    hidden = width(h.hidden) if h.hidden and arch.settings.width_hidden == "scaled" else h.hidden
+    return dataclasses.replace(
+        arch, name=f"{arch.name}@{mult:g}" if arch.name else "",
+        stem=dataclasses.replace(arch.stem, filters=width(arch.stem.filters)),
+        blocks=tuple(blocks), head=dataclasses.replace(h, filters=head_filters, hidden=hidden))
 
 
 def architecture_text(arch: Architecture, path: str | Path) -> str:

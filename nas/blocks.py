@@ -62,7 +62,8 @@ def _resolve(spec: BlockSpec, cin: int, stride: int, s: Settings) -> LayerConfig
     else:
         mid = cout  # SE sits after the regular conv
     base = mid if s.se_from == "expanded" else cin
-    se = make_divisible(base * spec.se_ratio, s.se_divisor, min_value=1) if spec.se_ratio else 0
+    # at least one se_divisor, as torchvision's _make_divisible (MobileNetV3 at small widths)
+    se = make_divisible(base * spec.se_ratio, s.se_divisor) if spec.se_ratio else 0
     residual = spec.skip == "identity" and stride == 1 and cin == cout
     return LayerConfig(spec.op, cin, cout, spec.kernel, stride, mid, se, spec.act, spec.pw_act,
                        residual, spec.to_str())

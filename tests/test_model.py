@@ -1,11 +1,14 @@
 """The builder: exact parity with torchvision, the papers' costs, and block-level wiring."""
 
+import re
+
 import pytest
 import torch
 import torchvision
 from torch import nn
 
 from nas.arch import (
+    ArchError,
     Architecture,
     BlockSpec,
     Settings,
@@ -175,3 +178,53 @@ def test_num_classes_and_in_channels():
     assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 7)
     with pytest.raises(ValueError, match="num_classes"):
         build_model(load_architecture("mobilenet_v2"), num_classes=0)
+
+
+WIDTH_FAMILIES = {
+    "mobilenet_v2": lambda m: torchvision.models.mobilenet_v2(width_mult=m),
+    "mobilenet_v3_large": lambda m: torchvision.models.mobilenet_v3_large(width_mult=m),
+    "mobilenet_v3_small": lambda m: torchvision.models.mobilenet_v3_small(width_mult=m),
+    "mnasnet_b1": lambda m: torchvision.models.MNASNet(alpha=m),
+}
+
+
+@pytest.mark.parametrize("mult", [0.35, 0.5, 0.75, 1.3])
+@pytest.mark.parametrize("name", sorted(WIDTH_FAMILIES))
+def test_width_multipliers_match_torchvision_exactly(name, mult):
+    # torchvision's own width semantics and rounding, family by family: V2 never narrows its
+    # head, V3 scales its expanded widths and hidden FC, MNASNet keeps its 1280 head
+    torch.manual_seed(0)
+    ref = WIDTH_FAMILIES[name](mult).eval()
+    _randomise_bn_stats(ref, seed=1)
+    arch = load_architecture(f"{name}@{mult}")
+    assert arch.name == f"{name}@{mult:g}"
+    ours = build_model(arch).eval()
+    ref_sd, our_sd = ref.state_dict(), ours.state_dict()
+    assert [t.shape for t in our_sd.values()] == [t.shape for t in ref_sd.values()]
+    ours.load_state_dict(dict(zip(our_sd.keys(), ref_sd.values(), strict=True)))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+    # the scaled network is plain data: its file round-trips
+    assert Architecture.from_yaml(arch.to_yaml()) == arch
+
+
+def test_width_one_is_the_network_itself_and_files_scale_too(tmp_path):
+    assert load_architecture("mnasnet_a1@1").blocks == load_architecture("mnasnet_a1").blocks
+    path = tmp_path / "mine.yaml"
+    path.write_text(load_architecture("mnasnet_a1").to_yaml())
+    half = load_architecture(f"{path}@0.5")
+    assert [b.filters for b in half.blocks] == [8, 16, 24, 40, 56, 80, 160]
+    assert half.head.filters == 1280 and half.stem.filters == 16
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("mobilenet_v2@abc", "width multiplier 'abc' must be a number from 0.05 to 4"),
+    ("mobilenet_v2@0", "width multiplier '0' must be"),
+    ("mobilenet_v2@nan", "width multiplier 'nan' must be"),
+    ("mobilenet_v2@9", "width multiplier '9' must be"),
+    ("mobilenet_v9@0.5", "mobilenet_v9: no such file and not a reference network"),
+])
+def test_bad_width_multipliers_are_one_line(spec, fragment):
+    with pytest.raises(ArchError, match=re.escape(fragment)):
+        load_architecture(spec)
