@@ -35,3 +35,22 @@ def one_line_error(capsys, tool: str, fragment: str) -> str:
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith(f"{tool}: error: ") and fragment in lines[0], lines[0]
     return lines[0]
+
+
+# Tests that start real searches or trainings (they take the image folder or a fixture built
+# on it), convert networks for a runtime (seconds each), or start Python subprocesses are
+# marked slow: `python -m pytest -m "not slow"` is the quick inner loop; CI runs everything.
+SLOW_FIXTURES = {"image_folder"}
+SLOW_MODULES = {"test_runtimes.py"}
+SLOW_SOURCE = ("sys.executable", "spawn(")
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        source = inspect.getsource(item.function) if hasattr(item, "function") else ""
+        if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in
+                SLOW_MODULES or any(s in source for s in SLOW_SOURCE)
+                or item.get_closest_marker("integration")):
+            item.add_marker(pytest.mark.slow)
