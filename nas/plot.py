@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from nas.cli import HelpFormatter, Parser, run_tool
-from nas.export import ExportError, load_run_study
 from nas.results import BaselinesError, write_results
+from nas.run_folder import RunFolderError, load_run_study
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,21 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
 def plot(args: argparse.Namespace) -> list[Path]:
     """Check the flags, read the run, then rewrite its result files."""
     if args.target_ms is not None and not (math.isfinite(args.target_ms) and args.target_ms > 0):
-        raise ExportError(f"--target-ms {args.target_ms:g}: must be a finite number > 0")
+        raise RunFolderError(f"--target-ms {args.target_ms:g}: must be a finite number > 0")
     study, meta = load_run_study(Path(args.run), args.storage)
     saved = meta.get("settings", {}).get("target_ms")
     target = saved if args.target_ms is None else args.target_ms
     try:
         return list(write_results(study, Path(args.run), target_ms=target).values())
     except OSError as e:
-        raise ExportError(f"{args.run}: cannot write the results ({e.strerror or e})") from None
+        raise RunFolderError(f"{args.run}: cannot write the results ({e.strerror or e})"
+                             ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         files = plot(args)
-    except (ExportError, BaselinesError) as e:
+    except (RunFolderError, BaselinesError) as e:
         print(f"nas.plot: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print("\n".join(str(f) for f in files))

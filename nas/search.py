@@ -51,7 +51,7 @@ from nas.cli import (
     oserror_line,
 )
 from nas.data import SPLIT_SEED, DataError, DataSplits, batches, load_data, split_train_val
-from nas.files import make_folders, remove_if_empty, sqlite_url, write_atomic
+from nas.files import make_folders, remove_if_empty
 from nas.latency import (
     DEFAULT_THREADS,
     LatencyCache,
@@ -65,6 +65,7 @@ from nas.profile import count_macs, count_params
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.results import BaselinesError, load_baselines, save_baselines, write_results
 from nas.reward import MODES, exponents, reward
+from nas.run_folder import LATENCY_CACHE, STUDY_DB, study_url, write_run_meta
 from nas.runtimes import DEFAULT_RUNTIME, PRECISIONS, RUNTIME_NAMES
 from nas.space import DEFAULT_SPACE, SearchSpace, SpaceError, load_space
 
@@ -281,7 +282,7 @@ def storage_for(args: argparse.Namespace, run_dir: Path) -> optuna.storages.Base
 
 
 def storage_name(args: argparse.Namespace, run_dir: Path) -> str:
-    return f"--storage {args.storage}" if args.storage else f"{run_dir / 'study.db'}"
+    return f"--storage {args.storage}" if args.storage else f"{run_dir / STUDY_DB}"
 
 
 def open_storage(args: argparse.Namespace, run_dir: Path, attempts: int = 5
@@ -330,7 +331,7 @@ def created_concurrently(e: Exception) -> bool:
 
 
 def storage_url(run_dir: Path) -> str:
-    return sqlite_url(run_dir / "study.db")
+    return study_url(run_dir)
 
 
 def make_sampler(args: argparse.Namespace, seed: int) -> optuna.samplers.BaseSampler:
@@ -872,7 +873,7 @@ def prepare(args: argparse.Namespace) -> tuple[Context, Path, dict[str, Any]]:
                 "sampler": args.sampler, "pruner": args.pruner,
                 "latency_device": lat_ctx.device_name, "runtime": args.runtime,
                 "precision": args.precision}
-    ctx = Context(args, space, data, budget, LatencyCache(run_dir / "latency_cache.json"),
+    ctx = Context(args, space, data, budget, LatencyCache(run_dir / LATENCY_CACHE),
                   alpha, beta)
     return ctx, run_dir, settings
 
@@ -1104,10 +1105,10 @@ def run(args: argparse.Namespace, write: bool = True, ready=None, stop=None) -> 
     baselines = [n.strip() for n in args.baselines.split(",") if n.strip()]
     already = _finished(study)
     if write:
-        write_atomic(run_dir / "run.json", json.dumps(
-            {"study_name": args.name, "storage": args.storage,
-             "num_classes": ctx.data.num_classes, "classes": list(ctx.data.classes),
-             "settings": settings, "environment": environment()}, indent=2, default=str))
+        write_run_meta(run_dir, {
+            "study_name": args.name, "storage": args.storage,
+            "num_classes": ctx.data.num_classes, "classes": list(ctx.data.classes),
+            "settings": settings, "environment": environment()})
         print(f"study {args.name!r} in {run_dir}: {already} finished trials, target "
               f"{args.trials}; space {args.space} ({ctx.space.size():,} architectures); "
               f"T = {args.target_ms:g} ms, alpha = {ctx.alpha:g}, beta = {ctx.beta:g}; "

@@ -121,3 +121,15 @@ def test_plot_refuses_a_target_that_is_not_a_positive_number(run_folder, capsys,
     assert plot.main([str(run_folder), "--target-ms", str(target)]) == 2
     one_line_error(capsys, "nas.plot", f"--target-ms {target:g}")
     assert sorted(p.name for p in run_folder.iterdir()) == ["run.json", "study.db"]
+
+
+def test_the_plot_command_does_not_pull_in_training_code():
+    # nas.plot used to import nas.export, which imports nas.train and nas.proxy
+    import subprocess
+    import sys
+
+    code = ("import sys, nas.plot; print(sorted(m for m in ('nas.train', 'nas.proxy', "
+            "'nas.export', 'nas.search') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert out.strip() == "[]"
