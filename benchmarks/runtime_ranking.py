@@ -29,9 +29,9 @@ import optuna
 import torch
 from scipy import stats
 
+from nas.cost import count_macs
 from nas.files import save_table, write_atomic
 from nas.latency import cpu_name, measure_latency, network_builder
-from nas.profile import count_macs
 from nas.runtimes import RUNTIMES, ConversionError
 from nas.space import load_space
 

@@ -1,6 +1,6 @@
 """Trials as a flat DataFrame, and the accuracy-latency Pareto front computed from it.
 
-Compute only: `nas.plots` draws what these functions return, and the tests check these numbers.
+Compute only: `nas.figures` draws what these functions return, and the tests check these numbers.
 Reference networks ("baselines") are drawn for comparison but never enter the exported front or
 the best trial: those are about what the search found.
 """

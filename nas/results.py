@@ -9,9 +9,9 @@ import optuna
 import pandas as pd
 
 from nas.arch import Architecture, save_architecture
+from nas.figures import write_plots
 from nas.files import write_atomic
 from nas.pareto import best_trial_row, is_baseline, pareto_frame, trials_frame
-from nas.plots import write_plots
 
 BASELINES_FILE = "baselines.csv"
 BASELINE_COLUMNS = ("baseline", "state")  # what nas.search writes for a failed baseline too

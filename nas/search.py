@@ -50,6 +50,7 @@ from nas.cli import (
     is_plain_folder_name,
     oserror_line,
 )
+from nas.cost import count_macs, count_params
 from nas.data import SPLIT_SEED, DataError, DataSplits, batches, load_data, split_train_val
 from nas.files import make_folders, remove_if_empty
 from nas.latency import (
@@ -61,7 +62,6 @@ from nas.latency import (
     latency_context,
 )
 from nas.model import build_model
-from nas.profile import count_macs, count_params
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.results import BaselinesError, load_baselines, save_baselines, write_results
 from nas.reward import MODES, exponents, reward

@@ -15,8 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nas.arch import ArchError, Architecture, load_architecture, reference_names
 from nas.cli import HelpFormatter, Parser, run_tool
+from nas.cost import count_params
 from nas.model import TooLargeError, build_model, failed_allocation, is_out_of_memory
-from nas.profile import count_params
 
 
 @dataclass(frozen=True)

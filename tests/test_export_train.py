@@ -18,8 +18,8 @@ from conftest import one_line_error
 
 from nas import export, plot, search, train
 from nas.arch import BlockSpec, load_architecture
+from nas.cost import count_params
 from nas.model import build_model
-from nas.profile import count_params
 from nas.proxy import ProxyBudget, proxy_arch
 
 

@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 
 from nas.arch import load_architecture, save_architecture
+from nas.cost import count_macs, count_params
 from nas.latency import (
     LatencyCache,
     LatencyContext,
@@ -31,7 +32,6 @@ from nas.latency import (
     resolve_network,
 )
 from nas.model import build_model
-from nas.profile import count_macs, count_params
 
 # A few hundred ms per call. Sleeping is not CPU work, so the sleepers are timed on the wall clock.
 FAST = {"min_runs": 5, "min_time_s": 0.05, "max_time_s": 0.5, "clock": "wall"}

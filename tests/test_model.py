@@ -18,8 +18,8 @@ from nas.arch import (
     make_divisible,
 )
 from nas.blocks import Block, layer_configs
+from nas.cost import count_macs, count_params
 from nas.model import build_model
-from nas.profile import count_macs, count_params
 
 TORCHVISION = {
     "mobilenet_v2": torchvision.models.mobilenet_v2,

@@ -10,8 +10,8 @@ from conftest import one_line_error
 from test_pareto import _study
 
 from nas import plot
+from nas.figures import history_figure, pareto_figure, write_plots
 from nas.pareto import pareto_frame, trials_frame
-from nas.plots import history_figure, pareto_figure, write_plots
 
 
 def _trace(fig, name):

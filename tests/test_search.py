@@ -26,11 +26,11 @@ from conftest import one_line_error
 import nas.search
 from nas import export
 from nas.arch import Architecture, load_architecture
+from nas.cost import count_macs, count_params
 from nas.files import sqlite_url
 from nas.latency import available_cpus
 from nas.model import build_model
 from nas.pareto import pareto_mask
-from nas.profile import count_macs, count_params
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.reward import MODES, reward
 from nas.runtimes import DEFAULT_RUNTIME

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nas.arch import load_architecture
+from nas.cost import count_macs, count_params
 from nas.model import build_model, failed_allocation
-from nas.profile import count_macs, count_params
 from nas.summary import main, summarize
 
 
