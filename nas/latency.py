@@ -1,84 +1,16 @@
 """Measured latency: how long one inference of a network takes on a real device.
 
 MnasNet ranks candidates by ``ACC * (LAT/T)^w`` with LAT measured on the device, so a noisy or
-biased latency silently corrupts every decision. The protocol, with the numbers that chose it
-(2-core AMD EPYC VM shared with other jobs, torch 2.14.1, batch 1, 224x224;
-benchmarks/latency_stability.py checks the result across fresh processes):
+biased latency silently corrupts every decision. The protocol: the whole network at the
+deployment input size, batch 1, in the runtime that ships it (nas.runtimes; converted and
+loaded untimed), one CPU thread timed by that thread's CPU clock (CUDA events on a GPU),
+warm-up until the medians of two windows of 5 runs agree within 5%, then at least 20 runs over
+1 s within a 2 s budget; the median with p10/p90 and a robust CV; an early stop above a bound.
+Eager networks run in eval mode under inference_mode, channels-last, with glibc's malloc
+thresholds pinned. Results carry their context (device, runtime, precision, threads, input,
+clock), which is also the `LatencyCache` key.
 
-* **Deployment form.** The whole network, classifier included, at the deployment input size
-  (default 224x224), batch 1, float32 (or int8), in the runtime that will ship it
-  (``runtime``: ONNX Runtime by default; ExecuTorch with XNNPACK, AOTInductor, or eager
-  PyTorch for comparison; see nas.runtimes and docs/latency.md). A runtime other than eager
-  first converts the network (and quantizes it for int8) and loads it, untimed; then the same
-  protocol below times its predictor on a contiguous NCHW input (each runtime picks its own
-  internal layout). The bullets on channels-last, the allocator and oneDNN concern eager.
-* **Eval mode and ``torch.inference_mode()``.** BN uses its running statistics and no autograd
-  graph is built. Each submodule's own training flag is put back afterwards.
-* **Channels-last by default.** On this CPU at 1 thread (medians of 5 interleaved rounds),
-  channels-last took 0.89-0.94x the time of contiguous NCHW for the six reference networks,
-  resnet18 and efficientnet_b0, 0.81x for shufflenet_v2_x1_0 and 0.56x for squeezenet1_0
-  (mnasnet_b1: 16.1 -> 14.3 ms). At 2 threads it took 0.74-0.93x, except mobilenet_v1 at 1.02x.
-  A deployment runtime uses its fastest layout, so we measure the faster one.
-  ``channels_last=False`` measures NCHW instead.
-* **One thread by default.** MnasNet timed a single big core of a Pixel phone. Here a second
-  thread buys little for depthwise networks (mnasnet_a1: 15.2 -> 11.6 ms). It is also fragile:
-  torch's workers wait for each other at every op, so when another job holds one of the two
-  cores, one forward pass of mnasnet_a1 took 2.3 s at 2 threads and 21 ms at 1. This is how the
-  seed material came to find MobileNet slower than VGG-16. The previous
-  ``torch.get_num_threads()`` is restored afterwards, even when the model raises.
-* **Steady allocator (CPU, glibc).** glibc malloc mmaps and unmaps large activation buffers,
-  which costs page faults in every run, and how many depends on what the process allocated
-  before. mnasnet_a1 took 18.7-22.8 ms with 2,300-4,800 minor faults per run, and 14.8-15.0 ms
-  with none once the thresholds were pinned. Deployed runtimes (TFLite, ExecuTorch) plan one
-  arena up front. So on first use we pin ``M_MMAP_THRESHOLD`` (32 MiB, glibc's maximum) and
-  ``M_TRIM_THRESHOLD`` (256 MiB) for the whole process. This cannot be undone; where glibc is
-  absent it is skipped. nas.proxy and nas.train pin them too: training mnasnet_a1's 2x2-map
-  adaptation took ~18,000 minor faults and ~34 ms of system time per step without.
-* **Clock.** With 1 CPU thread, ``time.thread_time_ns``: the CPU time of the measuring thread,
-  which with 1 thread does all of torch's work (its CPU time equalled the whole process's to
-  0.01% for mnasnet_a1, resnet18 and efficientnet_b0). On an idle core this is the wall time
-  (mobilenet_v3_small: 6.03 ms CPU vs 6.11 ms wall). On a shared core it leaves out the time
-  other jobs hold it. In 3 processes at load 4.3 on 2 cores, resnet18 took 45.4-46.4 ms CPU but
-  50.7-54.0 ms wall. The caches and memory bandwidth other jobs take still show. With more
-  threads it would miss the workers' time, so ``time.perf_counter_ns`` (``clock="wall"``) is
-  used there, and can be asked for. On GPU: CUDA events on the device's current stream, with a
-  synchronise per run; ``torch.backends.cudnn.benchmark`` is left as the caller set it.
-* **Warm-up until settled.** Runs continue until the median of the last 5 runs is within 5% of
-  the median of the 5 before (so at least 10 runs). The first run takes 1.3-1.8x the steady
-  time while oneDNN builds its kernels. Warm-up gets at most 40% of ``max_time_s``, and always
-  at least 2 runs.
-* **Timed runs.** Runs continue until there are ``min_runs`` of them (20) over ``min_time_s``
-  (1 s). No run starts that would end past ``max_time_s`` (2 s of wall time, warm-up
-  included), except that at least 3 are timed: a 300 ms VGG-16 gets 2 warm-up and 4 timed runs
-  in ~2 s. The garbage collector is paused.
-* **Statistics.** The median, p10, p90 and IQR of the timed runs. ``cv`` is the robust
-  coefficient of variation IQR / (1.349 * median), equal to std/mean for Gaussian timings but
-  not inflated by one run that another job interrupted. ``load_avg`` records the 1-minute load
-  average, so that a number taken while other jobs crowded the CPU can be recognised.
-* **Early stop.** With ``stop_above_ms``, measuring stops if the two runs after the first
-  both take longer than the bound. The first is never judged: it builds oneDNN primitives and
-  took 11-29 ms for a network that then ran in 6-9 ms (mobilenet_v3_small at 32x32 on a Zen 3
-  VM). The result is flagged ``stopped_early``, and ``median_ms`` (the median of those two
-  runs) only says that the latency is above the bound. The search sets the bound
-  where even accuracy 1 could not beat its best reward so far (nas.search.latency_bound_ms);
-  timing such a candidate to the end would cost up to ``max_time_s`` for nothing.
-
-What this achieves here, with other jobs holding 1-2 of the 2 cores (load average 2.0-3.8),
-across 3 fresh processes for 12 networks from 5 to 310 ms: cross-process CV of the median
-0.9-5.1%, Spearman >= 0.993 between passes, <= 1.97 s per measurement (1.2 s typical). The
-numbers rose by 3-7% along with the load; the in-run CV shows it
-(benchmarks/results/latency_stability_20261125_1051.txt).
-
-What it cannot fix: a core that itself runs our code slower for seconds at a time. On a
-Cascade Lake VM (2026-11-29) an L1-resident matrix-product probe swung 1.76x (p90/p10) while
-a memory copy varied 1.15x; networks followed the probe, and the same protocol ranked 12
-networks with Spearman 0.68-0.92 between passes. Over 2 s, the median, p10 and minimum all
-varied 9-16% between windows; keeping only runs that a probe showed at full speed needed far
-longer than 2 s (slow spells lasted over 8 s). ``benchmarks/cpu_speed.py`` tells whether a
-machine is steady enough; on one that is not, measure latency elsewhere.
-
-Results carry their context (device, its name, threads, torch version, input size, batch,
-memory format, clock). The context, with the architecture, is also the `LatencyCache` key.
+Why each choice, with the measurements behind it: docs/latency.md.
 
 CLI: ``python -m nas.latency mobilenet_v1 mnasnet_a1 torchvision:resnet18 runs/x/arch.yaml``
 prints one comparison table.
@@ -347,7 +279,7 @@ def _check_runtime(runtime: str, precision: str, dev: torch.device) -> Runtime:
 
 @functools.lru_cache(maxsize=1)
 def pin_malloc_thresholds() -> bool:
-    """Stop glibc from mmapping and unmapping activation buffers in every run (see module doc)."""
+    """Stop glibc from mmapping and unmapping activation buffers in every run (docs/latency.md)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
@@ -764,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure the inference latency of several networks on this machine and "
                     "print one table (median, p10/p90, CV, parameters, multiply-adds). "
                     "Protocol: eval + inference_mode, warm-up until settled, median of timed "
-                    "runs; see the nas.latency module docstring.")
+                    "runs; see docs/latency.md.")
     parser.add_argument("networks", nargs="+", metavar="NETWORK",
                         help="an architecture file (.yaml/.json), a reference network "
                              "(e.g. mnasnet_a1) or torchvision:NAME (e.g. torchvision:resnet18)")
