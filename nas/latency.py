@@ -728,6 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-time", type=float, default=2.0,
                         help="wall-time budget per network in seconds, warm-up included")
     parser.add_argument("--csv", type=Path, help="also write the rows, with context, as CSV")
+    parser.add_argument("--match-latency", type=float, default=None, metavar="MS",
+                        help="instead, find for each network the width multiplier (NAME@m, m a "
+                             "multiple of 0.05 from 0.1 to 2) whose latency is nearest MS: "
+                             "baselines at equal latency")
     return parser
 
 
@@ -759,6 +763,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _check_cli(args)
+        if args.match_latency is not None:
+            return _match_cli(args)
         rows = measure_networks(
             args.networks, input_size=args.input_size, device=args.device,
             batch_size=args.batch_size, threads=args.threads, channels_last=args.channels_last,
@@ -782,6 +788,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"nas.latency: error: --csv {args.csv}: cannot be written ({e.strerror or e})",
                   file=sys.stderr)
             return 2
+    return 0
+
+
+def _match_cli(args: argparse.Namespace) -> int:
+    from nas.width_match import match_width
+
+    if not (math.isfinite(args.match_latency) and args.match_latency > 0):
+        raise LatencyError(f"--match-latency {args.match_latency:g}: must be a number of ms > 0")
+    for spec in args.networks:
+        if spec.startswith(TORCHVISION_PREFIX) or "@" in spec:
+            raise LatencyError(f"--match-latency: {spec} is not a family to scale; give a "
+                               f"reference name or an architecture file, without @m")
+        network_builder(spec)  # a bad name fails before minutes of measuring
+    context = None
+
+    def measure(spec_at: str) -> float:
+        nonlocal context
+        result = measure_latency(
+            network_builder(spec_at)(), args.input_size, device=args.device,
+            batch_size=args.batch_size, threads=args.threads, channels_last=args.channels_last,
+            min_time_s=args.min_time, max_time_s=args.max_time, clock=args.clock,
+            runtime=args.runtime, precision=args.precision)
+        context = result.context
+        return result.median_ms
+
+    matches = [match_width(spec, args.match_latency, measure) for spec in args.networks]
+    w = max(len("network"), *(len(m.spec) for m in matches))
+    header = f"{'network':<{w}} {'multiplier':>10} {'median ms':>10} {'target':>8} {'gap %':>7}"
+    print("\n".join([header, "-" * len(header), *(
+        f"{m.spec:<{w}} {m.mult:>10g} {m.latency_ms:>10.2f} {m.target_ms:>8.2f} "
+        f"{100 * m.gap:>+7.1f}   measured " + ", ".join(f"@{k:g} {v:.2f}"
+                                                      for k, v in m.measured.items())
+        for m in matches)]))
+    print(f"context: {context.describe()}")
     return 0
 
 

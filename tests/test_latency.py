@@ -447,3 +447,32 @@ def test_cpu_name_tells_apart_cpus_that_share_a_model_name():
     cascade_lake = skylake.replace("avx512bw", "avx512bw avx512_vnni")
     assert cpu_name(skylake) != cpu_name(cascade_lake)
     assert cpu_name(cascade_lake).endswith("(family 6 model 85, avx512_vnni)")
+
+
+def test_match_width_bisects_to_the_multiplier_nearest_the_target():
+    from nas.width_match import match_width
+
+    calls = []
+
+    def fake(spec):  # latency proportional to the square of the width, as MACs are
+        calls.append(spec)
+        m = float(spec.rsplit("@", 1)[1])
+        return 10.0 * m * m
+
+    match = match_width("mobilenet_v2", 4.0, fake)
+    assert match.mult == 0.65 and match.spec_at == "mobilenet_v2@0.65"  # 4.225 ms, nearest 4
+    assert match.latency_ms == pytest.approx(4.225) and match.gap == pytest.approx(0.05625)
+    assert len(calls) <= 8 < 39  # bisection over 0.1 .. 2.0, not every multiple
+    assert len(set(calls)) == len(calls)  # nothing measured twice
+    low = match_width("mobilenet_v2", 0.01, fake)  # below the range: the narrowest, with its gap
+    assert low.mult == 0.1 and low.gap > 1
+
+
+def test_cli_matches_each_family_to_a_latency(capsys):
+    assert main(["mobilenet_v3_small", "--match-latency", "1.0", "--runtime", "eager",
+                 "--input-size", "32", "--min-time", "0.02", "--max-time", "0.1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["network", "multiplier", "median"]
+    name, mult, ms = out[2].split()[:3]
+    assert name == "mobilenet_v3_small" and 0.1 <= float(mult) <= 2.0 and float(ms) > 0
+    assert out[-1].startswith("context: cpu (")
