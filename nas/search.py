@@ -1196,12 +1196,32 @@ def guarded_run(args: argparse.Namespace, write: bool = True, ready=None, stop=N
         elif isinstance(e, OSError):  # a read-only run folder, a full disk (not a trial's)
             print(f"nas.search: error: {oserror_line(e)}", file=sys.stderr)
             return 2
+        elif (lost := database_failure(e)) is not None:  # e.g. the server restarted
+            where = f"--storage {args.storage}" if args.storage else "the study's database"
+            print(f"nas.search: error: {where}: {lost}; every finished trial is kept in the "
+                  f"study, and the same command resumes it", file=sys.stderr)
+            return 2
         else:
             raise
     if write:  # a worker's interrupt is reported by the first process
         print("nas.search: interrupted; the study keeps every finished trial, and the same "
               "command resumes it", file=sys.stderr)
     return INTERRUPTED.status()
+
+
+def database_failure(e: BaseException) -> str | None:
+    """The database's own words, in a line, when the study's storage failed under the search
+    (a PostgreSQL server restarted or went away: tests/test_postgres.py); else None."""
+    chain = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if not any(isinstance(x, (optuna.exceptions.StorageInternalError,
+                              sqlalchemy.exc.OperationalError)) for x in chain):
+        return None
+    db = next((x for x in reversed(chain) if isinstance(x, sqlalchemy.exc.DBAPIError)), None)
+    words = str(db.orig if db is not None and db.orig is not None else chain[-1]).strip()
+    return f"the database failed ({words.splitlines()[0] if words else type(chain[-1]).__name__})"
 
 
 def exit_now_if_interrupted(code: int) -> None:

@@ -3,7 +3,6 @@
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import math
 import multiprocessing
@@ -324,9 +323,9 @@ def test_a_candidate_the_runtime_cannot_convert_fails_its_trial_and_the_search_g
     assert second.state == optuna.trial.TrialState.COMPLETE
 
 
-@pytest.mark.skipif(importlib.util.find_spec("psycopg") is not None,
-                    reason="psycopg is installed here: the driver is not missing")
-def test_a_database_url_whose_driver_is_missing_names_the_extra(image_folder, tmp_path, capsys):
+def test_a_database_url_whose_driver_is_missing_names_the_extra(image_folder, tmp_path, capsys,
+                                                                monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed: import fails
     assert main(args(tmp_path, image_folder, "--storage", "postgresql://u:p@127.0.0.1:9/db")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["nas.search: error: --storage postgresql://u:p@127.0.0.1:9/db: the postgresql "
