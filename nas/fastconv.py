@@ -1,34 +1,15 @@
 """Convolutions that are matrix products, computed as such, for training at 32x32.
 
 Trained on CIFAR's 32x32 images through the deployed strides, the last stages of a MnasNet-style
-network run on 1x1 maps, the stride-2 layer that enters them maps 2x2 to 1x1, and every
-squeeze-excite block runs its two convolutions on a pooled 1x1 map. A one-pixel output sees only
-the few input pixels under its kernel window, each through one known tap, so the convolution is
-a matrix product (a per-channel weighted sum when depthwise) of the same parameters. oneDNN's
-kernels spent far longer on those shapes, backward above all (1 thread, batch 64, forward and
-backward): a 5x5 depthwise convolution of 960 channels on 1x1 maps took 16-24 ms against 0.8 ms
-as a product, 10% of a mnasnet_a1 training step; the 5x5 stride-2 depthwise one of 672 channels
-from 2x2 to 1x1 took 10.6 ms against 1.2 ms. The same idea on outputs larger than one pixel
-(gathered tap matrices, unfold, shift-and-add) was slower than oneDNN at 4x4 and no faster at
-2x2, so those stay convolutions.
+network run on 1x1 maps, and every squeeze-excite block on a pooled 1x1 map: a one-pixel output
+is a matrix product (a per-channel weighted sum when depthwise) of the same parameters, which
+oneDNN computed many times slower, backward above all. Pointwise convolutions on channels-last
+maps are products too (as `F.linear`). Depthwise weight gradients that oneDNN would send to its
+generic grouped kernel (5x5 kernels, 3x3 on maps smaller than the kernel) are computed another
+way where that measured faster. The forward pass and the input gradient stay with oneDNN.
 
-Pointwise (1x1, stride 1) convolutions on a channels-last map are also a matrix product, of the
-(N*H*W, C) view of the map; as `F.linear` they made whole training steps 1.07-1.14x faster at 1
-thread and 1.01-1.12x at 2 (mnasnet_a1, mobilenet_v2, mnasnet_b1; Cascade Lake).
-
-Depthwise convolutions that stay convolutions get their weight gradient elsewhere when oneDNN
-would send it to its generic grouped kernel, which pads every one-channel group to a 16x16 block:
-oneDNN's own depthwise kernel takes only kernels up to 3 wide on inputs at least as large as the
-kernel, so every 5x5 and every 3x3 on a 2x2 map missed it. 2 threads, batch 64: 480 channels k3 on
-2x2 took 2.9 ms against 0.33 ms as a sum over (input pixel, output pixel) pairs; 192 channels k5
-on 8x8, 8.1 ms against 5.8 ms as a depthwise convolution of the input with the output gradient.
-Below 64 channels or on 16x16 maps, where the pair sum is too large, neither way beat oneDNN,
-which keeps those. The forward pass and the input gradient stay with oneDNN, which
-is fast on all of them. Whole training steps: 0.98-1.14x as fast, 1.04x in geometric mean over
-mnasnet_a1 and 8 sampled architectures (`benchmarks/fastconv_steps.py`; the one under 1 is within
-its round-to-round noise; fastconv as a whole 1.22-1.56x).
-
-The swap is for training only; latency is measured on the network as built.
+The swap is for training only; latency is measured on the network as built. Measurements:
+docs/proxy.md ("nas.fastconv") and benchmarks/results/fastconv_steps_cascadelake.txt.
 """
 
 from __future__ import annotations

@@ -717,8 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads; 1 mimics the single big phone core MnasNet timed "
                              "and is steadier on a shared machine")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                        help="NHWC tensors; 0.56-0.94x the time of NCHW for the 10 networks "
-                             "we tried on CPU at 1 thread")
+                        help="eager runtime: NHWC tensors, the faster layout on CPU "
+                             "(docs/latency.md); the other runtimes choose their own")
     parser.add_argument("--clock", choices=CLOCKS,
                         help="thread: CPU time of the one measuring thread, which leaves out "
                              "the time other jobs hold the core (needs --threads 1); wall: "

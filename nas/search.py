@@ -736,9 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "study, asked every 2 s while training)")
     g.add_argument("--workers", type=int, default=1,
                    help="processes on this machine that evaluate candidates at once, sharing "
-                        "the study; on a 2-core Zen 3 CPU, 2 workers x 1 thread finished 1.26x "
-                        "the trials per minute of 1 x 2 (benchmarks/results/"
-                        "search_workers_zen3.txt), with latency measured beside training")
+                        "the study and its cores (latency is then measured beside training; "
+                        "docs/search.md)")
     d = ProxyBudget()
     g.add_argument("--proxy-images", type=int, default=d.train_images,
                    help="training images per epoch (seeded subset of the proxy-train split)")
