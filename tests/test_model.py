@@ -47,13 +47,18 @@ def test_matches_torchvision_exactly(name):
     _randomise_bn_stats(ref, seed=1)
     ours = build_model(load_architecture(name)).eval()
     assert count_params(ours) == count_params(ref)
+    _assert_computes_as(ours, ref, size=96)
+    assert count_macs(ours, 224) == count_macs(ref, 224)
+
+
+def _assert_computes_as(ours: nn.Module, ref: nn.Module, *, size: int) -> None:
+    """Same weight shapes in the same order, and with ref's weights the same outputs."""
     ref_sd, our_sd = ref.state_dict(), ours.state_dict()
     assert [t.shape for t in our_sd.values()] == [t.shape for t in ref_sd.values()]
     ours.load_state_dict(dict(zip(our_sd.keys(), ref_sd.values(), strict=True)))
-    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
-    assert count_macs(ours, 224) == count_macs(ref, 224)
 
 
 @pytest.mark.parametrize("name, params_m, macs_m", [
@@ -198,13 +203,7 @@ def test_width_multipliers_match_torchvision_exactly(name, mult):
     _randomise_bn_stats(ref, seed=1)
     arch = load_architecture(f"{name}@{mult}")
     assert arch.name == f"{name}@{mult:g}"
-    ours = build_model(arch).eval()
-    ref_sd, our_sd = ref.state_dict(), ours.state_dict()
-    assert [t.shape for t in our_sd.values()] == [t.shape for t in ref_sd.values()]
-    ours.load_state_dict(dict(zip(our_sd.keys(), ref_sd.values(), strict=True)))
-    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+    _assert_computes_as(build_model(arch).eval(), ref, size=64)
     # the scaled network is plain data: its file round-trips
     assert Architecture.from_yaml(arch.to_yaml()) == arch
 
