@@ -396,8 +396,10 @@ def load_architecture(path_or_name: str | Path) -> Architecture:
     either with `@m` appended (e.g. mobilenet_v2@0.75) is scaled by width multiplier m."""
     path = Path(path_or_name)
     text = str(path_or_name)
-    if not path.exists() and "@" in text:
-        base, _, mult = text.rpartition("@")
+    base, at, mult = text.rpartition("@")
+    if not path.exists() and at and "/" not in mult and "\\" not in mult:
+        if "@" in Path(base).name and not Path(base).exists():
+            raise ArchError(f"{text}: one width multiplier at most (NAME@m)")
         return scale_width(load_architecture(base), _width_mult(mult, text))
     if not path.exists():
         ref = ARCH_DIR / f"{path_or_name}.yaml"

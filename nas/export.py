@@ -25,7 +25,7 @@ import torch
 
 from nas.arch import ArchError, Architecture, architecture_text
 from nas.cli import HelpFormatter, Parser, run_tool
-from nas.data import DataError, batches, load_data
+from nas.data import DataError, load_data
 from nas.files import write_atomic
 from nas.latency import MIN_INPUT_SIZE
 from nas.model import build_model
@@ -39,6 +39,7 @@ from nas.runtimes import (
     UnsupportedSetting,
     get_runtime,
 )
+from nas.runtimes.base import calibration_sample
 from nas.train import TrainConfig, trained_arch
 
 
@@ -150,13 +151,12 @@ def runtime_network(arch: Architecture, path: Path, *, num_classes: int, input_s
 
 
 def calibration_images(source: str | None, input_size: int) -> torch.Tensor:
-    """The first training images of --data, normalised and resized to the network's input."""
+    """Training images of --data (a seeded draw), normalised, resized to the network's input."""
     try:
         data = load_data(source, val_size=0)
     except DataError as e:
         raise ExportError(f"--data: {str(e).splitlines()[0]}") from None
-    x, _ = next(batches(data.train, batch_size=CALIBRATION_IMAGES, shuffle=False, augment=False,
-                        mean=data.mean, std=data.std, channels_last=False))
+    x = calibration_sample(data.train, CALIBRATION_IMAGES, mean=data.mean, std=data.std)
     if x.shape[-1] != input_size:
         x = torch.nn.functional.interpolate(x, size=(input_size, input_size), mode="bilinear",
                                             align_corners=False)

@@ -422,8 +422,9 @@ def measure_latency(model: nn.Module, input_size: int = 224, *, device: str = "c
     thread's CPU time for 1 CPU thread, else wall time. With `runtime` other than eager the
     network is first converted (int8: quantized, calibrated on `calibration` images, else on
     random ones) and the runtime's predictor is timed; a network the converter refuses raises
-    nas.runtimes.ConversionError. Eager: the model is moved to `device` and converted to the
-    memory format in place, as ``model.to`` would; its training flags are restored.
+    nas.runtimes.ConversionError; the model is moved to the CPU in place first (the runtimes
+    convert from there). Eager: the model is moved to `device` and converted to the memory
+    format in place, as ``model.to`` would. Its training flags are restored either way.
     """
     context = latency_context(input_size, device=device, batch_size=batch_size,
                               threads=threads, channels_last=channels_last, clock=clock,
@@ -615,27 +616,36 @@ def measure_networks(specs: Sequence[str], *, input_size: int = 224, device: str
     builders = [(spec, network_builder(spec)) for spec in specs]  # fail before measuring
     rows = []
     for spec, build in builders:
-        try:
-            model = build()
-        except TooLargeError as e:
-            raise LatencyError(f"{spec}: {e}") from None
-        try:
-            params, macs = count_params(model), count_macs(model, input_size)
-            result = measure_latency(
-                model, input_size, device=device, batch_size=batch_size, threads=threads,
-                channels_last=channels_last, min_time_s=min_time_s, max_time_s=max_time_s,
-                clock=clock, runtime=runtime, precision=precision)
-        except ConversionError as e:
-            raise LatencyError(f"{spec}: {e}") from None
-        except RuntimeError as e:
-            if is_out_of_memory(e):
-                raise LatencyError(f"{spec}: out of memory at --input-size {input_size} "
-                                   f"({failed_allocation(e)})") from None
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise LatencyError(f"{spec}: forward failed at input size {input_size}: "
-                               f"{first}") from None
+        model = _built(spec, build)
+        params, macs = count_params(model), count_macs(model, input_size)
+        result = _measured(spec, model, input_size, device=device, batch_size=batch_size,
+                           threads=threads, channels_last=channels_last, min_time_s=min_time_s,
+                           max_time_s=max_time_s, clock=clock, runtime=runtime,
+                           precision=precision)
         rows.append({"network": spec, **result.to_dict(), "params": params, "macs": macs})
     return rows
+
+
+def _built(spec: str, build: Callable[[], nn.Module]) -> nn.Module:
+    try:
+        return build()
+    except TooLargeError as e:
+        raise LatencyError(f"{spec}: {e}") from None
+
+
+def _measured(spec: str, model: nn.Module, input_size: int, **options: Any) -> LatencyResult:
+    """measure_latency, with a network that cannot be converted or run as one line."""
+    try:
+        return measure_latency(model, input_size, **options)
+    except ConversionError as e:
+        raise LatencyError(f"{spec}: {e}") from None
+    except RuntimeError as e:
+        if is_out_of_memory(e):
+            raise LatencyError(f"{spec}: out of memory at --input-size {input_size} "
+                               f"({failed_allocation(e)})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LatencyError(f"{spec}: forward failed at input size {input_size}: "
+                           f"{first}") from None
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -797,7 +807,8 @@ def _match_cli(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.match_latency) and args.match_latency > 0):
         raise LatencyError(f"--match-latency {args.match_latency:g}: must be a number of ms > 0")
     for spec in args.networks:
-        if spec.startswith(TORCHVISION_PREFIX) or "@" in spec:
+        if spec.startswith(TORCHVISION_PREFIX) or ("@" in Path(spec).name
+                                                   and not Path(spec).exists()):
             raise LatencyError(f"--match-latency: {spec} is not a family to scale; give a "
                                f"reference name or an architecture file, without @m")
         network_builder(spec)  # a bad name fails before minutes of measuring
@@ -805,11 +816,12 @@ def _match_cli(args: argparse.Namespace) -> int:
 
     def measure(spec_at: str) -> float:
         nonlocal context
-        result = measure_latency(
-            network_builder(spec_at)(), args.input_size, device=args.device,
-            batch_size=args.batch_size, threads=args.threads, channels_last=args.channels_last,
-            min_time_s=args.min_time, max_time_s=args.max_time, clock=args.clock,
-            runtime=args.runtime, precision=args.precision)
+        result = _measured(
+            spec_at, _built(spec_at, network_builder(spec_at)), args.input_size,
+            device=args.device, batch_size=args.batch_size, threads=args.threads,
+            channels_last=args.channels_last, min_time_s=args.min_time,
+            max_time_s=args.max_time, clock=args.clock, runtime=args.runtime,
+            precision=args.precision)
         context = result.context
         return result.median_ms
 

@@ -51,7 +51,7 @@ from nas.cli import (
     oserror_line,
 )
 from nas.cost import count_macs, count_params
-from nas.data import SPLIT_SEED, DataError, DataSplits, batches, load_data, split_train_val
+from nas.data import SPLIT_SEED, DataError, DataSplits, load_data, split_train_val
 from nas.files import make_folders, remove_if_empty
 from nas.latency import (
     DEFAULT_THREADS,
@@ -67,6 +67,7 @@ from nas.results import BaselinesError, load_baselines, save_baselines, write_re
 from nas.reward import MODES, exponents, reward
 from nas.run_folder import LATENCY_CACHE, STUDY_DB, study_url, write_run_meta
 from nas.runtimes import DEFAULT_RUNTIME, PRECISIONS, RUNTIME_NAMES
+from nas.runtimes.base import calibration_sample
 from nas.space import DEFAULT_SPACE, SearchSpace, SpaceError, load_space
 
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -157,10 +158,8 @@ def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None,
 
 
 def calibration_images(data: DataSplits) -> torch.Tensor:
-    """The first proxy-training images, normalised: what quantizes an int8 candidate."""
-    x, _ = next(batches(data.train, batch_size=CALIBRATION_IMAGES, shuffle=False, augment=False,
-                        mean=data.mean, std=data.std, channels_last=False))
-    return x
+    """Proxy-training images (a seeded draw), normalised: what quantizes an int8 candidate."""
+    return calibration_sample(data.train, CALIBRATION_IMAGES, mean=data.mean, std=data.std)
 
 
 def best_reward(trial: Any, ctx: Context) -> float | None:
@@ -376,11 +375,6 @@ def open_study(args: argparse.Namespace, storage: optuna.storages.BaseStorage,
                                            pruner=pruner), False
     study.sampler = make_sampler(args, sampler_seed(args.seed, len(study.trials),
                                                     getattr(args, "worker_index", 0), created))
-    if study.metric_names is None:  # optuna-dashboard and Optuna's plots label objectives so
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(["accuracy", "latency_ms"] if args.objective == "pareto"
-                                   else ["reward"])
     saved = study.user_attrs.get("settings")
     if saved is not None and isinstance(saved.get("budget"), dict):
         saved = {**saved, "budget": with_later_fields(saved["budget"])}
@@ -395,6 +389,11 @@ def open_study(args: argparse.Namespace, storage: optuna.storages.BaseStorage,
             raise UsageError(refusal(args.name, diff[0], saved.get(diff[0]),
                                      settings.get(diff[0])))
     check_stored_params(study, space, args.name)
+    names = ["accuracy", "latency_ms"] if args.objective == "pareto" else ["reward"]
+    if study.metric_names is None and len(study.directions) == len(names):
+        with warnings.catch_warnings():  # optuna-dashboard and Optuna's plots label them so
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
     fail_dead_local_trials(study)
     lower_dead_baselines_flags(study)
     return study

@@ -48,7 +48,7 @@ from nas.runtimes import (
     UnsupportedSetting,
     get_runtime,
 )
-from nas.runtimes.accuracy import CALIBRATION_IMAGES, runtime_accuracy
+from nas.runtimes.accuracy import CALIBRATION_IMAGES, calibration_count, runtime_accuracy
 
 INT8_RUNTIMES = tuple(n for n, r in RUNTIMES.items() if "int8" in r.precisions)
 
@@ -135,7 +135,7 @@ def int8_metrics(arch: Architecture, run_dir: Path, cfg: TrainConfig, data: Data
     except (ConversionError, RuntimeUnavailable, UnsupportedSetting) as e:
         raise TrainError(f"--int8 {runtime}: {e}") from None
     return {"runtime": runtime, "version": get_runtime(runtime).version(), "precision": "int8",
-            "calibration_images": min(CALIBRATION_IMAGES, len(data.full_train)),
+            "calibration_images": calibration_count(len(data.full_train)),
             "test_accuracy": acc}
 
 
@@ -265,6 +265,11 @@ def check_args(args: argparse.Namespace) -> None:
     if args.name is not None and not is_plain_folder_name(args.name):
         raise TrainError(f"--name {args.name!r}: must be a plain folder name (no '/', not "
                          f"starting with '.', at most {MAX_NAME_BYTES} bytes)")
+    if args.int8:
+        try:
+            get_runtime(args.int8).check(precision="int8")
+        except (RuntimeUnavailable, UnsupportedSetting) as e:
+            raise TrainError(f"--int8 {args.int8}: {e}") from None
     blocked = file_in_the_way(Path(args.runs_dir))
     if blocked:
         raise TrainError(f"--runs-dir {args.runs_dir}: {blocked} is a file, not a folder")
@@ -319,9 +324,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             raise TrainError(f"{args.config}: out of memory while training "
                              f"({failed_allocation(e)}); try a smaller --batch-size") from None
-        if args.int8:
-            metrics["int8"] = int8_metrics(arch, run_dir, cfg, data, args.int8)
         write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        if args.int8:  # after the float32 metrics are safe: quantizing may still fail
+            metrics["int8"] = int8_metrics(arch, run_dir, cfg, data, args.int8)
+            write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     except CandidateFailed as e:
         print(f"nas.train: error: {e}; try a lower --lr", file=sys.stderr)
         return 2

@@ -116,11 +116,24 @@ def test_train_scores_the_int8_network_its_runtime_would_deploy(run, image_folde
     metrics = json.loads((tmp_path / "q" / "metrics.json").read_text())
     q = metrics["int8"]
     assert q["runtime"] == runtime and q["precision"] == "int8"
-    assert q["calibration_images"] == 120  # the tiny data set's training images, all of them
+    assert q["calibration_images"] == 100  # one whole batch of the tiny set's 120 images
     # 30 test images: accuracy in steps of 1/30, and int8 keeps most of float32's
     assert q["test_accuracy"] * 30 == pytest.approx(round(q["test_accuracy"] * 30))
     assert abs(q["test_accuracy"] - metrics["test_accuracy"]) <= 0.2
     assert f"int8 test accuracy {q['test_accuracy']:.4f} ({runtime}" in capsys.readouterr().out
+
+
+def test_train_refuses_an_int8_runtime_that_is_not_installed_before_training(
+        run, image_folder, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "executorch" else real(name, *a))
+    assert train.main([str(run / "best.yaml"), "--data", str(image_folder), "--runs-dir",
+                       str(tmp_path), "--epochs", "1", "--int8", "executorch"]) == 2
+    assert "not installed" in one_line_error(capsys, "nas.train", "--int8 executorch")
+    assert not any(tmp_path.iterdir())  # refused before any training or folder
 
 
 def test_a_network_suffix_without_a_runtime_is_one_line(run, tmp_path, capsys):

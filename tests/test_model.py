@@ -223,6 +223,7 @@ def test_width_one_is_the_network_itself_and_files_scale_too(tmp_path):
     ("mobilenet_v2@nan", "width multiplier 'nan' must be"),
     ("mobilenet_v2@9", "width multiplier '9' must be"),
     ("mobilenet_v9@0.5", "mobilenet_v9: no such file and not a reference network"),
+    ("mobilenet_v2@0.5@2", "one width multiplier at most"),
 ])
 def test_bad_width_multipliers_are_one_line(spec, fragment):
     with pytest.raises(ArchError, match=re.escape(fragment)):

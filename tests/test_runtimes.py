@@ -199,3 +199,51 @@ def test_onnx_file_round_trips_through_a_fresh_session():
     (out,) = session.run(None, {"image": x.numpy()})
     with torch.inference_mode():
         np.testing.assert_allclose(out, model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_eager_runtime_leaves_the_callers_model_as_it_was():
+    # it runs a channels-last copy; ExecuTorch refuses a channels-last model afterwards
+    model, x = small_network(), images(1)
+    weight = next(p for p in model.parameters() if p.dim() == 4)
+    get_runtime("eager").compile(model, x)
+    assert weight.is_contiguous()
+    if RUNTIMES["executorch"].available():
+        get_runtime("executorch").compile(model, x)
+
+
+def test_what_native_code_said_is_shown_when_conversion_fails(capfd):
+    import os
+
+    from nas.runtimes.base import quiet
+
+    with pytest.raises(RuntimeError, match="boom"), quiet():
+        os.write(2, b"[program.cpp:168] the real reason\n")
+        raise RuntimeError("boom")
+    assert "[program.cpp:168] the real reason" in capfd.readouterr().err
+    with quiet():
+        os.write(2, b"chatter\n")
+    assert "chatter" not in capfd.readouterr().err
+
+
+def test_calibration_images_are_drawn_from_every_class():
+    from nas.data import ImageDataset
+    from nas.runtimes.base import calibration_sample
+
+    labels = torch.arange(4).repeat_interleave(50)  # stored class by class, as folders are
+    imgs = (labels.view(-1, 1, 1, 1) * 60).expand(-1, 3, 8, 8).to(torch.uint8).contiguous()
+    x = calibration_sample(ImageDataset(imgs, labels), 40, mean=(0, 0, 0), std=(1, 1, 1))
+    classes = set((x[:, 0, 0, 0] * 255 / 60).round().long().tolist())
+    assert x.shape == (40, 3, 8, 8) and classes == {0, 1, 2, 3}
+
+
+def test_match_latency_with_a_network_the_runtime_refuses_is_one_line(monkeypatch, capsys):
+    from nas.runtimes.onnx_runtime import OnnxRuntime
+
+    def refuse(self, *a, **kw):
+        raise RuntimeError("no such operator")
+
+    monkeypatch.setattr(OnnxRuntime, "convert", refuse)
+    assert main(["mobilenet_v3_small", "--match-latency", "2", "--runtime", "onnxruntime",
+                 "--input-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "onnxruntime could not convert the network" in err

@@ -339,6 +339,18 @@ def test_driver_hints_name_the_extra_and_the_url_form():
     assert "cockroachdb://" in nas.search.driver_hint("cockroachdb://u@h/db")
 
 
+def test_an_older_study_resumed_with_the_other_objective_is_refused_in_one_line(
+        image_folder, tmp_path, capsys):
+    assert main(args(tmp_path, image_folder, "--trials", "1", "--objective", "pareto",
+                     "--sampler", "random")) == 0
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's' / 'study.db'}")
+    study_id = storage.get_study_id_from_name("s")
+    storage.set_study_system_attr(study_id, "study:metric_names", None)  # as before names
+    assert main(args(tmp_path, image_folder, "--trials", "2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "objective='pareto', not 'reward'" in err[0], err
+
+
 @pytest.mark.parametrize("objective, names", [("reward", ["reward"]),
                                               ("pareto", ["accuracy", "latency_ms"])])
 def test_studies_name_their_metrics_for_the_dashboard(image_folder, tmp_path, objective, names):

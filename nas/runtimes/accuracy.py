@@ -7,9 +7,16 @@ from torch import nn
 
 from nas.data import ImageDataset, batches
 from nas.runtimes import get_runtime
+from nas.runtimes.base import calibration_sample
 
 CALIBRATION_IMAGES = 512  # training images that calibrate the quantization (min-max)
 BATCH = 100  # the converted network's fixed batch; a last, shorter batch is padded
+
+
+def calibration_count(available: int) -> int:
+    """Images that calibrate: whole batches of BATCH, at most CALIBRATION_IMAGES (one batch,
+    repeated to fill it, when there are fewer)."""
+    return max(min(CALIBRATION_IMAGES, available) // BATCH * BATCH, min(available, BATCH))
 
 
 def runtime_accuracy(model: nn.Module, test: ImageDataset, calibration: ImageDataset, *,
@@ -22,7 +29,8 @@ def runtime_accuracy(model: nn.Module, test: ImageDataset, calibration: ImageDat
 
     calib = None
     if precision != "fp32":
-        calib, _ = next(normalised(calibration, min(CALIBRATION_IMAGES, len(calibration))))
+        calib = calibration_sample(calibration, calibration_count(len(calibration)),
+                                   mean=mean, std=std)
     example = torch.zeros(BATCH, *test.images.shape[1:])
     compiled = get_runtime(runtime).compile(model.eval(), example, threads=threads,
                                             precision=precision, calibration=calib)

@@ -19,7 +19,7 @@ class AotInductorRuntime(Runtime):
     packages = ("torch",)
     extra = ""
     suffix = ".pt2"
-    devices = ("cpu", "cuda")
+    devices = ("cpu",)  # a CUDA package needs the model exported on the GPU: not done yet
     description = "torch.export + AOTInductor, compiled to a .pt2 package (needs a C++ compiler)"
 
     def available(self) -> bool:

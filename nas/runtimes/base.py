@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -115,8 +116,14 @@ class Runtime(abc.ABC):
         finally:
             model.train(was_training)
         convert_s = time.perf_counter() - start
-        return Compiled(self.name, precision, artifact,
-                        self.load(artifact, threads=threads, device=device), convert_s)
+        try:
+            predict = self.load(artifact, threads=threads, device=device)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as e:  # the runtime refused what its converter wrote
+            raise ConversionError(f"{self.name} could not load the converted network: "
+                                  f"{first_line(e)}") from e
+        return Compiled(self.name, precision, artifact, predict, convert_s)
 
 
 def first_line(error: BaseException) -> str:
@@ -138,7 +145,20 @@ def calibration_batches(calibration: torch.Tensor | None, example: torch.Tensor,
     if calibration.shape[1:] != example.shape[1:]:
         calibration = nn.functional.interpolate(calibration.float(), size=example.shape[2:],
                                                 mode="bilinear", align_corners=False)
+    if len(calibration) < n:  # fewer images than one batch: repeat them to fill it
+        calibration = calibration.repeat(-(-n // len(calibration)), 1, 1, 1)[:n]
     return [calibration[i:i + n].contiguous() for i in range(0, len(calibration) - n + 1, n)]
+
+
+def calibration_sample(images: Any, count: int, *, mean, std) -> torch.Tensor:
+    """`count` training images (an ImageDataset) drawn with a fixed seed, normalised, NCHW:
+    files are stored class by class, so the first images would all be of one class."""
+    from nas.data import batches
+
+    gen = torch.Generator().manual_seed(0)
+    x, _ = next(batches(images, batch_size=min(count, len(images)), shuffle=True,
+                        augment=False, generator=gen, mean=mean, std=std, channels_last=False))
+    return x.contiguous()
 
 
 @contextlib.contextmanager
@@ -146,7 +166,8 @@ def quiet(*loggers: str) -> Iterator[None]:
     """Converters' progress and native libraries' chatter kept out of a tool's output: the named
     Python loggers raised to ERROR, Python's stdout and stderr (the ONNX exporter prints its
     steps) and file descriptor 2 (where C++ code logs) sent to scratch for the duration.
-    Errors still raise; nothing else writes while a network is converted or loaded."""
+    When an error escapes, what was said is written out after all (the reason is often only
+    in the native log). Not for concurrent use: nothing converts two networks at once."""
     saved = [(lg, lg.level) for lg in map(logging.getLogger, loggers)]
     for lg, _ in saved:
         lg.setLevel(logging.ERROR)
@@ -155,13 +176,23 @@ def quiet(*loggers: str) -> Iterator[None]:
     try:
         with tempfile.TemporaryFile() as scratch:
             os.dup2(scratch.fileno(), 2)
+            said = io.StringIO()
+            failed = False
             try:
                 with (contextlib.redirect_stdout(io.StringIO()),  # pybind11 sends C++ logs
-                      contextlib.redirect_stderr(io.StringIO())):  # to sys.stderr
+                      contextlib.redirect_stderr(said)):  # to sys.stderr
                     yield
+            except BaseException:
+                failed = True
+                raise
             finally:
                 _flush_c_stdio()  # what C code buffered goes to the scratch, not to the user
                 os.dup2(stderr_fd, 2)
+                if failed:  # the error's own explanation is often only in the log: show it
+                    scratch.seek(0)
+                    text = scratch.read().decode(errors="replace") + said.getvalue()
+                    if text.strip():
+                        sys.stderr.write(text[-4000:])
     finally:
         os.close(stderr_fd)
         for lg, level in saved:

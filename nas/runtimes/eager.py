@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -31,7 +32,8 @@ class EagerRuntime(Runtime):
                 device: str = "cpu") -> Compiled:
         self.check(precision=precision, device=device)
         start = time.perf_counter()
-        model = model.eval().to(device=device, memory_format=torch.channels_last)
+        # a copy: the caller's model keeps its layout and device (other runtimes export it)
+        model = copy.deepcopy(model).eval().to(device=device, memory_format=torch.channels_last)
 
         def predict(x: torch.Tensor) -> torch.Tensor:
             previous = torch.get_num_threads()

@@ -44,6 +44,15 @@ class OnnxRuntime(Runtime):
             data = quantize_int8(data, calibration_batches(calibration, example))
         return data
 
+    def check(self, *, precision: str = "fp32", device: str = "cpu") -> None:
+        super().check(precision=precision, device=device)
+        import onnxruntime as ort
+
+        if (torch.device(device).type == "cuda"
+                and "CUDAExecutionProvider" not in ort.get_available_providers()):
+            raise UnsupportedSetting("runtime 'onnxruntime' on cuda needs ONNX Runtime's GPU "
+                                     "build: pip install onnxruntime-gpu")
+
     def load(self, artifact: bytes, *, threads: int, device: str) -> Predictor:
         import onnxruntime as ort
 
@@ -52,12 +61,10 @@ class OnnxRuntime(Runtime):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3  # errors only
-        providers = ["CPUExecutionProvider"]
-        if torch.device(device).type == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise UnsupportedSetting("runtime 'onnxruntime' on cuda needs the GPU build: "
-                                         "pip install onnxruntime-gpu")
-            providers.insert(0, "CUDAExecutionProvider")
+        providers: list = ["CPUExecutionProvider"]
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": dev.index or 0}))
         session = ort.InferenceSession(artifact, options, providers=providers)
         name = session.get_inputs()[0].name
 
