@@ -617,7 +617,8 @@ def measure_networks(specs: Sequence[str], *, input_size: int = 224, device: str
     rows = []
     for spec, build in builders:
         model = _built(spec, build)
-        params, macs = count_params(model), count_macs(model, input_size)
+        params = count_params(model)
+        macs = _guarded(spec, input_size, functools.partial(count_macs, model, input_size))
         result = _measured(spec, model, input_size, device=device, batch_size=batch_size,
                            threads=threads, channels_last=channels_last, min_time_s=min_time_s,
                            max_time_s=max_time_s, clock=clock, runtime=runtime,
@@ -635,8 +636,13 @@ def _built(spec: str, build: Callable[[], nn.Module]) -> nn.Module:
 
 def _measured(spec: str, model: nn.Module, input_size: int, **options: Any) -> LatencyResult:
     """measure_latency, with a network that cannot be converted or run as one line."""
+    return _guarded(spec, input_size, lambda: measure_latency(model, input_size, **options))
+
+
+def _guarded(spec: str, input_size: int, run: Callable[[], Any]) -> Any:
+    """run(), with a network that cannot be converted, fit in memory or run as one line."""
     try:
-        return measure_latency(model, input_size, **options)
+        return run()
     except ConversionError as e:
         raise LatencyError(f"{spec}: {e}") from None
     except RuntimeError as e:
