@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "checked against PyTorch's outputs on one batch")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="int8: --network statically quantized by its runtime's quantizer, "
-                        "calibrated on --data's first training images")
+                        "calibrated on a seeded draw of --data's training images")
     p.add_argument("--data", default=None, help="training images for int8 calibration "
                    "(as nas.search --data)")
     p.add_argument("--onnx", type=Path, default=None,

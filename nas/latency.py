@@ -321,8 +321,10 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _runner(model: nn.Module, x: torch.Tensor, clock: str) -> Callable[[], float]:
-    """One forward pass -> its milliseconds, on the context's clock."""
+def _runner(model: Callable[[torch.Tensor], Any], x: torch.Tensor,
+            clock: str) -> Callable[[], float]:
+    """One forward pass (a module or a runtime's predictor) -> its milliseconds, on the
+    context's clock."""
     if clock == "cuda-events":
         stream = torch.cuda.current_stream(x.device)  # where torch queues this device's kernels
         start = torch.cuda.Event(enable_timing=True)
@@ -462,17 +464,11 @@ def _measure_in_runtime(model: nn.Module, context: LatencyContext, *,
         compiled = get_runtime(context.runtime).compile(
             model.cpu(), x, threads=context.threads, precision=context.precision,
             calibration=calibration, device=context.device)
-    now = time.thread_time_ns if context.clock == "thread" else time.perf_counter_ns
-    predict = compiled.predict
-
-    def run() -> float:  # the predictors return on the CPU, so wall time includes the GPU's
-        t0 = now()
-        predict(x)
-        return (now() - t0) / 1e6
-
+    # the predictors return on the CPU, so on a GPU the wall clock includes the device's time
     with _gc_paused():
-        result = _protocol(run, context, min_runs=min_runs, min_time_s=min_time_s,
-                           max_time_s=max_time_s, stop_above_ms=stop_above_ms)
+        result = _protocol(_runner(compiled.predict, x, context.clock), context,
+                           min_runs=min_runs, min_time_s=min_time_s, max_time_s=max_time_s,
+                           stop_above_ms=stop_above_ms)
     return dataclasses.replace(result, convert_s=compiled.convert_s)
 
 

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import datetime
 import enum
+import functools
 import gc
 import json
 import logging
@@ -157,6 +158,7 @@ def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None,
     return record
 
 
+@functools.lru_cache(maxsize=1)  # the same images for every candidate of a run: draw them once
 def calibration_images(data: DataSplits) -> torch.Tensor:
     """Proxy-training images (a seeded draw), normalised: what quantizes an int8 candidate."""
     return calibration_sample(data.train, CALIBRATION_IMAGES, mean=data.mean, std=data.std)

@@ -22,7 +22,8 @@ def calibration_count(available: int) -> int:
 def runtime_accuracy(model: nn.Module, test: ImageDataset, calibration: ImageDataset, *,
                      runtime: str, precision: str, mean, std, threads: int = 1) -> float:
     """Top-1 accuracy on `test` of `model` converted for `runtime` in `precision`, calibrated
-    (int8) on the first CALIBRATION_IMAGES images of `calibration` (training images)."""
+    (int8) on a seeded draw of up to CALIBRATION_IMAGES of the `calibration` images
+    (training images)."""
     def normalised(split: ImageDataset, size: int):
         return batches(split, batch_size=size, shuffle=False, augment=False, mean=mean, std=std,
                        channels_last=False)

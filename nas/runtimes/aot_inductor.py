@@ -20,7 +20,6 @@ class AotInductorRuntime(Runtime):
     extra = ""
     suffix = ".pt2"
     devices = ("cpu",)  # a CUDA package needs the model exported on the GPU: not done yet
-    description = "torch.export + AOTInductor, compiled to a .pt2 package (needs a C++ compiler)"
 
     def available(self) -> bool:
         return shutil.which(os.environ.get("CXX", "c++")) is not None

@@ -61,7 +61,6 @@ class Runtime(abc.ABC):
     suffix: str = ""  # file name suffix of the artifact
     precisions: tuple[str, ...] = ("fp32",)
     devices: tuple[str, ...] = ("cpu",)
-    description: str = ""
 
     def available(self) -> bool:
         return all(importlib.util.find_spec(p) is not None for p in self.packages)

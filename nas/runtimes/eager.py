@@ -15,7 +15,6 @@ class EagerRuntime(Runtime):
     name = "eager"
     packages = ("torch",)
     extra = ""
-    description = "eager PyTorch, float32, channels-last (not a deployment runtime)"
 
     def version(self) -> str:
         return torch.__version__

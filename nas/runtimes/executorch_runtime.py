@@ -18,7 +18,6 @@ class ExecuTorchRuntime(Runtime):
     extra = "executorch"
     suffix = ".pte"
     precisions = ("fp32", "int8")
-    description = "ExecuTorch, XNNPACK delegate (mobile and embedded CPUs); int8: PT2E"
 
     def version(self) -> str:
         from importlib.metadata import version

@@ -30,7 +30,6 @@ class OnnxRuntime(Runtime):
     suffix = ".onnx"
     precisions = ("fp32", "int8")
     devices = ("cpu", "cuda")
-    description = "ONNX Runtime, CPU execution provider (CUDA on a GPU); int8: static QDQ"
 
     def version(self) -> str:
         import onnxruntime
