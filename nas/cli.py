@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import signal
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -57,33 +54,3 @@ def file_in_the_way(folder: Path) -> Path | None:
     """The nearest existing part of `folder` if it is not a folder: nothing can be made there."""
     existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
     return None if existing.is_dir() else existing
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, `timeout`, a batch scheduler's time limit), handled as Ctrl-C is."""
-
-
-def on_sigterm(signum: int, frame) -> None:
-    raise Terminated
-
-
-def interrupt_status(e: KeyboardInterrupt) -> int:
-    """The status a shell gives a process this signal stopped: 130 (Ctrl-C) or 143 (SIGTERM)."""
-    return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
-
-
-def interrupt_label(e: KeyboardInterrupt) -> str:
-    """What follows 'interrupted' in a tool's last line: nothing for Ctrl-C."""
-    return " (SIGTERM)" if isinstance(e, Terminated) else ""
-
-
-def run_tool(main: Callable[[], int], prog: str) -> NoReturn:
-    """`python -m nas.<tool>`: Ctrl-C or SIGTERM ends it with one line and the shell's status,
-    not a traceback (the tools write their files atomically: nothing is left half written)."""
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        status = main()
-    except KeyboardInterrupt as e:
-        print(f"{prog}: interrupted{interrupt_label(e)}", file=sys.stderr)
-        status = interrupt_status(e)
-    sys.exit(status)

@@ -24,9 +24,10 @@ import pandas as pd
 import torch
 
 from nas.arch import ArchError, Architecture, architecture_text
-from nas.cli import HelpFormatter, Parser, run_tool
+from nas.cli import HelpFormatter, Parser
 from nas.data import DataError, load_data
 from nas.files import write_atomic
+from nas.interrupts import run_tool
 from nas.latency import MIN_INPUT_SIZE
 from nas.model import build_model
 from nas.pareto import best_trial_row, pareto_frame, trials_frame

@@ -41,9 +41,10 @@ import torch
 from torch import nn
 
 from nas.arch import ArchError, load_architecture
-from nas.cli import HelpFormatter, run_tool
+from nas.cli import HelpFormatter
 from nas.cost import count_macs, count_params
 from nas.files import write_atomic
+from nas.interrupts import run_tool
 from nas.model import TooLargeError, build_model, failed_allocation, is_out_of_memory
 from nas.runtimes import (
     DEFAULT_RUNTIME,

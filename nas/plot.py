@@ -10,7 +10,8 @@ import math
 import sys
 from pathlib import Path
 
-from nas.cli import HelpFormatter, Parser, run_tool
+from nas.cli import HelpFormatter, Parser
+from nas.interrupts import run_tool
 from nas.results import BaselinesError, write_results
 from nas.run_folder import RunFolderError, load_run_study
 

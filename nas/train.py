@@ -12,7 +12,6 @@ import argparse
 import io
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -30,14 +29,12 @@ from nas.cli import (
     Parser,
     file_in_the_way,
     folder_name,
-    interrupt_label,
-    interrupt_status,
     is_plain_folder_name,
-    on_sigterm,
     oserror_line,
 )
 from nas.data import DataError, DataSplits, batches, load_data
 from nas.files import make_folders, remove_if_empty, write_atomic
+from nas.interrupts import INTERRUPTED, catch_stop_signals, interrupt_status
 from nas.latency import pin_malloc_thresholds
 from nas.model import TooLargeError, build_model, failed_allocation, is_out_of_memory
 from nas.proxy import CandidateFailed, ProxyBudget, evaluate, proxy_arch, training_model
@@ -299,13 +296,13 @@ def make_run_dir(run_dir: Path) -> list[Path]:
                          f"({e.strerror or e})") from None
 
 
-def interrupted(run_dir: Path | None, e: KeyboardInterrupt) -> int:
+def interrupted(run_dir: Path | None) -> int:
     """Say whether the same command can resume, as the user will want to know."""
     ckpt = run_dir / "checkpoint.pt" if run_dir else None
     kept = (f"; {ckpt} holds the last finished epoch, and the same command resumes from it"
             if ckpt and ckpt.exists() else "")
-    print(f"nas.train: interrupted{interrupt_label(e)}{kept}", file=sys.stderr)
-    return interrupt_status(e)
+    print(f"nas.train: interrupted{INTERRUPTED.label()}{kept}", file=sys.stderr)
+    return interrupt_status()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a read-only or full disk: the checkpoint's write, its read
         print(f"nas.train: error: {oserror_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        return interrupted(run_dir, e)
+    except KeyboardInterrupt:
+        return interrupted(run_dir)
     finally:
         remove_if_empty(created)
     print(f"test accuracy {metrics['test_accuracy']:.4f}; checkpoint {run_dir / 'checkpoint.pt'}")
@@ -350,5 +347,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, on_sigterm)
+    catch_stop_signals()
     sys.exit(main())

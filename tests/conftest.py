@@ -1,8 +1,13 @@
 """Shared fixtures: a small learnable image folder made inside the tests."""
 
+import signal
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
+
+from nas.interrupts import INTERRUPTED, STOP_SIGNALS
 
 COLOURS = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
 
@@ -26,6 +31,19 @@ def image_folder(tmp_path_factory):
 def _private_cache(tmp_path_factory, monkeypatch):
     """Decoded-data caches go to a temporary folder, never the user's ~/.cache."""
     monkeypatch.setenv("NAS_CACHE", str(tmp_path_factory.getbasetemp() / "nas-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _no_interrupt_left_over(monkeypatch):
+    """Each test starts uninterrupted, and a tool's stop-signal handlers end with the test."""
+    monkeypatch.setattr(INTERRUPTED, "value", False)
+    monkeypatch.setattr(INTERRUPTED, "signum", signal.SIGINT)
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    hook = sys.unraisablehook
+    yield
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
+    sys.unraisablehook = hook
 
 
 def one_line_error(capsys, tool: str, fragment: str) -> str:

@@ -1,6 +1,5 @@
 """The search command end to end on a tiny space and synthetic data: results, resume, failures."""
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -14,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import optuna
 import pandas as pd
@@ -33,26 +33,20 @@ from nas.pareto import pareto_mask
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.reward import MODES, reward
 from nas.runtimes import DEFAULT_RUNTIME
-from nas.search import (
+from nas.interrupts import INTERRUPTED, on_sigint, was_interrupted
+from nas.search import SearchConfig, main
+from nas.search.baselines import run_baselines
+from nas.search.cpu_share import ThreadShare, train_threads, training_threads
+from nas.search.liveness import (
     BASELINES_ATTR,
-    INTERRUPTED,
-    ThreadShare,
-    Workers,
-    counts_toward_trials,
     fail_dead_local_trials,
-    latency_bound_ms,
     local_trainers,
     lower_dead_baselines_flags,
-    main,
-    on_sigint,
-    open_storage,
-    refusal,
-    run_baselines,
-    storage_for,
-    train_threads,
-    training_threads,
-    was_interrupted,
 )
+from nas.search.objective import Context, latency_bound_ms
+from nas.search.study import open_storage, refusal, storage_for
+from nas.search.trial_end import counts_toward_trials
+from nas.search.workers import Workers
 
 # eager latency: these tests are about the search, and converting each candidate for a
 # deployment runtime costs seconds; the default runtime has its own tests below
@@ -169,7 +163,7 @@ def test_a_run_folder_that_cannot_be_made_is_one_line(image_folder, tmp_path, ca
         def refused(folder):
             raise PermissionError(13, "Permission denied", str(folder))
 
-        monkeypatch.setattr("nas.search.make_folders", refused)
+        monkeypatch.setattr("nas.search.runner.make_folders", refused)
         assert main(args(tmp_path, image_folder, "--trials", "1")) == 2
         one_line_error(capsys, "nas.search", "cannot make the run folder")
     else:  # the file system's limit is 255 bytes: 'File name too long' came as a traceback
@@ -238,7 +232,7 @@ def test_a_study_from_before_ghost_batches_resumes_as_one_part_per_batch(image_f
 
 
 def test_a_study_of_the_default_before_ghost_batches_is_told_the_flags_that_resume_it():
-    from nas.search import with_later_fields
+    from nas.search.study import with_later_fields
 
     before = dataclasses.asdict(ProxyBudget(train_images=8000, batch_size=64, ghost_batches=1,
                                             lr=2e-3))
@@ -335,8 +329,8 @@ def test_a_database_url_whose_driver_is_missing_names_the_extra(image_folder, tm
 
 def test_driver_hints_name_the_extra_and_the_url_form():
     assert "pip install -e \".[mysql]\" and write the URL as mysql+pymysql://" in (
-        nas.search.driver_hint("mysql://u@h/db"))
-    assert "cockroachdb://" in nas.search.driver_hint("cockroachdb://u@h/db")
+        nas.search.study.driver_hint("mysql://u@h/db"))
+    assert "cockroachdb://" in nas.search.study.driver_hint("cockroachdb://u@h/db")
 
 
 def test_an_older_study_resumed_with_the_other_objective_is_refused_in_one_line(
@@ -523,7 +517,7 @@ def test_killed_worker_leaves_finished_trials_intact(image_folder, tmp_path):
 def _open_at_the_barrier(run_dir, barrier, results) -> None:
     barrier.wait()
     try:
-        open_storage(argparse.Namespace(storage=None), run_dir)
+        open_storage(SearchConfig(target_ms=1, storage=None), run_dir)
         results.put("ok")
     except Exception as e:  # noqa: BLE001 - reported to the test
         results.put(f"{type(e).__name__}: {e}")
@@ -665,7 +659,7 @@ def test_an_interrupt_while_opening_the_study_is_one_line(image_folder, tmp_path
         INTERRUPTED.set(sig)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("nas.search.open_storage", interrupted)
+    monkeypatch.setattr("nas.search.runner.open_storage", interrupted)
     assert main(args(tmp_path, image_folder, "--trials", "3")) == status
     err = capsys.readouterr().err
     assert err == ("nas.search: interrupted; the study keeps every finished trial, and the same "
@@ -679,7 +673,7 @@ def test_an_interrupt_inside_a_finalizer_prints_no_traceback(monkeypatch, capsys
     import gc
     import weakref
 
-    from nas.search import quiet_interrupts
+    from nas.interrupts import quiet_interrupts
 
     monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
     monkeypatch.setattr(sys, "unraisablehook", quiet_interrupts(sys.unraisablehook))
@@ -707,7 +701,7 @@ def test_an_interrupt_inside_a_finalizer_prints_no_traceback(monkeypatch, capsys
 
 
 def test_a_swallowed_interrupt_still_stops_the_training_at_its_next_step(monkeypatch):
-    from nas.search import stop_if_interrupted
+    from nas.search.cpu_share import stop_if_interrupted
 
     monkeypatch.setattr(INTERRUPTED, "value", False)
     ask = stop_if_interrupted(lambda: 2)
@@ -740,7 +734,7 @@ def test_an_interrupt_python_swallowed_still_stops_the_search_in_the_trial(
             INTERRUPTED.set()
         return proxy_train(*a, **kw)
 
-    monkeypatch.setattr("nas.search.proxy_train", proxy_then_interrupt)
+    monkeypatch.setattr("nas.search.objective.proxy_train", proxy_then_interrupt)
     assert main(args(tmp_path, image_folder, "--trials", "10")) == 130
     trials = study_of(tmp_path).trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE,
@@ -767,7 +761,7 @@ def _ctrl_c_in_the_second_call(monkeypatch, owner, name: str) -> None:
 
 
 def _ctrl_c_in_the_second_training(monkeypatch) -> None:
-    _ctrl_c_in_the_second_call(monkeypatch, nas.search, "proxy_train")
+    _ctrl_c_in_the_second_call(monkeypatch, nas.search.objective, "proxy_train")
 
 
 def test_a_trial_stopped_by_ctrl_c_says_so(image_folder, tmp_path, monkeypatch):
@@ -847,27 +841,27 @@ def test_local_trainers_counts_live_processes_on_this_host_training_the_study(li
 
 
 def test_thread_share_divides_the_cpus_among_local_trainers_unless_fixed(monkeypatch):
-    monkeypatch.setattr("nas.search.available_cpus", lambda: 8)
+    monkeypatch.setattr("nas.search.cpu_share.available_cpus", lambda: 8)
     trainers = iter([1, 2, 3, 16])
-    monkeypatch.setattr("nas.search.local_trainers", lambda study: next(trainers))
+    monkeypatch.setattr("nas.search.cpu_share.local_trainers", lambda study: next(trainers))
     auto = ThreadShare(8, "study", every_s=0)
     assert [auto() for _ in range(4)] == [8, 4, 2, 1]  # asked anew each time, at least 1
     trainers = iter([1, 4])
     two = ThreadShare(4, "study", every_s=0)
     assert [two(), two()] == [4, 2]  # never above --workers' share
-    args = argparse.Namespace(train_threads=3, workers=1)
-    assert training_threads(args, "study")() == 3  # --train-threads is what the user asked for
-    args.train_threads = None
-    assert training_threads(args, None)() == 8  # no study (nothing to share): all
-    assert isinstance(training_threads(args, "study"), ThreadShare)
-    args.local_workers = 2  # a --workers 2 child: its parent's share at most
-    assert train_threads(args) == 4 and training_threads(args, "study").most == 4
+    config = SearchConfig(target_ms=1, train_threads=3, workers=1)
+    assert training_threads(config, "study")() == 3  # --train-threads is what the user asked for
+    config = dataclasses.replace(config, train_threads=None)
+    assert training_threads(config, None)() == 8  # no study (nothing to share): all
+    assert isinstance(training_threads(config, "study"), ThreadShare)
+    config = dataclasses.replace(config, local_workers=2)  # a --workers 2 child: its parent's
+    assert train_threads(config) == 4 and training_threads(config, "study").most == 4  # share
 
 
 def test_thread_share_reads_the_study_at_most_every_few_seconds_and_survives_a_failed_read(
         monkeypatch):
     monkeypatch.setattr(INTERRUPTED, "value", False)
-    monkeypatch.setattr("nas.search.available_cpus", lambda: 4)
+    monkeypatch.setattr("nas.search.cpu_share.available_cpus", lambda: 4)
     reads, locked = [], sqlalchemy.exc.OperationalError("SELECT", {}, Exception("locked"))
 
     def trainers(study):
@@ -877,7 +871,7 @@ def test_thread_share_reads_the_study_at_most_every_few_seconds_and_survives_a_f
             raise locked
         return answer
 
-    monkeypatch.setattr("nas.search.local_trainers", trainers)
+    monkeypatch.setattr("nas.search.cpu_share.local_trainers", trainers)
     throttled = ThreadShare(4, "study", every_s=3600)
     assert [throttled() for _ in range(5)] == [4] * 5 and len(reads) == 1
     share = ThreadShare(4, "study", every_s=0)
@@ -901,20 +895,21 @@ def test_workers_children_share_the_cores_at_most_at_their_parents_share(monkeyp
         def is_alive(self):
             return False
 
-    fake = argparse.Namespace(Event=threading.Event, Process=FakeProcess)
-    monkeypatch.setattr("nas.search.multiprocessing.get_context", lambda method: fake)
-    monkeypatch.setattr("nas.search.available_cpus", lambda: 8)
-    Workers(argparse.Namespace(workers=4, train_threads=None, baselines="x"))
+    fake = types.SimpleNamespace(Event=threading.Event, Process=FakeProcess)
+    monkeypatch.setattr("nas.search.workers.multiprocessing.get_context", lambda method: fake)
+    monkeypatch.setattr("nas.search.cpu_share.available_cpus", lambda: 8)
+    Workers.start(SearchConfig(target_ms=1, workers=4, train_threads=None, baselines=("x",)))
     assert len(started) == 3
     for child in started:  # not a fixed count: a ThreadShare, capped at 8 / 4
-        assert (child.workers, child.train_threads, child.baselines) == (1, None, "")
+        assert (child.workers, child.train_threads, child.baselines) == (1, None, ())
+        assert child.worker_index in (1, 2, 3) and child.local_workers == 4
         assert train_threads(child) == 2 and isinstance(training_threads(child, "s"), ThreadShare)
 
 
 def test_baselines_train_on_a_share_and_are_counted_while_they_train(tmp_path, monkeypatch):
-    monkeypatch.setattr("nas.search.available_cpus", lambda: 2)
+    monkeypatch.setattr("nas.search.cpu_share.available_cpus", lambda: 2)
     study, seen = optuna.create_study(), []
-    ctx = argparse.Namespace(args=argparse.Namespace(train_threads=None, workers=2))
+    ctx = Context(SearchConfig(target_ms=1, train_threads=None, workers=2), *[None] * 4)
     other = study.ask()
     other.set_user_attr("worker", _worker_attr(os.getppid()))  # another command's trial
 
@@ -924,7 +919,7 @@ def test_baselines_train_on_a_share_and_are_counted_while_they_train(tmp_path, m
         record.update(latency_ms=2.0, accuracy=0.5, reward=0.5, arch_dict=arch.to_dict())
         return record
 
-    monkeypatch.setattr("nas.search.evaluate_architecture", fake_evaluate)
+    monkeypatch.setattr("nas.search.baselines.evaluate_architecture", fake_evaluate)
     run_baselines(["mobilenet_v2"], ctx, tmp_path, study)
     assert seen == [(1, True)]  # its share beside the other command's trial; flag up
     other.set_user_attr("worker", "elsewhere:1")
@@ -937,8 +932,8 @@ def test_baselines_train_on_a_share_and_are_counted_while_they_train(tmp_path, m
 
 def test_a_trial_trains_on_its_share_of_the_cpus_and_records_it(image_folder, tmp_path,
                                                                  monkeypatch):
-    monkeypatch.setattr("nas.search.available_cpus", lambda: 2)
-    monkeypatch.setattr("nas.search.local_trainers", lambda study: 2)  # another command here
+    monkeypatch.setattr("nas.search.cpu_share.available_cpus", lambda: 2)
+    monkeypatch.setattr("nas.search.cpu_share.local_trainers", lambda study: 2)  # another command here
     assert main(args(tmp_path, image_folder, "--trials", "1", "--proxy-epochs", "2")) == 0
     assert study_of(tmp_path).trials[0].user_attrs["train_threads"] == [1]
     assert pd.read_csv(tmp_path / "s" / "trials.csv").train_threads[0] == "[1]"
@@ -953,14 +948,14 @@ def test_every_database_url_gets_the_stamped_storage_with_its_heartbeat(tmp_path
         def __init__(self, url, **kw):
             made.append((url, kw))
 
-    monkeypatch.setattr("nas.search.StampedStorage", Recorder)
+    monkeypatch.setattr("nas.search.study.StampedStorage", Recorder)
     for url in ("sqlite:///x.db", "postgresql://h/db", "mariadb+pymysql://u@h/db",
                 "mssql+pyodbc://u@dsn"):
-        assert isinstance(storage_for(argparse.Namespace(storage=url), tmp_path), Recorder)
+        assert isinstance(storage_for(SearchConfig(target_ms=1, storage=url), tmp_path), Recorder)
         assert made[-1][0] == url and made[-1][1]["heartbeat_interval"] > 0
         assert ("connect_args" in (made[-1][1]["engine_kwargs"] or {})) == (url[:6] == "sqlite")
     with pytest.raises(ValueError, match="Redis"):
-        storage_for(argparse.Namespace(storage="redis://h"), tmp_path)
+        storage_for(SearchConfig(target_ms=1, storage="redis://h"), tmp_path)
 
 def test_which_trials_count_toward_trials():
     fail = optuna.trial.TrialState.FAIL
@@ -999,10 +994,9 @@ def test_interrupting_workers_kills_a_deaf_one_within_a_bounded_time(monkeypatch
     # workers take SIGTERM as an interrupt now, so terminate() was no last resort any more: a
     # worker stuck (a 60 s SQLite busy wait) held the first process in an unbounded join
     fork = multiprocessing.get_context("fork")
-    workers = Workers.__new__(Workers)
-    workers.stop = fork.Event()
     readies = [fork.Event() for _ in range(3)]
-    workers.procs = [fork.Process(target=_deaf_worker, args=(r,)) for r in readies]
+    workers = Workers(fork.Event(), [fork.Process(target=_deaf_worker, args=(r,))
+                                     for r in readies])
     for proc, ready in zip(workers.procs, readies, strict=True):
         proc.start()
         assert ready.wait(30)
@@ -1078,7 +1072,7 @@ def test_an_interrupt_in_the_middle_of_a_read_does_not_lock_the_study(
             interrupt_mid_read()
             return proxy_train(*a, **kw)
 
-        monkeypatch.setattr("nas.search.proxy_train", proxy)
+        monkeypatch.setattr("nas.search.objective.proxy_train", proxy)
     else:
         real = optuna.trial.Trial.set_user_attr
 
@@ -1219,7 +1213,7 @@ def test_failed_baseline_is_measured_again_on_resume_and_finished_ones_are_not(t
         record.update(accuracy=0.5, reward=0.5)
         return record
 
-    monkeypatch.setattr("nas.search.evaluate_architecture", fake_evaluate)
+    monkeypatch.setattr("nas.search.baselines.evaluate_architecture", fake_evaluate)
     names = ["mobilenet_v2", "mobilenet_v3_small"]
     first = run_baselines(names, None, tmp_path)
     assert list(first.state) == ["FAIL", "COMPLETE"]

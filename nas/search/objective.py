@@ -1,0 +1,182 @@
+"""One candidate, start to end: latency on the target, then proxy accuracy, then the reward;
+and the Optuna objective around it, which fails a failing candidate's trial with its reason."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import gc
+import math
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+import torch
+
+from nas.arch import Architecture
+from nas.cost import count_macs, count_params
+from nas.data import DataSplits
+from nas.interrupts import INTERRUPTED, was_interrupted
+from nas.latency import LatencyCache, architecture_key
+from nas.model import build_model
+from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
+from nas.reward import reward
+from nas.runtimes.base import calibration_sample
+from nas.search.config import SearchConfig
+from nas.search.cpu_share import stop_if_interrupted, training_threads
+from nas.search.liveness import worker_id
+from nas.search.trial_end import TrialEnd, set_end
+from nas.space import SearchSpace
+
+CALIBRATION_IMAGES = 8  # training images that calibrate an int8 network's quantization
+
+
+@dataclasses.dataclass
+class Context:
+    """What every trial shares."""
+
+    config: SearchConfig
+    space: SearchSpace
+    data: DataSplits
+    budget: ProxyBudget
+    cache: LatencyCache
+
+    @property
+    def alpha(self) -> float:
+        return self.config.exponents[0]
+
+    @property
+    def beta(self) -> float:
+        return self.config.exponents[1]
+
+
+def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None,
+                          record: dict[str, Any] | None = None,
+                          threads: Callable[[], int] | None = None) -> dict[str, Any]:
+    """Latency on the target, then proxy accuracy, then reward: the record of one candidate.
+
+    Filled into `record` when given, so a caller keeps what was measured before a failure.
+    `threads`: the training's CPU threads, asked before each step (default: the trial's
+    ThreadShare, or train_threads without a trial)."""
+    c = ctx.config
+    record = {} if record is None else record
+    record.update(arch=arch.to_str(), arch_dict=arch.to_dict())
+    deployed = build_model(arch, num_classes=ctx.data.num_classes)
+    record["params"] = count_params(deployed)
+    record["macs"] = count_macs(deployed, c.input_size)
+    best = best_reward(trial, ctx)
+    bound = latency_bound_ms(best, c.target_ms, ctx.alpha, ctx.beta) if best else None
+    lat = ctx.cache.get_or_measure(
+        f"{architecture_key(arch)}-{ctx.data.num_classes}", lambda: deployed,
+        input_size=c.input_size, device=c.device, threads=c.threads,
+        min_time_s=c.latency_time / 2, max_time_s=c.latency_time, stop_above_ms=bound,
+        runtime=c.runtime, precision=c.precision,
+        calibration=calibration_images(ctx.data) if c.precision != "fp32" else None)
+    record.update(latency_ms=lat.median_ms, latency_p10_ms=lat.p10_ms, latency_p90_ms=lat.p90_ms,
+                  latency_cv=lat.cv, latency_s=lat.seconds, latency_stopped_early=lat.stopped_early,
+                  convert_s=lat.convert_s)
+    _set_attrs(trial, record)
+    if bound is not None and (lat.stopped_early or lat.median_ms > bound):
+        raise optuna.TrialPruned(
+            f"latency {'above ' if lat.stopped_early else ''}{lat.median_ms:.1f} ms > "
+            f"{bound:.4g} ms: even at accuracy 1 its reward would be below the best so far "
+            f"({best:.4f})")
+    # Intermediate scores cost a validation pass each: only when a pruner will read them.
+    use_trial = trial if (c.objective == "reward" and c.pruner != "none") else None
+    result = proxy_train(arch, ctx.data, ctx.budget, device=c.train_device, seed=c.seed,
+                         trial=use_trial, threads=stop_if_interrupted(threads or training_threads(
+                             c, trial.study if trial is not None else None)))
+    record.update(accuracy=result.accuracy, train_s=result.train_seconds,
+                  train_threads=list(result.threads),
+                  eval_s=result.eval_seconds, images_per_s=result.images_per_second,
+                  trained_arch=result.trained_arch, val_curve=list(result.val_curve),
+                  reward=reward(result.accuracy, lat.median_ms, c.target_ms, alpha=ctx.alpha,
+                                beta=ctx.beta))
+    _set_attrs(trial, record)
+    return record
+
+
+@functools.lru_cache(maxsize=1)  # the same images for every candidate of a run: draw them once
+def calibration_images(data: DataSplits) -> torch.Tensor:
+    """Proxy-training images (a seeded draw), normalised: what quantizes an int8 candidate."""
+    return calibration_sample(data.train, CALIBRATION_IMAGES, mean=data.mean, std=data.std)
+
+
+def best_reward(trial: Any, ctx: Context) -> float | None:
+    """The best reward in the study so far; None where no bound applies (baselines, pareto)."""
+    if trial is None or ctx.config.objective != "reward":
+        return None
+    try:
+        return trial.study.best_value
+    except ValueError:  # no completed trial yet
+        return None
+
+
+def latency_bound_ms(best: float, target_ms: float, alpha: float, beta: float) -> float | None:
+    """The latency above which no accuracy (<= 1) can beat reward `best`, or None if none does.
+
+    The reward at latency L is at most (L/T)^w. Above T that is (L/T)^beta, below `best` from
+    L = T * best^(1/beta) on; a best above 1 (possible below T with alpha < 0) is out of reach
+    from L = T * best^(1/alpha). In soft mode (beta = -0.07) a best of 0.5 bounds at ~20,000 T:
+    a slow but accurate candidate can still win there, so it is trained.
+    """
+    if not (math.isfinite(best) and best > 0):
+        return None
+    if best > 1:
+        return target_ms * best ** (1 / alpha) if alpha < 0 else None
+    return target_ms * best ** (1 / beta) if beta < 0 else None
+
+
+def _set_attrs(trial: Any, record: dict[str, Any]) -> None:
+    if trial is None:
+        return
+    for key, value in record.items():
+        if key not in trial.user_attrs:
+            trial.set_user_attr(key, value)
+
+
+def make_objective(ctx: Context):
+    """The Optuna objective: a failing candidate fails its trial with the reason recorded."""
+
+    def evaluate(trial: optuna.Trial):
+        trial.set_user_attr("worker", worker_id())  # stamped at creation by StampedStorage
+        try:
+            arch = ctx.space.sample(trial)
+            rec = evaluate_architecture(arch, ctx, trial)
+        except optuna.TrialPruned as e:
+            set_end(trial, TrialEnd.PRUNED,
+                    str(e) if str(e).startswith("pruned") else f"pruned: {e}")
+            raise
+        except CandidateFailed as e:
+            set_end(trial, TrialEnd.FAILED, str(e))
+            raise
+        except Exception as e:
+            if INTERRUPTED.is_set():  # the interrupt, surfacing as another error
+                raise
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            set_end(trial, TrialEnd.FAILED, reason)  # invalid combination, conversion, shape
+            raise CandidateFailed(reason) from e
+        if ctx.config.objective == "pareto":
+            return rec["accuracy"], rec["latency_ms"]
+        return rec["reward"]
+
+    def objective(trial: optuna.Trial):
+        try:
+            return evaluate(trial)
+        except (optuna.TrialPruned, CandidateFailed):
+            raise
+        except BaseException as e:
+            if not was_interrupted(e):
+                raise
+        # Interrupted. Only here, out of the except clause, are the interrupted frames gone: one
+        # that was reading the study (any write of a trial attribute reads first) held an open
+        # SQLite statement, whose read lock made every write (this note, the heartbeat, the
+        # tell, the other workers') wait out the 60 s busy timeout. A fresh KeyboardInterrupt,
+        # too, for Optuna's tell must not keep those frames either.
+        gc.collect()
+        with contextlib.suppress(Exception):  # the interrupt matters more than its note
+            set_end(trial, TrialEnd.INTERRUPTED, INTERRUPTED.reason())
+        raise KeyboardInterrupt
+
+    return objective

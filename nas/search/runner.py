@@ -1,0 +1,221 @@
+"""One search, start to end: check the input, open the study, measure the baselines, start the
+--workers, optimize, and write the results (also after Ctrl-C or SIGTERM)."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import platform
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import torch
+
+from nas.arch import ArchError
+from nas.cli import oserror_line
+from nas.data import SPLIT_SEED, DataError, load_data, split_train_val
+from nas.files import make_folders, remove_if_empty
+from nas.interrupts import INTERRUPTED, was_interrupted
+from nas.latency import DEFAULT_THREADS, LatencyCache, LatencyError, latency_context
+from nas.proxy import CandidateFailed
+from nas.results import BaselinesError, load_baselines, write_results
+from nas.run_folder import LATENCY_CACHE, write_run_meta
+from nas.search.baselines import run_baselines
+from nas.search.callbacks import Progress, StopAtTrials, StopOnInterrupt
+from nas.search.config import SearchConfig, UsageError, config_from_argv
+from nas.search.cpu_share import SHARED_NOTE, train_threads
+from nas.search.liveness import fail_dead_local_trials
+from nas.search.objective import Context, make_objective
+from nas.search.study import (
+    database_failure,
+    open_storage,
+    open_study,
+    release_connections,
+    storage_name,
+)
+from nas.search.trial_end import finished_count
+from nas.search.workers import Workers
+from nas.space import SpaceError, load_space
+
+USER_ERRORS = (UsageError, ArchError, SpaceError, DataError, LatencyError, BaselinesError)
+
+
+def prepare(config: SearchConfig) -> tuple[Context, Path, dict[str, Any]]:
+    """Everything that can fail on user input, before the run folder is touched: the space,
+    the data and its split, the latency target; returns the trials' context, the run folder
+    and the settings a resume must match."""
+    alpha, beta = config.exponents
+    lat_ctx = latency_context(config.input_size, device=config.device, threads=config.threads,
+                              runtime=config.runtime, precision=config.precision)
+    space = load_space(config.space)
+    budget = config.budget()
+    data = load_data(config.data, val_size=0)
+    if config.val_size >= len(data.train):
+        raise UsageError(f"--val-size {config.val_size}: must be from 1 to "
+                         f"{len(data.train) - 1} (the data has {len(data.train)} training images)")
+    fit, val = split_train_val(data.train, val_size=config.val_size, seed=SPLIT_SEED)
+    data = dataclasses.replace(data, train=fit, val=val)
+    if config.proxy_batch > len(data.train):
+        raise UsageError(f"--proxy-batch {config.proxy_batch}: must be <= the {len(data.train)} "
+                         f"training images left after --val-size {config.val_size}")
+    run_dir = config.run_dir
+    if config.storage:
+        open_storage(config, run_dir)  # a bad URL fails before the run folder is made
+    settings = {"target_ms": config.target_ms, "alpha": alpha, "beta": beta,
+                "objective": config.objective, "space": space.to_dict(), "device": config.device,
+                "input_size": config.input_size,
+                "threads": DEFAULT_THREADS if config.threads is None else config.threads,
+                "val_size": config.val_size, "data_fingerprint": data.fingerprint,
+                "budget": dataclasses.asdict(budget), "data": data.source, "seed": config.seed,
+                "sampler": config.sampler, "pruner": config.pruner,
+                "latency_device": lat_ctx.device_name, "runtime": config.runtime,
+                "precision": config.precision}
+    ctx = Context(config, space, data, budget, LatencyCache(run_dir / LATENCY_CACHE))
+    return ctx, run_dir, settings
+
+
+def environment() -> dict[str, Any]:
+    """Recorded beside the results so a run can be reproduced and its numbers trusted."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "optuna": optuna.__version__, "platform": platform.platform(),
+            "host": socket.gethostname(), "cpus": os.cpu_count(), "git": rev,
+            "argv": sys.argv}
+
+
+def run(config: SearchConfig, write: bool = True, ready=None, stop=None) -> int:
+    """The search; `write`: this is the first process, which writes run.json and the results
+    (a --workers child does not). `ready` is set once the trials start; `stop` stops them."""
+    ctx, run_dir, settings = prepare(config)
+    load_baselines(run_dir)  # a damaged baselines.csv is refused before anything is written
+    torch.set_num_threads(train_threads(config))
+    try:
+        created = make_folders(run_dir)
+    except OSError as e:
+        raise UsageError(f"--runs-dir {config.runs_dir}: cannot make the run folder {run_dir} "
+                         f"({e.strerror or e})") from None
+    try:
+        storage = open_storage(config, run_dir)
+        study = open_study(config, storage, settings, ctx.space)
+    except BaseException as e:  # refused (another study's settings, a bad --storage): no trace
+        remove_if_empty(created)
+        if isinstance(e, optuna.exceptions.StorageInternalError):  # e.g. a read-only study.db
+            cause = e.__cause__ or e
+            raise UsageError(f"{storage_name(config, run_dir)}: cannot be written "
+                             f"({str(cause).splitlines()[0]})") from None
+        raise
+    already = finished_count(study)
+    if write:
+        write_run_meta(run_dir, {
+            "study_name": config.name, "storage": config.storage,
+            "num_classes": ctx.data.num_classes, "classes": list(ctx.data.classes),
+            "settings": settings, "environment": environment()})
+        print(f"study {config.name!r} in {run_dir}: {already} finished trials, target "
+              f"{config.trials}; space {config.space} ({ctx.space.size():,} architectures); "
+              f"T = {config.target_ms:g} ms, alpha = {ctx.alpha:g}, beta = {ctx.beta:g}; "
+              f"data {ctx.data.source}: {len(ctx.data.train)} train / {len(ctx.data.val)} "
+              f"val; {config.workers} worker(s) x {train_threads(config)} training thread(s)"
+              f"{'' if config.train_threads else SHARED_NOTE}", flush=True)
+    interrupted, workers = False, None
+    try:
+        if config.baselines:
+            run_baselines(config.baselines, ctx, run_dir, study)
+        if ready is not None:
+            ready.set()
+        if already < config.trials:
+            workers = Workers.start(config)
+            study.optimize(
+                make_objective(ctx), timeout=config.timeout, catch=(CandidateFailed,),
+                callbacks=[StopAtTrials(config.trials), Progress(config.trials, already),
+                           StopOnInterrupt(stop)])
+            if INTERRUPTED.is_set():
+                raise KeyboardInterrupt
+        if workers:  # their trials in flight finish before the results are written
+            workers.join()
+    except BaseException as e:
+        if not was_interrupted(e):
+            raise
+        interrupted = True
+    if interrupted:
+        # out of the except clause, the interrupted frames are gone, and with them a database
+        # session that an interrupt inside Optuna's commit left holding SQLite's write lock
+        gc.collect()
+        release_connections(storage)
+        if workers:
+            workers.interrupt()
+        # an interrupt inside Optuna's ask/tell (not the objective) leaves a trial RUNNING
+        fail_dead_local_trials(study, ours=True)
+        if write:  # the first process; the other workers write nothing
+            print("interrupted: writing results of the finished trials", file=sys.stderr)
+    if not write:
+        return INTERRUPTED.status() if interrupted else 0
+    if workers and workers.failed():
+        print(f"nas.search: {workers.failed()} worker(s) failed; their unfinished trials are "
+              f"marked failed on the next run", file=sys.stderr)
+    files = write_results(study, run_dir, target_ms=config.target_ms)
+    print_summary(files)
+    return INTERRUPTED.status() if interrupted else 0
+
+
+def print_summary(files: dict[str, Path]) -> None:
+    df = pd.read_csv(files["trials"]) if "trials" in files else pd.DataFrame()
+    done = df[df.state == "COMPLETE"] if len(df) else df
+    if len(done):
+        key = "reward" if "reward" in done and done.reward.notna().any() else "accuracy"
+        cols = [c for c in ("number", "arch", "latency_ms", "accuracy", "reward", "params",
+                            "macs") if c in done]
+        top = done.sort_values(key, ascending=False)[cols].head(10)
+        print("\nBest trials:\n" + top.to_string(index=False))
+    print("\nResults: " + ", ".join(str(p) for p in files.values()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nas.search`; returns the exit status."""
+    try:
+        config = config_from_argv(argv)
+    except UsageError as e:
+        print(f"nas.search: error: {e}", file=sys.stderr)
+        return 2
+    return guarded_run(config)
+
+
+def guarded_run(config: SearchConfig, write: bool = True, ready=None, stop=None) -> int:
+    """run() with user errors as one line and exit status 2, and an interrupt outside the
+    search loop (loading data, opening the study, writing results) as one line too."""
+    # Our progress line reports each trial, failures with their reason; Optuna's own per-trial
+    # warnings would repeat them with tracebacks.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        return run(config, write, ready, stop)
+    except BaseException as e:
+        if was_interrupted(e):  # whatever error it surfaced as
+            pass
+        elif isinstance(e, USER_ERRORS):
+            print(f"nas.search: error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
+        elif isinstance(e, OSError):  # a read-only run folder, a full disk (not a trial's)
+            print(f"nas.search: error: {oserror_line(e)}", file=sys.stderr)
+            return 2
+        elif (lost := database_failure(e)) is not None:  # e.g. the server restarted
+            where = f"--storage {config.storage}" if config.storage else "the study's database"
+            print(f"nas.search: error: {where}: {lost}; every finished trial is kept in the "
+                  f"study, and the same command resumes it", file=sys.stderr)
+            return 2
+        else:
+            raise
+    if write:  # a worker's interrupt is reported by the first process
+        print("nas.search: interrupted; the study keeps every finished trial, and the same "
+              "command resumes it", file=sys.stderr)
+    return INTERRUPTED.status()
