@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nas.latency import cpu_name, pin_malloc_thresholds, resolve_network
+from nas.host import cpu_name, pin_malloc_thresholds
+from nas.latency import resolve_network
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROBE_MATMULS = 100

@@ -33,7 +33,7 @@ from torch import nn
 
 from nas.arch import Architecture, load_architecture
 from nas.fastconv import MatmulConv2d
-from nas.latency import cpu_name, pin_malloc_thresholds
+from nas.host import cpu_name, pin_malloc_thresholds
 from nas.model import build_model
 from nas.proxy import ProxyBudget, make_optimizer, proxy_arch, train_step, training_model
 from nas.space import load_space

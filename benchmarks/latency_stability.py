@@ -198,7 +198,7 @@ def machine() -> str:
     """What the numbers were taken on."""
     import torch
 
-    from nas.latency import available_cpus, cpu_name
+    from nas.host import available_cpus, cpu_name
 
     return (f"{cpu_name()}, {os.cpu_count()} logical CPUs ({available_cpus()} usable), "
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "

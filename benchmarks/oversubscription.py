@@ -48,7 +48,7 @@ def _train(threads: int, steps: int, batch: int, barrier, out) -> None:
     from torch import nn
 
     from nas.arch import load_architecture
-    from nas.latency import pin_malloc_thresholds
+    from nas.host import pin_malloc_thresholds
     from nas.proxy import ProxyBudget, make_optimizer, proxy_arch, train_step, training_model
 
     torch.set_num_threads(threads)
@@ -116,7 +116,7 @@ def main() -> int:
                 results[variant, shape].append(rate)
                 print(f"round {r + 1} {variant}, {shape}: {rate:.1f} img/s", flush=True)
     from nas.files import save_table
-    from nas.latency import cpu_name  # imports torch: after the runs, which set the env first
+    from nas.host import cpu_name  # imports torch: after the runs, which set the env first
 
     lines = [
         f"# oversubscription  {started:%Y-%m-%d %H:%M} UTC  {cpu_name()}, "

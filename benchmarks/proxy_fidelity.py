@@ -33,7 +33,7 @@ from scipy import stats
 
 from nas.arch import Architecture
 from nas.data import load_data
-from nas.latency import cpu_name
+from nas.host import cpu_name
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.space import load_space
 

@@ -51,7 +51,7 @@ from torchvision import transforms
 from nas.arch import Architecture, load_architecture
 from nas.data import CIFAR10_MEAN, CIFAR10_STD, DataSplits, batches, load_data
 from nas.files import save_table
-from nas.latency import cpu_name, pin_malloc_thresholds
+from nas.host import cpu_name, pin_malloc_thresholds
 from nas.model import build_model
 from nas.proxy import ProxyBudget, make_optimizer, proxy_arch, train_step, training_model
 

@@ -31,7 +31,8 @@ from scipy import stats
 
 from nas.cost import count_macs
 from nas.files import save_table, write_atomic
-from nas.latency import cpu_name, measure_latency, network_builder
+from nas.host import cpu_name
+from nas.latency import measure_latency, network_builder
 from nas.runtimes import RUNTIMES, ConversionError
 from nas.space import load_space
 

@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from nas.arch import load_architecture
 from nas.files import save_table
-from nas.latency import cpu_name, pin_malloc_thresholds
+from nas.host import cpu_name, pin_malloc_thresholds
 from nas.proxy import ProxyBudget, make_optimizer, proxy_arch, train_step, training_model
 
 

@@ -29,7 +29,8 @@ from nas.arch import Architecture
 from nas.cost import count_macs, count_params
 from nas.data import SPLIT_SEED, load_data, split_train_val
 from nas.files import write_atomic
-from nas.latency import cpu_name, measure_latency
+from nas.host import cpu_name
+from nas.latency import measure_latency
 from nas.model import build_model
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.runtimes import DEFAULT_RUNTIME

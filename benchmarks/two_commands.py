@@ -68,7 +68,7 @@ def run_pair(extra: list[str], common: list[str], runs_dir: Path, name: str,
 
 def main() -> int:
     from nas.files import save_table
-    from nas.latency import available_cpus, cpu_name
+    from nas.host import available_cpus, cpu_name
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import gc
@@ -28,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,8 +42,15 @@ from nas.arch import ArchError, load_architecture
 from nas.cli import HelpFormatter
 from nas.cost import count_macs, count_params
 from nas.files import write_atomic
+from nas.host import (
+    available_cpus,
+    cpu_name,
+    failed_allocation,
+    is_out_of_memory,
+    pin_malloc_thresholds,
+)
 from nas.interrupts import run_tool
-from nas.model import TooLargeError, build_model, failed_allocation, is_out_of_memory
+from nas.model import TooLargeError, build_model
 from nas.runtimes import (
     DEFAULT_RUNTIME,
     PRECISIONS,
@@ -70,10 +75,6 @@ WARMUP_BUDGET_FRACTION = 0.4  # of max_time_s
 MIN_TIMED_RUNS = 3  # a median needs a few runs even when they overrun the budget
 EARLY_STOP_RUNS = 2  # runs after the cold first one that must all exceed stop_above_ms
 IQR_TO_STD = 1.349  # IQR of a normal distribution, in standard deviations
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
-_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's maximum on 64-bit
-_TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
 
 
 class LatencyError(ValueError):
@@ -141,47 +142,6 @@ class LatencyResult:
 
 
 # --------------------------------------------------------------------------- context
-
-
-# widest first; avx512_vnni tells Cascade Lake from Skylake-SP, which share family 6 model 85
-_VECTOR_ISAS = ("amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx2", "avx", "sse4_2")
-
-
-@functools.lru_cache(maxsize=4)
-def cpu_name(cpuinfo: str | None = None) -> str:
-    """The CPU as /proc/cpuinfo describes it, precise enough to tell two hosts' timings apart.
-
-    Cloud VMs often name every generation alike ("AMD EPYC"), so the family/model numbers and
-    the widest vector extension are added: a Zen 3 and a Zen 4 VM both called "AMD EPYC" ran
-    these networks 1.4-1.5x apart, and must not share latency-cache entries or a study.
-    """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            if fields:  # the first processor's block is enough
-                break
-            continue
-        fields.setdefault(key.strip(), value.strip())
-    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
-    if "cpu family" in fields and "model" in fields:
-        flags = set(fields.get("flags", "").split())
-        isa = next((f for f in _VECTOR_ISAS if f in flags), "")
-        name += (f" (family {fields['cpu family']} model {fields['model']}"
-                 f"{', ' + isa if isa else ''})")
-    return name
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, not the host's count)."""
-    with contextlib.suppress(AttributeError):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _check_device(device: str) -> torch.device:
@@ -276,17 +236,6 @@ def _check_runtime(runtime: str, precision: str, dev: torch.device) -> Runtime:
 
 
 # --------------------------------------------------------------------------- measuring
-
-
-@functools.lru_cache(maxsize=1)
-def pin_malloc_thresholds() -> bool:
-    """Stop glibc from mmapping and unmapping activation buffers in every run (docs/latency.md)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
-    return mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1 and ok
 
 
 @contextlib.contextmanager

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from nas.arch import ArchError, Architecture
 from nas.blocks import ACTIVATIONS, Block, conv_bn, layer_configs
+from nas.host import failed_allocation, is_out_of_memory
 
 
 class Network(nn.Module):
@@ -77,18 +76,3 @@ def build_model(arch: Architecture, num_classes: int = 1000, in_channels: int = 
 
 class TooLargeError(ArchError):
     """The network's weights do not fit in memory: the architecture's fault, not a bug."""
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """torch's CPU allocator failure (a RuntimeError with a C++ report) or CUDA's OOM error."""
-    return isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
-
-
-def failed_allocation(e: BaseException, what: str = "tensor") -> str:
-    """'a 16.0 GiB weight could not be allocated', from torch's multi-line report."""
-    size = re.search(r"allocate (\d+(?:\.\d+)?) ?(bytes|[KMGT]iB)", str(e))
-    if size is None:
-        return f"a {what} could not be allocated"
-    scale = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[size.group(2)]
-    return f"a {float(size.group(1)) * scale / 2**30:.1f} GiB {what} could not be allocated"

@@ -39,8 +39,8 @@ from torch import nn
 from nas.arch import Architecture, adapt_to_input
 from nas.data import CIFAR10_MEAN, CIFAR10_STD, DataSplits, ImageDataset, batches
 from nas.fastconv import matmul_convs
-from nas.latency import pin_malloc_thresholds
-from nas.model import build_model, failed_allocation, is_out_of_memory
+from nas.host import failed_allocation, is_out_of_memory, pin_malloc_thresholds
+from nas.model import build_model
 
 
 @dataclass(frozen=True)
@@ -380,9 +380,9 @@ def _score(model: nn.Module, data: DataSplits, budget: ProxyBudget, *, device: s
             if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=gpus):
             recalibrate_bn(model, data, budget, device=device, gen=fork)
-    return evaluate(model, data.val, batch_size=256, device=device, limit=budget.val_images,
-                    channels_last=budget.channels_last, bf16=budget.bf16, mean=data.mean,
-                    std=data.std)
+    return top1_accuracy(model, data.val, batch_size=256, device=device,
+                         limit=budget.val_images, channels_last=budget.channels_last,
+                         bf16=budget.bf16, mean=data.mean, std=data.std)
 
 
 @torch.no_grad()
@@ -405,9 +405,10 @@ def recalibrate_bn(model: nn.Module, data: DataSplits, budget: ProxyBudget, *, d
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: ImageDataset, *, batch_size: int = 256, device: str = "cpu",
-             limit: int | None = None, channels_last: bool = True, bf16: bool = False,
-             mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD) -> float:
+def top1_accuracy(model: nn.Module, split: ImageDataset, *, batch_size: int = 256,
+                  device: str = "cpu", limit: int | None = None, channels_last: bool = True,
+                  bf16: bool = False, mean: tuple[float, ...] = CIFAR10_MEAN,
+                  std: tuple[float, ...] = CIFAR10_STD) -> float:
     """Top-1 accuracy in eval mode; diverged weights fail rather than score as one class."""
     model.eval()
     correct = total = 0

@@ -16,8 +16,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from nas.arch import ArchError, Architecture, load_architecture, reference_names
 from nas.cli import HelpFormatter, Parser
 from nas.cost import count_params
+from nas.host import failed_allocation, is_out_of_memory
 from nas.interrupts import run_tool
-from nas.model import TooLargeError, build_model, failed_allocation, is_out_of_memory
+from nas.model import TooLargeError, build_model
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,10 @@ from nas.cli import (
 )
 from nas.data import DataError, DataSplits, batches, load_data
 from nas.files import make_folders, remove_if_empty, write_atomic
+from nas.host import failed_allocation, is_out_of_memory, pin_malloc_thresholds
 from nas.interrupts import INTERRUPTED, catch_stop_signals, interrupt_status
-from nas.latency import pin_malloc_thresholds
-from nas.model import TooLargeError, build_model, failed_allocation, is_out_of_memory
-from nas.proxy import CandidateFailed, ProxyBudget, evaluate, proxy_arch, training_model
+from nas.model import TooLargeError, build_model
+from nas.proxy import CandidateFailed, ProxyBudget, proxy_arch, top1_accuracy, training_model
 from nas.runtimes import (
     RUNTIMES,
     ConversionError,
@@ -108,7 +108,8 @@ def train(arch: Architecture, run_dir: Path, cfg: TrainConfig, *, data, device: 
             total += value
             bar.set_postfix(loss=f"{value:.3f}")
         mean_loss = total / steps
-        acc = evaluate(model, data.test, device=device, bf16=amp, mean=data.mean, std=data.std)
+        acc = top1_accuracy(model, data.test, device=device, bf16=amp, mean=data.mean,
+                            std=data.std)
         history.append({"epoch": epoch + 1, "loss": mean_loss, "test_accuracy": acc,
                         "seconds": time.perf_counter() - t0})
         print(f"epoch {epoch + 1}/{cfg.epochs}  loss {mean_loss:.4f}  test acc {acc:.4f}  "

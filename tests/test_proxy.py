@@ -9,7 +9,7 @@ import torch
 
 from nas.arch import Architecture, BlockSpec, Settings, Stem, load_architecture
 from nas.data import DataSplits, ImageDataset
-from nas.proxy import CandidateFailed, ProxyBudget, evaluate, proxy_arch, proxy_train
+from nas.proxy import CandidateFailed, ProxyBudget, proxy_arch, proxy_train, top1_accuracy
 
 
 def synthetic_splits(n_train=256, n_val=96, classes=4, size=16, seed=0) -> DataSplits:
@@ -139,7 +139,7 @@ def test_diverged_weights_fail_when_scored_instead_of_counting_as_class_0():
 
     data = synthetic_splits()
     with pytest.raises(CandidateFailed, match="non-finite network outputs"):
-        evaluate(Diverged(), data.val, mean=data.mean, std=data.std)
+        top1_accuracy(Diverged(), data.val, mean=data.mean, std=data.std)
 
 
 def test_threads_are_asked_before_each_step_used_by_it_and_restored(monkeypatch):

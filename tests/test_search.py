@@ -27,13 +27,13 @@ from nas import export
 from nas.arch import Architecture, load_architecture
 from nas.cost import count_macs, count_params
 from nas.files import sqlite_url
-from nas.latency import available_cpus
+from nas.host import available_cpus
+from nas.interrupts import INTERRUPTED, on_sigint, was_interrupted
 from nas.model import build_model
 from nas.pareto import pareto_mask
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.reward import MODES, reward
 from nas.runtimes import DEFAULT_RUNTIME
-from nas.interrupts import INTERRUPTED, on_sigint, was_interrupted
 from nas.search import SearchConfig, main
 from nas.search.baselines import run_baselines
 from nas.search.cpu_share import ThreadShare, train_threads, training_threads
@@ -933,7 +933,7 @@ def test_baselines_train_on_a_share_and_are_counted_while_they_train(tmp_path, m
 def test_a_trial_trains_on_its_share_of_the_cpus_and_records_it(image_folder, tmp_path,
                                                                  monkeypatch):
     monkeypatch.setattr("nas.search.cpu_share.available_cpus", lambda: 2)
-    monkeypatch.setattr("nas.search.cpu_share.local_trainers", lambda study: 2)  # another command here
+    monkeypatch.setattr("nas.search.cpu_share.local_trainers", lambda study: 2)  # another command
     assert main(args(tmp_path, image_folder, "--trials", "1", "--proxy-epochs", "2")) == 0
     assert study_of(tmp_path).trials[0].user_attrs["train_threads"] == [1]
     assert pd.read_csv(tmp_path / "s" / "trials.csv").train_threads[0] == "[1]"

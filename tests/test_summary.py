@@ -9,7 +9,8 @@ import torch
 
 from nas.arch import load_architecture
 from nas.cost import count_macs, count_params
-from nas.model import build_model, failed_allocation
+from nas.host import failed_allocation
+from nas.model import build_model
 from nas.summary import main, summarize
 
 

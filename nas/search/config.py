@@ -24,7 +24,7 @@ from nas.cli import (
     file_in_the_way,
     is_plain_folder_name,
 )
-from nas.latency import available_cpus
+from nas.host import available_cpus
 from nas.proxy import ProxyBudget
 from nas.reward import MODES, exponents
 from nas.runtimes import DEFAULT_RUNTIME, PRECISIONS, RUNTIME_NAMES

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import optuna
 
+from nas.host import available_cpus
 from nas.interrupts import INTERRUPTED
-from nas.latency import available_cpus
 from nas.search.config import SearchConfig
 from nas.search.liveness import local_trainers
 

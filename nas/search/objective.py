@@ -139,7 +139,7 @@ def _set_attrs(trial: Any, record: dict[str, Any]) -> None:
 def make_objective(ctx: Context):
     """The Optuna objective: a failing candidate fails its trial with the reason recorded."""
 
-    def evaluate(trial: optuna.Trial):
+    def score(trial: optuna.Trial):
         trial.set_user_attr("worker", worker_id())  # stamped at creation by StampedStorage
         try:
             arch = ctx.space.sample(trial)
@@ -163,7 +163,7 @@ def make_objective(ctx: Context):
 
     def objective(trial: optuna.Trial):
         try:
-            return evaluate(trial)
+            return score(trial)
         except (optuna.TrialPruned, CandidateFailed):
             raise
         except BaseException as e:
