@@ -1237,3 +1237,33 @@ def test_an_interrupted_process_fails_its_own_running_trial_but_not_others():
     states = [t.state for t in study.trials]
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING]
     assert study.trials[0].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+
+
+def test_every_flag_is_a_field_of_the_frozen_config_with_the_same_default():
+    from nas.search.config import build_parser, config_from_argv, resolve
+
+    dests = {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
+    fields = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
+    assert set(fields) - set(dests) == {"worker_index", "local_workers"}  # not flags
+    for dest, default in dests.items():
+        if dest not in ("target_ms", "baselines"):
+            assert fields[dest] == default, dest
+    config = config_from_argv(["--target-ms", "5", "--baselines", " mobilenet_v2, ,mnasnet_a1"])
+    assert config == SearchConfig(target_ms=5.0, baselines=("mobilenet_v2", "mnasnet_a1"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.trials = 3
+    resolved = resolve(config)
+    assert (resolved.sampler, resolved.train_device) == ("tpe", "cpu")
+    assert resolve(resolved) == resolved
+    pareto = resolve(dataclasses.replace(config, objective="pareto", device="cpu"))
+    assert pareto.sampler == "nsga2" and pareto.exponents == (-0.07, -0.07)
+    child = resolved.child(2)
+    assert (child.workers, child.baselines, child.worker_index) == (1, (), 2)
+
+
+def test_the_python_api_refuses_bad_input_with_the_flags_words(tmp_path):
+    from nas.search import UsageError, run
+
+    with pytest.raises(UsageError, match="--proxy-batch 64: must be <= --proxy-images 32"):
+        run(SearchConfig(target_ms=1, proxy_images=32, proxy_batch=64, runs_dir=str(tmp_path)))
+    assert list(tmp_path.iterdir()) == []

@@ -213,15 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_argv(argv: list[str] | None = None) -> SearchConfig:
-    """Parse and check the flags (argparse's own errors exit at once; ours raise UsageError)."""
+    """The flags as a SearchConfig (argparse's own errors exit at once); `resolve` checks it."""
     ns = build_parser().parse_args(argv)
     values = vars(ns)
     values["baselines"] = tuple(n.strip() for n in ns.baselines.split(",") if n.strip())
-    return resolve(SearchConfig(**values))
+    return SearchConfig(**values)
 
 
 def resolve(config: SearchConfig) -> SearchConfig:
-    """Check the flags, then fill in the defaults that depend on other flags."""
+    """Check the flags (UsageError names the first bad one), then fill in the defaults that
+    depend on other flags. Resolving a resolved configuration changes nothing."""
     check(config)
     return dataclasses.replace(
         config, sampler=config.sampler or ("nsga2" if config.objective == "pareto" else "tpe"),

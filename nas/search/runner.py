@@ -29,7 +29,7 @@ from nas.results import BaselinesError, load_baselines, write_results
 from nas.run_folder import LATENCY_CACHE, write_run_meta
 from nas.search.baselines import run_baselines
 from nas.search.callbacks import Progress, StopAtTrials, StopOnInterrupt
-from nas.search.config import SearchConfig, UsageError, config_from_argv
+from nas.search.config import SearchConfig, UsageError, config_from_argv, resolve
 from nas.search.cpu_share import SHARED_NOTE, train_threads
 from nas.search.liveness import fail_dead_local_trials
 from nas.search.objective import Context, make_objective
@@ -95,8 +95,12 @@ def environment() -> dict[str, Any]:
 
 
 def run(config: SearchConfig, write: bool = True, ready=None, stop=None) -> int:
-    """The search; `write`: this is the first process, which writes run.json and the results
-    (a --workers child does not). `ready` is set once the trials start; `stop` stops them."""
+    """The search, as `python -m nas.search` runs it; returns its exit status (0, or 130/143
+    after an interrupt). Bad input raises UsageError (or the error of the file at fault).
+
+    `write`: this is the first process, which writes run.json and the results (a --workers
+    child does not). `ready` is set once the trials start; `stop` stops them."""
+    config = resolve(config)
     ctx, run_dir, settings = prepare(config)
     load_baselines(run_dir)  # a damaged baselines.csv is refused before anything is written
     torch.set_num_threads(train_threads(config))
@@ -182,12 +186,7 @@ def print_summary(files: dict[str, Path]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m nas.search`; returns the exit status."""
-    try:
-        config = config_from_argv(argv)
-    except UsageError as e:
-        print(f"nas.search: error: {e}", file=sys.stderr)
-        return 2
-    return guarded_run(config)
+    return guarded_run(config_from_argv(argv))
 
 
 def guarded_run(config: SearchConfig, write: bool = True, ready=None, stop=None) -> int:
