@@ -31,7 +31,7 @@ from nas.interrupts import run_tool
 from nas.latency import MIN_INPUT_SIZE
 from nas.model import build_model
 from nas.pareto import best_trial_row, pareto_frame, trials_frame
-from nas.run_folder import RunFolderError, load_run_study
+from nas.run_folder import CONFIRM_CSV, RunFolderError, load_run_study
 from nas.runtimes import (
     PRECISIONS,
     RUNTIMES,
@@ -72,6 +72,23 @@ def select_row(df: pd.DataFrame, *, trial: int | None, pareto: int | None) -> pd
                               f"(0 = fastest .. {len(front) - 1} = most accurate)")
         return front.iloc[pareto]
     return best_trial_row(df)
+
+
+def confirmed_trial(run: Path) -> int:
+    """The trial nas.confirm marked confirmed_best in the run's confirm.csv."""
+    path = run / CONFIRM_CSV
+    if not path.is_file():
+        raise ExportError(f"--confirmed: {path} does not exist; run python -m nas.confirm {run} "
+                          f"first")
+    try:
+        df = pd.read_csv(path)
+        best = df[df["confirmed_best"].astype(bool)]
+    except (OSError, ValueError, KeyError) as e:
+        raise ExportError(f"--confirmed: {path}: not nas.confirm's table "
+                          f"({type(e).__name__})") from None
+    if not len(best):
+        raise ExportError(f"--confirmed: {path}: no candidate has finished its confirmation yet")
+    return int(best.trial.iloc[0])
 
 
 def row_architecture(row: pd.Series) -> Architecture:
@@ -233,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--trial", type=int, default=None, help="trial number")
     which.add_argument("--pareto", type=int, default=None,
                        help="K-th point of the Pareto front, 0 = fastest")
+    which.add_argument("--confirmed", action="store_true",
+                       help="the candidate with the best confirmed reward (nas.confirm's "
+                            "confirm.csv)")
     p.add_argument("-o", "--output", required=True, help="architecture file (.yaml or .json)")
     p.add_argument("--storage", default=None, help="Optuna storage URL if not the run's own")
     p.add_argument("--network", type=Path, default=None,
@@ -259,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 def export(args: argparse.Namespace) -> str:
     """Read the run, then write every output or none; returns what was exported."""
     study, meta = load_run_study(Path(args.run), args.storage)
-    row = select_row(trials_frame(study), trial=args.trial, pareto=args.pareto)
+    trial = confirmed_trial(Path(args.run)) if args.confirmed else args.trial
+    row = select_row(trials_frame(study), trial=trial, pareto=args.pareto)
     # a config names where it came from: <run>-trial-<n>
     name = f"{meta.get('study_name', Path(args.run).name)}-trial-{int(row['number'])}"
     arch = dataclasses.replace(row_architecture(row), name=name)

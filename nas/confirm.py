@@ -1,0 +1,467 @@
+"""Confirm a search's answer the way MnasNet ends its search: train the top candidates and the
+baselines fully, re-measure their latency together, and compare them at equal latency.
+
+    python -m nas.confirm runs/search --top 3 --epochs 20 --seeds 2 --match-latency
+
+Writes, beside the run's files: confirm.csv (one row per network: latency, proxy accuracy, test
+accuracy per seed and mean +- sd, parameters, multiply-adds), confirm.html (confirmed accuracy
+against latency with the baselines; proxy against confirmed accuracy with Kendall tau) and
+confirmed.yaml (the candidate with the best confirmed reward; `nas.export --confirmed` picks it).
+Trainings are nas.train's recipe on the network form the proxy ranked, each in its own folder
+under confirm/, resumed after Ctrl-C or SIGTERM by the same command; a second call trains only
+what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+from scipy.stats import kendalltau
+
+from nas.arch import ArchError, Architecture, load_architecture, save_architecture
+from nas.cli import MAX_SEED, HelpFormatter, Parser, oserror_line
+from nas.cost import count_macs, count_params
+from nas.data import DataError, DataSplits, load_data
+from nas.files import write_atomic
+from nas.host import is_out_of_memory
+from nas.interrupts import run_tool
+from nas.latency import LatencyError, latency_context, measure_latency
+from nas.model import TooLargeError, build_model
+from nas.pareto import pareto_frame, trials_frame
+from nas.proxy import CandidateFailed
+from nas.results import BaselinesError, load_baselines
+from nas.reward import reward
+from nas.run_folder import (
+    CONFIRM_CSV,
+    CONFIRM_DIR,
+    CONFIRM_HTML,
+    CONFIRMED_YAML,
+    RunFolderError,
+    load_run_study,
+)
+from nas.runtimes.base import calibration_sample
+from nas.train import TrainConfig, train
+from nas.width_match import match_width
+
+LATENCY_FILE = "latency.json"  # under confirm/: the one sitting's measurements
+CALIBRATION_IMAGES = 8  # as nas.search: what quantizes an int8 network for its latency
+
+
+class ConfirmError(ValueError):
+    """A bad flag or run folder: one line, exit 2, nothing written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfirmConfig:
+    run: Path
+    top: int = 3
+    epochs: int = 20
+    seeds: int = 2
+    baselines: tuple[str, ...] | None = None  # None: the run's own (baselines.csv)
+    match_latency: bool = False
+    latency: bool = True  # False: --no-latency, the run's own measurements are used
+    latency_time: float = 2.0
+    data: str | None = None  # None: the run's
+    device: str = "cpu"
+    batch_size: int = 128
+    lr: float = 0.1
+    storage: str | None = None
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class Network:
+    """One network to confirm: a searched candidate, a baseline or a width-matched baseline."""
+
+    name: str
+    kind: str  # candidate | baseline | matched
+    arch: Architecture
+    trial: int | None = None
+    proxy_accuracy: float = math.nan
+    latency_ms: float = math.nan  # the run's own measurement until re-measured
+    latency_cv: float = math.nan
+    matched_to: str = ""  # for a matched baseline: the candidate and how close it got
+
+
+# --------------------------------------------------------------------------- what to confirm
+
+
+def candidates(study, settings: dict[str, Any], top: int) -> list[Network]:
+    """The top `top` by reward; with --objective pareto, the front members nearest T."""
+    df = trials_frame(study)
+    done = df[df.state == "COMPLETE"] if len(df) else df
+    if not len(done):
+        raise ConfirmError("the run has no completed trial yet: nothing to confirm")
+    if settings.get("objective") == "pareto":
+        front = pareto_frame(df)
+        gap = (pd.to_numeric(front.latency_ms) - settings["target_ms"]).abs()
+        chosen = front.assign(gap=gap).sort_values(["gap", "number"]).head(top)
+    else:
+        chosen = done.sort_values(["reward", "number"], ascending=[False, True]).head(top)
+    nets = []
+    for _, row in chosen.iterrows():
+        value = row["arch_dict"]
+        arch = Architecture.from_dict(json.loads(value) if isinstance(value, str) else value)
+        nets.append(Network(f"trial-{int(row['number'])}", "candidate", arch,
+                            trial=int(row["number"]), proxy_accuracy=float(row["accuracy"]),
+                            latency_ms=float(row["latency_ms"]),
+                            latency_cv=float(row.get("latency_cv", math.nan))))
+    return nets
+
+
+def baselines(run: Path, names: tuple[str, ...] | None) -> list[Network]:
+    """--baselines, or the run's own, with their proxy accuracy where the run measured it."""
+    table = load_baselines(run)
+    known = {r["baseline"]: r for r in table.to_dict("records")} if len(table) else {}
+    if names is None:
+        names = tuple(known)
+    nets = []
+    for name in names:
+        row = known.get(name, {})
+        nets.append(Network(name, "baseline", load_architecture(name),
+                            proxy_accuracy=float(row.get("accuracy", math.nan)),
+                            latency_ms=float(row.get("latency_ms", math.nan)),
+                            latency_cv=float(row.get("latency_cv", math.nan))))
+    return nets
+
+
+# --------------------------------------------------------------------------- latency
+
+
+class Latency:
+    """Latency as the run measured it (runtime, precision, input size, threads, device)."""
+
+    def __init__(self, settings: dict[str, Any], data: DataSplits, seconds: float) -> None:
+        self.settings, self.data, self.seconds = settings, data, seconds
+        self.calibration = (calibration_sample(data.train, CALIBRATION_IMAGES, mean=data.mean,
+                                               std=data.std)
+                            if settings.get("precision", "fp32") != "fp32" else None)
+
+    def __call__(self, arch: Architecture) -> tuple[float, float]:
+        s = self.settings
+        model = build_model(arch, num_classes=self.data.num_classes)
+        lat = measure_latency(model, s["input_size"], device=s["device"], threads=s["threads"],
+                              runtime=s.get("runtime", "eager"),
+                              precision=s.get("precision", "fp32"),
+                              min_time_s=self.seconds / 2, max_time_s=self.seconds,
+                              calibration=self.calibration)
+        return lat.median_ms, lat.cv
+
+
+def check_same_target(settings: dict[str, Any]) -> str:
+    """This machine's latency device; a run measured elsewhere cannot be re-measured here."""
+    here = latency_context(settings["input_size"], device=settings["device"],
+                           threads=settings["threads"], runtime=settings.get("runtime", "eager"),
+                           precision=settings.get("precision", "fp32")).device_name
+    there = settings.get("latency_device")
+    if there and there != here:
+        raise ConfirmError(f"the run measured latency on {there}, this machine is {here}: "
+                           f"latency cannot be re-measured here; run nas.confirm there, or pass "
+                           f"--no-latency to use the run's own measurements")
+    return here
+
+
+def measure_all(nets: list[Network], measure: Latency, folder: Path) -> None:
+    """Every network's latency in one sitting, kept in confirm/latency.json: measured again,
+    all together, only when a network is new to it."""
+    path = folder / LATENCY_FILE
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if any(n.arch.to_str() not in saved.get("ms", {}) for n in nets):
+        print(f"measuring the latency of {len(nets)} networks in one sitting ...", flush=True)
+        saved = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "ms": {}, "cv": {}}
+        for n in nets:
+            saved["ms"][n.arch.to_str()], saved["cv"][n.arch.to_str()] = measure(n.arch)
+        write_atomic(path, json.dumps(saved, indent=1))
+    for n in nets:
+        n.latency_ms, n.latency_cv = saved["ms"][n.arch.to_str()], saved["cv"][n.arch.to_str()]
+
+
+def matched_baselines(families: list[Network], nets: list[Network],
+                      measure: Latency) -> list[Network]:
+    """For each baseline family and each candidate, the width multiplier (multiples of 0.05)
+    whose latency on this target is nearest the candidate's."""
+    out: dict[str, Network] = {}
+    for fam in families:
+        spec = fam.name.split("@")[0]
+        for cand in (n for n in nets if n.kind == "candidate"):
+            m = match_width(spec, cand.latency_ms, lambda s: measure(load_architecture(s))[0])
+            how = f"{cand.name} ({m.gap:+.1%})"
+            if m.spec_at in out:
+                out[m.spec_at].matched_to += f", {how}"
+            else:
+                out[m.spec_at] = Network(m.spec_at, "matched", load_architecture(m.spec_at),
+                                         matched_to=how)
+            print(f"{spec}: x{m.mult:g} runs at {m.latency_ms:.2f} ms, nearest {cand.name}'s "
+                  f"{cand.latency_ms:.2f} ms ({m.gap:+.1%})", flush=True)
+    return list(out.values())
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_folder(run: Path, net: Network, cfg: TrainConfig) -> Path:
+    """confirm/<network>/<recipe>/seed<s>: another recipe is another experiment, not a resume."""
+    recipe = f"e{cfg.epochs}-b{cfg.batch_size}-lr{cfg.lr:g}-fm{cfg.final_map}"
+    return run / CONFIRM_DIR / net.name / recipe / f"seed{cfg.seed}"
+
+
+def train_one(net: Network, folder: Path, cfg: TrainConfig, data: DataSplits,
+              config: ConfirmConfig) -> dict[str, Any]:
+    """metrics.json of a finished training (trained now unless it is there); a training that
+    fails records its reason in failed.json, which the next call retries."""
+    done, failed = folder / "metrics.json", folder / "failed.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    failed.unlink(missing_ok=True)
+    print(f"training {net.name} (seed {cfg.seed}, {cfg.epochs} epochs) in {folder}", flush=True)
+    try:
+        metrics = train(net.arch, folder, cfg, data=data, device=config.device,
+                        progress=config.progress)
+    except (CandidateFailed, TooLargeError, ArchError) as e:
+        return _failed(failed, str(e))
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        return _failed(failed, "out of memory")
+    metrics["seconds"] = sum(h["seconds"] for h in metrics["history"])
+    write_atomic(done, json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _failed(path: Path, reason: str) -> dict[str, Any]:
+    print(f"  failed: {reason}", flush=True)
+    write_atomic(path, json.dumps({"fail_reason": reason}))
+    return {"fail_reason": reason}
+
+
+# --------------------------------------------------------------------------- results
+
+
+def table(nets: list[Network], results: dict[str, list[dict]], settings: dict[str, Any],
+          data: DataSplits, cfg: TrainConfig) -> pd.DataFrame:
+    rows = []
+    alpha, beta, target = settings["alpha"], settings["beta"], settings["target_ms"]
+    for n in nets:
+        runs = results.get(n.name, [])
+        accs = [r.get("test_accuracy") for r in runs]
+        ok = [a for a in accs if a is not None]
+        model = build_model(n.arch, num_classes=data.num_classes)
+        row = {"network": n.name, "kind": n.kind, "trial": n.trial, "arch": n.arch.to_str(),
+               "latency_ms": n.latency_ms, "latency_cv": n.latency_cv,
+               "proxy_accuracy": n.proxy_accuracy,
+               **{f"test_accuracy_seed{i}": a for i, a in enumerate(accs)},
+               "seeds": len(ok),
+               "test_accuracy_mean": sum(ok) / len(ok) if ok else math.nan,
+               "test_accuracy_sd": pd.Series(ok).std() if len(ok) > 1 else math.nan,
+               "params": count_params(model),
+               "macs": count_macs(model, settings["input_size"]),
+               "epochs": cfg.epochs, "seconds": sum(r.get("seconds", 0) for r in runs),
+               "matched_to": n.matched_to,
+               "fail_reason": "; ".join(r["fail_reason"] for r in runs if "fail_reason" in r)}
+        row["reward"] = (reward(row["test_accuracy_mean"], n.latency_ms, target, alpha=alpha,
+                                beta=beta) if ok and math.isfinite(n.latency_ms) else math.nan)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    best = df[df.kind == "candidate"].reward.astype(float)
+    df["confirmed_best"] = False
+    if best.notna().any():
+        df.loc[best.idxmax(), "confirmed_best"] = True
+    return df
+
+
+def figure(df: pd.DataFrame, *, target_ms: float, runtime: str) -> go.Figure:
+    done = df[df.seeds > 0]
+    both = done[done.proxy_accuracy.notna()]
+    tau = (kendalltau(both.proxy_accuracy, both.test_accuracy_mean).statistic
+           if len(both) >= 3 else math.nan)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        f"confirmed accuracy against latency ({runtime})",
+        f"proxy against confirmed accuracy (Kendall tau {tau:.2f}, {len(both)} networks)"))
+    for kind, symbol in (("candidate", "circle"), ("baseline", "square"),
+                         ("matched", "diamond")):
+        part = done[done.kind == kind]
+        if not len(part):
+            continue
+        fig.add_trace(go.Scatter(
+            x=part.latency_ms, y=part.test_accuracy_mean, mode="markers+text", name=kind,
+            text=part.network, textposition="top center", marker={"symbol": symbol, "size": 10},
+            error_y={"type": "data", "array": part.test_accuracy_sd.fillna(0)}), row=1, col=1)
+        fig.add_trace(go.Scatter(
+            x=part.proxy_accuracy, y=part.test_accuracy_mean, mode="markers", name=kind,
+            text=part.network, marker={"symbol": symbol, "size": 10}, showlegend=False),
+            row=1, col=2)
+    fig.add_vline(x=target_ms, line_dash="dash", annotation_text=f"T = {target_ms:g} ms",
+                  row=1, col=1)
+    fig.update_xaxes(title_text="latency (ms)", row=1, col=1)
+    fig.update_xaxes(title_text="proxy accuracy", row=1, col=2)
+    fig.update_yaxes(title_text="test accuracy (mean, +- sd over seeds)", row=1, col=1)
+    fig.update_yaxes(title_text="test accuracy", row=1, col=2)
+    fig.update_layout(title=f"nas.confirm: {int(done.epochs.max()) if len(done) else 0} "
+                            f"epochs", height=560)
+    return fig
+
+
+def write_outputs(run: Path, df: pd.DataFrame, nets: list[Network], settings: dict[str, Any],
+                  meta: dict[str, Any]) -> list[Path]:
+    paths = [write_atomic(run / CONFIRM_CSV, df.to_csv(index=False)),
+             write_atomic(run / CONFIRM_HTML, figure(
+                 df, target_ms=settings["target_ms"],
+                 runtime=settings.get("runtime", "eager")).to_html(include_plotlyjs=True))]
+    best = df[df.confirmed_best]
+    if len(best):
+        net = next(n for n in nets if n.name == best.network.iloc[0])
+        name = f"{meta.get('study_name', run.name)}-trial-{net.trial}"
+        paths.append(save_architecture(dataclasses.replace(net.arch, name=name),
+                                       run / CONFIRMED_YAML))
+    return paths
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def confirm(config: ConfirmConfig) -> pd.DataFrame:
+    """Everything that can fail on input is checked before the first file is written."""
+    study, meta = load_run_study(config.run, config.storage)
+    settings = meta.get("settings") or {}
+    missing = [k for k in ("target_ms", "alpha", "beta", "input_size", "device", "threads")
+               if k not in settings]
+    if missing:
+        raise ConfirmError(f"{config.run / 'run.json'}: settings lack {', '.join(missing)}")
+    cands = candidates(study, settings, config.top)
+    bases = baselines(config.run, config.baselines)
+    if config.match_latency and not bases:
+        raise ConfirmError("--match-latency: no baseline to match (the run has none; name "
+                           "some with --baselines)")
+    if config.latency:
+        check_same_target(settings)
+    data = load_data(config.data or settings.get("data"), val_size=0)
+    if meta.get("classes") and list(data.classes) != list(meta["classes"]):
+        raise ConfirmError(f"--data {config.data or settings.get('data')}: classes "
+                           f"{list(data.classes)[:5]} are not the run's {meta['classes'][:5]}")
+    if config.batch_size > len(data.full_train):
+        raise ConfirmError(f"--batch-size {config.batch_size}: must be <= the "
+                           f"{len(data.full_train)} training images")
+    final_map = (settings.get("budget") or {}).get("final_map", 1)
+    nets = cands + bases
+    folder = config.run / CONFIRM_DIR
+    folder.mkdir(exist_ok=True)
+    if config.latency:
+        measure = Latency(settings, data, config.latency_time)
+        measure_all(nets, measure, folder)
+        if config.match_latency:
+            nets += [m for m in matched_baselines(bases, nets, measure)
+                     if m.name not in {n.name for n in nets}]
+            measure_all(nets, measure, folder)
+    results: dict[str, list[dict]] = {}
+    cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                      final_map=final_map)
+    try:
+        for net in nets:
+            # the top candidate and every baseline get every seed; the other candidates one
+            seeds = config.seeds if (net.kind != "candidate" or net is cands[0]) else 1
+            for seed in range(seeds):
+                c = dataclasses.replace(cfg, seed=seed)
+                results.setdefault(net.name, []).append(
+                    train_one(net, train_folder(config.run, net, c), c, data, config))
+    finally:  # after an interrupt too: the finished trainings are in the table
+        df = table(nets, results, settings, data, cfg)
+        write_outputs(config.run, df, nets, settings, meta)
+    return df
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="nas.confirm", description=__doc__.split("\n\n")[0],
+               formatter_class=HelpFormatter)
+    p.add_argument("run", type=Path, help="run folder, e.g. runs/search")
+    p.add_argument("--top", type=int, default=3,
+                   help="candidates to confirm: the best by reward (with --objective pareto, "
+                        "the front members nearest T)")
+    p.add_argument("--epochs", type=int, default=20, help="full-training epochs (nas.train)")
+    p.add_argument("--seeds", type=int, default=2,
+                   help="seeds for the top candidate and every baseline (the others: one)")
+    p.add_argument("--baselines", default=None,
+                   help="comma-separated reference networks, NAME or NAME@m (default: the "
+                        "run's --baselines)")
+    p.add_argument("--match-latency", action="store_true",
+                   help="also train each baseline family at the width multiplier (multiples "
+                        "of 0.05) whose latency is nearest each candidate's")
+    p.add_argument("--no-latency", dest="latency", action="store_false",
+                   help="use the run's own latencies instead of re-measuring (for a run "
+                        "searched on another machine)")
+    p.add_argument("--latency-time", type=float, default=2.0,
+                   help="seconds of measuring per network")
+    p.add_argument("--data", default=None, help="training data (default: the run's)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="training device")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
+    p.add_argument("--storage", default=None, help="Optuna storage URL if not the run's own")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no per-step progress bar")
+    return p
+
+
+def config_from_argv(argv: list[str] | None = None) -> ConfirmConfig:
+    args = build_parser().parse_args(argv)
+    values = vars(args)
+    if args.baselines is not None:
+        values["baselines"] = tuple(n.strip() for n in args.baselines.split(",") if n.strip())
+    config = ConfirmConfig(**values)
+    check(config)
+    return config
+
+
+def check(c: ConfirmConfig) -> None:
+    for flag in ("top", "epochs", "seeds", "batch_size"):
+        if getattr(c, flag) < 1:
+            raise ConfirmError(f"--{flag.replace('_', '-')} {getattr(c, flag)}: must be >= 1")
+    if c.seeds - 1 > MAX_SEED:
+        raise ConfirmError(f"--seeds {c.seeds}: at most {MAX_SEED + 1}")
+    for flag in ("lr", "latency_time"):
+        value = getattr(c, flag)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfirmError(f"--{flag.replace('_', '-')} {value:g}: must be a finite number "
+                               f"> 0")
+    if c.match_latency and not c.latency:
+        raise ConfirmError("--match-latency needs latency measured here; leave out "
+                           "--no-latency")
+    if c.device == "cuda" and not torch.cuda.is_available():
+        raise ConfirmError("--device cuda: no CUDA GPU is available on this machine; use cpu")
+    if not c.run.is_dir():
+        raise ConfirmError(f"{c.run}: no such run folder")
+    for name in c.baselines or ():
+        try:
+            load_architecture(name)
+        except ArchError as e:
+            raise ConfirmError(f"--baselines: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        df = confirm(config_from_argv(argv))
+    except (ConfirmError, RunFolderError, BaselinesError, ArchError, DataError,
+            LatencyError) as e:
+        print(f"nas.confirm: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"nas.confirm: error: {oserror_line(e)}", file=sys.stderr)
+        return 2
+    cols = ["network", "latency_ms", "proxy_accuracy", "test_accuracy_mean",
+            "test_accuracy_sd", "seeds", "reward"]
+    print("\n" + df[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
+if __name__ == "__main__":
+    run_tool(main, "nas.confirm")

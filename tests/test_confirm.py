@@ -1,0 +1,182 @@
+"""nas.confirm on a tiny finished search: full trainings of the top candidates and baselines,
+latency re-measured together, resumable, bad input as one line."""
+
+import json
+import shutil
+
+import optuna
+import pandas as pd
+import pytest
+from conftest import one_line_error
+
+from nas import confirm, export
+from nas.arch import load_architecture
+from nas.cost import count_params
+from nas.model import build_model
+from nas.proxy import CandidateFailed
+from nas.search import main as search
+
+FAST = ["--epochs", "1", "--batch-size", "32", "--latency-time", "0.1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def searched(image_folder, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    assert search(["--space", "tiny", "--val-size", "30", "--proxy-images", "64",
+                   "--proxy-batch", "32", "--input-size", "32", "--latency-time", "0.1",
+                   "--target-ms", "5", "--proxy-epochs", "1", "--runtime", "eager",
+                   "--trials", "3", "--sampler", "random", "--baselines", "mobilenet_v3_small",
+                   "--data", str(image_folder), "--runs-dir", str(runs), "--name", "s"]) == 0
+    return runs / "s"
+
+
+@pytest.fixture
+def run(searched, tmp_path):
+    """A copy of the searched run folder, for a test to confirm in."""
+    return shutil.copytree(searched, tmp_path / "s")
+
+
+def metrics(run, network):
+    return [json.loads(p.read_text())
+            for p in sorted((run / "confirm" / network).glob("*/seed*/metrics.json"))]
+
+
+def test_confirms_the_top_candidates_and_baselines_and_writes_the_table(run, tmp_path):
+    assert confirm.main([str(run), "--top", "2", "--seeds", "2", *FAST]) == 0
+    df = pd.read_csv(run / "confirm.csv")
+    trials = pd.read_csv(run / "trials.csv")
+    done = trials[trials.state == "COMPLETE"].sort_values("reward", ascending=False)
+    top = [f"trial-{n}" for n in done.number[:2]]
+    assert list(df.network) == [*top, "mobilenet_v3_small"]
+    assert list(df.seeds) == [2, 1, 2]  # every seed for the top candidate and the baselines
+    for _, row in df.iterrows():
+        accs = [m["test_accuracy"] for m in metrics(run, row.network)]
+        assert len(accs) == row.seeds
+        assert row.test_accuracy_mean == pytest.approx(sum(accs) / len(accs))
+        if row.kind == "baseline":
+            assert row.params == count_params(build_model(load_architecture(row.network),
+                                                          num_classes=3))
+        else:
+            assert row.params == trials.set_index("number").params[row.trial]
+        assert row.latency_ms > 0 and row.epochs == 1
+    assert list(df.proxy_accuracy[:2]) == pytest.approx(list(done.accuracy[:2]))
+    assert df.test_accuracy_sd[0] == pytest.approx(pd.Series(
+        [m["test_accuracy"] for m in metrics(run, top[0])]).std())
+    best = df[df.confirmed_best]
+    assert len(best) == 1 and best.kind.iloc[0] == "candidate"
+    assert best.reward.iloc[0] == df[df.kind == "candidate"].reward.max()
+    assert load_architecture(run / "confirmed.yaml").to_str() == best.arch.iloc[0]
+    html = (run / "confirm.html").read_text()
+    assert "Kendall tau" in html and "mobilenet_v3_small" in html
+    # nas.export picks the confirmed best
+    out = tmp_path / "picked.yaml"
+    assert export.main([str(run), "--confirmed", "-o", str(out)]) == 0
+    assert load_architecture(out).to_str() == best.arch.iloc[0]
+
+
+def test_a_second_call_trains_only_what_is_missing(run, monkeypatch):
+    assert confirm.main([str(run), "--top", "1", "--seeds", "1", *FAST]) == 0
+    first = pd.read_csv(run / "confirm.csv")
+    trained = []
+    real = confirm.train
+
+    def counted(arch, folder, cfg, **kw):
+        trained.append((folder.parts[-3], cfg.seed))
+        return real(arch, folder, cfg, **kw)
+
+    monkeypatch.setattr(confirm, "train", counted)
+    assert confirm.main([str(run), "--top", "1", "--seeds", "1", *FAST]) == 0
+    assert trained == []
+    again = pd.read_csv(run / "confirm.csv")
+    pd.testing.assert_frame_equal(first, again)
+    assert confirm.main([str(run), "--top", "1", "--seeds", "2", *FAST]) == 0
+    assert trained == [(first.network[0], 1), ("mobilenet_v3_small", 1)]  # the new seeds only
+
+
+def test_an_interrupt_keeps_the_finished_trainings_and_the_same_command_resumes(run,
+                                                                                monkeypatch):
+    real, calls, once = confirm.train, [], [True]
+
+    def interrupted_second(arch, folder, cfg, **kw):
+        calls.append(folder)
+        if len(calls) == 2 and once and once.pop():
+            raise KeyboardInterrupt
+        return real(arch, folder, cfg, **kw)
+
+    monkeypatch.setattr(confirm, "train", interrupted_second)
+    with pytest.raises(KeyboardInterrupt):
+        confirm.main([str(run), "--top", "1", "--seeds", "2", *FAST])
+    table = pd.read_csv(run / "confirm.csv")  # written with what finished
+    assert list(table.seeds) == [1, 0]
+    calls.clear()
+    assert confirm.main([str(run), "--top", "1", "--seeds", "2", *FAST]) == 0
+    assert [c.parts[-1] for c in calls] == ["seed1", "seed0", "seed1"]  # not the first again
+    assert list(pd.read_csv(run / "confirm.csv").seeds) == [2, 2]
+
+
+def test_a_failed_training_is_recorded_and_the_others_go_on(run, monkeypatch):
+    real = confirm.train
+
+    def fails_for_the_baseline(arch, folder, cfg, **kw):
+        if "mobilenet_v3_small" in str(folder):
+            raise CandidateFailed("non-finite training loss (nan) in epoch 1")
+        return real(arch, folder, cfg, **kw)
+
+    monkeypatch.setattr(confirm, "train", fails_for_the_baseline)
+    assert confirm.main([str(run), "--top", "1", "--seeds", "1", *FAST]) == 0
+    df = pd.read_csv(run / "confirm.csv")
+    assert df.seeds.tolist() == [1, 0]
+    assert df.fail_reason[1] == "non-finite training loss (nan) in epoch 1"
+    assert df.confirmed_best[0]
+
+
+def test_match_latency_adds_width_scaled_baselines_nearest_each_candidate(run):
+    assert confirm.main([str(run), "--top", "1", "--seeds", "1", "--match-latency",
+                         *FAST]) == 0
+    df = pd.read_csv(run / "confirm.csv")
+    matched = df[df.kind == "matched"]
+    assert len(matched) == 1
+    name = matched.network.iloc[0]
+    family, mult = name.split("@")
+    assert family == "mobilenet_v3_small" and 0.1 <= float(mult) <= 2.0
+    assert round(float(mult) / 0.05, 6) == round(float(mult) / 0.05)
+    assert matched.matched_to.iloc[0].startswith(df.network[0])
+    assert matched.seeds.iloc[0] == 1
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--top", "0"], "--top 0: must be >= 1"),
+    (["--baselines", "mobilenet_v2@abc"], "--baselines"),
+    (["--baselines", "no_such_net"], "--baselines"),
+    (["--match-latency", "--no-latency"], "--match-latency needs latency"),
+    (["--lr", "nan"], "--lr nan"),
+])
+def test_bad_flags_are_one_line_and_write_nothing(run, capsys, flags, fragment):
+    before = sorted(p.name for p in run.iterdir())
+    assert confirm.main([str(run), *flags, *FAST]) == 2
+    one_line_error(capsys, "nas.confirm", fragment)
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_a_run_from_another_machine_is_refused_unless_no_latency(run, capsys, monkeypatch):
+    monkeypatch.setattr("nas.latency.cpu_name", lambda: "Another CPU (family 1 model 2, avx2)")
+    assert confirm.main([str(run), "--top", "1", *FAST]) == 2
+    one_line_error(capsys, "nas.confirm", "--no-latency")
+    assert not (run / "confirm").exists()
+    assert confirm.main([str(run), "--top", "1", "--seeds", "1", "--no-latency", *FAST]) == 0
+    df = pd.read_csv(run / "confirm.csv")
+    trials = pd.read_csv(run / "trials.csv").set_index("number")
+    assert df.latency_ms[0] == pytest.approx(trials.latency_ms[int(df.trial[0])])  # the run's
+
+
+def test_a_run_without_a_complete_trial_is_one_line(tmp_path, capsys):
+    run = tmp_path / "empty"
+    run.mkdir()
+    storage = f"sqlite:///{run / 'study.db'}"
+    optuna.create_study(study_name="empty", storage=storage).ask()  # one RUNNING trial
+    (run / "run.json").write_text(json.dumps({"study_name": "empty", "settings": {
+        "target_ms": 5, "alpha": -0.07, "beta": -0.07, "input_size": 32, "device": "cpu",
+        "threads": 1}}))
+    assert confirm.main([str(run), *FAST]) == 2
+    one_line_error(capsys, "nas.confirm", "no completed trial")
+    assert not (run / "confirm").exists()
