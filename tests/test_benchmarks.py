@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -173,3 +174,28 @@ def test_a_benchmark_table_is_printed_and_kept_whole_in_a_folder_made_for_it(tmp
     assert out.read_text() == "# head\nrow 1\n" and capsys.readouterr().out == "# head\nrow 1\n"
     save_table("again", out)  # replaced, not appended
     assert out.read_text() == "again\n" and not list(out.parent.glob(".*tmp"))
+
+
+def test_the_search_outcome_benchmark_confirms_a_real_search_against_matched_baselines(
+        image_folder, tmp_path, capsys):
+    outcome = _benchmark("search_outcome")
+    out = tmp_path / "table.txt"
+    tiny = ("--space tiny --val-size 30 --proxy-images 64 --proxy-batch 32 --input-size 32 "
+            "--latency-time 0.1 --proxy-epochs 1 --runtime eager")
+    assert outcome.main(["--data", str(image_folder), "--trials", "2", "--top", "1",
+                         "--epochs", "1", "--seeds", "1", "--space", "tiny", "--batch-size", "32",
+                         "--runs-dir", str(tmp_path), "--search-flags", tiny,
+                         "--out", str(out)]) == 0
+    text = out.read_text()
+    confirmed = pd.read_csv(tmp_path / "outcome" / "confirm.csv")
+    matched = confirmed[confirmed.kind == "matched"]
+    assert sorted(n.split("@")[0] for n in matched.network) == sorted(
+        ["mobilenet_v2", "mnasnet_a1", confirmed[confirmed.kind == "baseline"].network.iloc[2]])
+    for name in confirmed.network:
+        assert name in text
+    verdicts = [line for line in text.splitlines() if " vs " in line]
+    assert len(verdicts) == 3  # the candidate against each matched family
+    cand = confirmed[confirmed.kind == "candidate"].iloc[0]
+    b = matched.iloc[0]
+    gap = 100 * (cand.test_accuracy_mean - b.test_accuracy_mean)
+    assert f"vs {b.network} " in verdicts[0] and f"{gap:+.2f} points" in verdicts[0]

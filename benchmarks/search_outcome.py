@@ -1,0 +1,130 @@
+"""Does the search's answer beat what a user would take off the shelf at the same latency?
+(issue #18, item 4)
+
+    python benchmarks/search_outcome.py --data ../shared/datasets/cifar10-jpg.tar.gz \\
+        --trials 60 --top 3 --epochs 20 --seeds 2 --out benchmarks/results/search_outcome_X.txt
+
+1. T between mobilenet_v3_small's and mobilenet_v2's latency on this machine, in the default
+   runtime (their geometric mean), unless --target-ms is given.
+2. A real search (nas.search's defaults; baselines mobilenet_v2, mnasnet_a1 and the
+   MobileNetV3 that brackets T) into runs/<name>/; resumed if it is there.
+3. nas.confirm --match-latency on it: the top candidates and each baseline family at the
+   width multiplier nearest each candidate's latency, trained fully with nas.train's recipe,
+   latency re-measured in one sitting; resumed if interrupted.
+4. The table: latency, test accuracy mean +- sd, parameters, multiply-adds; and the verdict:
+   each candidate against every baseline matched to its latency (goal: +1.0 point or more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import shlex
+import sys
+
+import pandas as pd
+
+from nas.arch import load_architecture
+from nas.confirm import ConfirmConfig, confirm
+from nas.data import load_data
+from nas.files import save_table
+from nas.host import cpu_name
+from nas.latency import measure_latency
+from nas.model import build_model
+from nas.search import run as search
+from nas.search.config import config_from_argv
+
+
+def bracketing_target(input_size: int, num_classes: int, runtime: str
+                      ) -> tuple[float, str, dict]:
+    """T between mobilenet_v3_small and mobilenet_v2, and the MobileNetV3 nearest it."""
+    ms = {name: measure_latency(build_model(load_architecture(name), num_classes=num_classes),
+                                input_size, runtime=runtime).median_ms
+          for name in ("mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2")}
+    target = math.sqrt(ms["mobilenet_v3_small"] * ms["mobilenet_v2"])
+    v3 = min(("mobilenet_v3_small", "mobilenet_v3_large"), key=lambda n: abs(ms[n] - target))
+    return target, v3, ms
+
+
+def verdict(df: pd.DataFrame) -> list[str]:
+    """Each confirmed candidate against every baseline matched to its latency."""
+    lines = []
+    for _, cand in df[(df.kind == "candidate") & (df.seeds > 0)].iterrows():
+        rivals = df[(df.kind == "matched") & (df.seeds > 0)
+                    & df.matched_to.fillna("").str.contains(f"{cand.network} ", regex=False)]
+        for _, b in rivals.iterrows():
+            gap = 100 * (cand.test_accuracy_mean - b.test_accuracy_mean)
+            lines.append(f"{cand.network} ({cand.latency_ms:.2f} ms, "
+                         f"{100 * cand.test_accuracy_mean:.2f}%) vs {b.network} "
+                         f"({b.latency_ms:.2f} ms, {100 * b.test_accuracy_mean:.2f}%): "
+                         f"{gap:+.2f} points {'(goal met)' if gap >= 1.0 else '(short of +1.0)'}")
+    return lines or ["no candidate with a confirmed, latency-matched baseline yet"]
+
+
+def format_table(df: pd.DataFrame) -> list[str]:
+    lines = [f"{'network':<26} {'kind':<9} {'lat ms':>7} {'test acc %':>15} {'seeds':>5} "
+             f"{'proxy':>6} {'params M':>8} {'MACs M':>7}  matched to"]
+    for _, r in df.iterrows():
+        matched = r.matched_to if isinstance(r.matched_to, str) else ""
+        sd = f" +- {100 * r.test_accuracy_sd:.2f}" if pd.notna(r.test_accuracy_sd) else ""
+        acc = f"{100 * r.test_accuracy_mean:.2f}{sd}" if r.seeds else "-"
+        lines.append(f"{r.network:<26} {r.kind:<9} {r.latency_ms:>7.2f} {acc:>15} "
+                     f"{int(r.seeds):>5} {r.proxy_accuracy:>6.3f} {r.params / 1e6:>8.2f} "
+                     f"{r.macs / 1e6:>7.1f}  {matched}".rstrip())
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--trials", type=int, default=60)
+    p.add_argument("--target-ms", type=float, default=None,
+                   help="default: between mobilenet_v3_small and mobilenet_v2 on this machine")
+    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--space", default="mnasnet")
+    p.add_argument("--name", default="outcome")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--device", default="cpu", help="training device of the confirmation")
+    p.add_argument("--batch-size", type=int, default=128, help="of the confirmation")
+    p.add_argument("--search-flags", default="",
+                   help="more nas.search flags, e.g. \"--proxy-images 4000\" (the tests: a tiny "
+                        "proxy)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    data = load_data(args.data, val_size=0)
+    flags = ["--data", args.data, "--trials", str(args.trials), "--space", args.space,
+             "--name", args.name, "--runs-dir", args.runs_dir, *shlex.split(args.search_flags)]
+    draft = config_from_argv(["--target-ms", "1", *flags])
+    target, v3, refs = bracketing_target(draft.input_size, data.num_classes, draft.runtime)
+    if args.target_ms is not None:
+        target = args.target_ms
+    families = ("mobilenet_v2", "mnasnet_a1", v3)
+    run_dir = draft.run_dir
+    if (run_dir / "run.json").exists():
+        print(f"resuming {run_dir}", flush=True)
+    status = search(dataclasses.replace(draft, target_ms=target, baselines=families))
+    if status != 0:
+        return status
+    df = confirm(ConfirmConfig(run_dir, top=args.top, epochs=args.epochs, seeds=args.seeds,
+                               baselines=families, match_latency=True, device=args.device,
+                               batch_size=args.batch_size, progress=False))
+    header = [f"# benchmarks/search_outcome.py on {cpu_name()}",
+              f"# command: python benchmarks/search_outcome.py {' '.join(argv or sys.argv[1:])}",
+              f"# reference latency ({draft.runtime}, {draft.input_size}x{draft.input_size}, "
+              f"1 thread): "
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in refs.items()),
+              f"# T = {target:.2f} ms; search {args.trials} trials in {args.space}; "
+              f"confirmation: top {args.top}, {args.epochs} epochs, {args.seeds} seeds for the "
+              f"top candidate and every baseline; run folder {run_dir}"]
+    text = "\n".join([*header, "", *format_table(df), "", *verdict(df)]) + "\n"
+    print(text)
+    if args.out:
+        save_table(text, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
