@@ -11,6 +11,10 @@ expansion ratio is a conditional parameter: `b{i}_expansion` is suggested only i
 `mbconv` for block i, which is what Optuna's define-by-run API is for. The file lists width
 multipliers; the parameter `b{i}_filters` asks the distinct widths they round to (16 x 0.75 and
 16 x 1.0 are one choice, 16), so no two parameter values name one network.
+
+A block's activation may be searched too (`choices.act`, MobileNetV3 style), and a top-level
+`choices:` may search the network-wide factors: the stem's and the head's widths and the
+squeeze-and-excite gate (parameters `stem_filters`, `head_filters`, `se_gate`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from nas.arch import (
     ACTS,
     KERNELS,
     OPS,
+    SE_GATES,
     SKIPS,
     SPACES_DIR,
     ArchError,
@@ -48,7 +53,10 @@ if TYPE_CHECKING:  # annotations only: importing the space needs neither optuna 
 DEFAULT_SPACE = "mnasnet"
 FILTER_DIVISOR = 8  # searched widths are rounded like MobileNetV2's width multiplier
 # A block's factors, as the space file names them; `param_name` gives their Optuna parameter names.
-FACTORS = ("op", "kernel", "expansion", "se_ratio", "skip", "repeats_delta", "filters_mult")
+FACTORS = ("op", "kernel", "expansion", "se_ratio", "skip", "repeats_delta", "filters_mult",
+           "act")
+# Network-wide factors a space may search (top-level `choices:`), each its own Optuna parameter.
+NETWORK_FACTORS = ("stem_filters", "head_filters", "se_gate")
 _PARAM_SUFFIX = {"filters_mult": "filters"}  # the parameter's values are widths, not multipliers
 _BASE_KEYS = ("filters", "repeats", "stride", "act")
 
@@ -75,6 +83,10 @@ _VALUE_RULES: dict[str, tuple[Any, str]] = {
     "skip": (lambda v: v in SKIPS, f"one of {list(SKIPS)}"),
     "repeats_delta": (_is_int, "integers"),
     "filters_mult": (lambda v: _is_number(v) and v > 0, "numbers > 0"),
+    "act": (lambda v: v in ACTS, f"one of {list(ACTS)}"),
+    "stem_filters": (lambda v: _is_int(v) and v >= 1, "integers >= 1"),
+    "head_filters": (lambda v: _is_int(v) and v >= 1, "integers >= 1"),
+    "se_gate": (lambda v: v in SE_GATES, f"one of {list(SE_GATES)}"),
 }
 
 
@@ -92,7 +104,7 @@ class BlockChoices:
     skip: tuple[str, ...] = ("identity",)
     repeats_delta: tuple[int, ...] = (0,)
     filters_mult: tuple[float, ...] = (1.0,)
-    act: str = "relu"
+    act: tuple[str, ...] = ("relu",)
 
     def choices(self, factor: str) -> tuple:
         return getattr(self, factor)
@@ -117,11 +129,11 @@ class BlockChoices:
         return sorted({self.width(m) for m in self.filters_mult})
 
     def spec(self, *, op: str, kernel: int, expansion: float, se_ratio: float, skip: str,
-             repeats_delta: int, filters: int) -> BlockSpec:
+             repeats_delta: int, filters: int, act: str | None = None) -> BlockSpec:
         return BlockSpec(op=op, kernel=kernel, filters=filters, stride=self.stride,
                          repeats=self.repeats + repeats_delta,
                          expansion=expansion if op == "mbconv" else 1, se_ratio=se_ratio,
-                         skip=skip, act=self.act)
+                         skip=skip, act=act or self.act[0])
 
     def size(self) -> int:
         """Block specs, every skip choice counted (SearchSpace.size drops those with no effect)."""
@@ -129,9 +141,9 @@ class BlockChoices:
             self.widths())
 
     def layer_variants(self) -> int:
-        """Op (with expansion for mbconv), kernel and SE combinations."""
+        """Op (with expansion for mbconv), kernel, SE and activation combinations."""
         ops = sum(len(self.expansion) if op == "mbconv" else 1 for op in self.op)
-        return ops * len(self.kernel) * len(self.se_ratio)
+        return ops * len(self.kernel) * len(self.se_ratio) * len(self.act)
 
     def skip_matters(self, cin: int, repeats: int, width: int) -> bool:
         """Can any layer take a shortcut? Only at stride 1 with equal widths (nas.blocks)."""
@@ -148,20 +160,40 @@ class BlockChoices:
                          filters=pick(self.widths()))
 
     def to_dict(self) -> dict[str, Any]:
-        choices = {f: list(self.choices(f)) for f in FACTORS if self.choices(f)}
+        """The file format; a fixed activation stays the block's `act` (as older files had it,
+        so a stored study's space compares equal)."""
+        choices = {f: list(self.choices(f)) for f in FACTORS if self.choices(f) and f != "act"}
+        fixed = {"act": self.act[0]} if len(self.act) == 1 else {}
+        if not fixed:
+            choices["act"] = list(self.act)
         return {"filters": self.filters, "repeats": self.repeats, "stride": self.stride,
-                "act": self.act, "choices": choices}
+                **fixed, "choices": choices}
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Blocks with their choices, between a fixed stem and head, under network-wide settings."""
+    """Blocks with their choices, between a stem and a head, under network-wide settings; the
+    stem's and head's widths and the SE gate are fixed unless `network` lists choices."""
 
     blocks: tuple[BlockChoices, ...]
     stem: Stem = field(default_factory=Stem)
     head: Head = field(default_factory=Head)
     settings: Settings = field(default_factory=Settings)
     name: str = ""
+    network: Mapping[str, tuple] = field(default_factory=dict)  # NETWORK_FACTORS -> choices
+
+    def network_options(self, factor: str) -> tuple:
+        """A network-wide factor's choices; the fixed value when the space does not search it."""
+        if factor in self.network:
+            return tuple(self.network[factor])
+        return ((self.stem.filters,) if factor == "stem_filters" else
+                (self.head.filters,) if factor == "head_filters" else (self.settings.se_gate,))
+
+    def _network_parts(self, stem_filters: int, head_filters: int, se_gate: str
+                       ) -> tuple[Stem, Head, Settings]:
+        return (dataclasses.replace(self.stem, filters=stem_filters),
+                dataclasses.replace(self.head, filters=head_filters),
+                dataclasses.replace(self.settings, se_gate=se_gate))
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> SearchSpace:
@@ -184,7 +216,8 @@ class SearchSpace:
         if not isinstance(data, Mapping):
             raise SpaceError(f"{where}: expected a mapping with keys name, stem, head, settings, "
                              f"blocks; got {type(data).__name__}")
-        _reject_unknown(where, data, ("name", "stem", "head", "settings", "blocks"))
+        _reject_unknown(where, data, ("name", "stem", "head", "settings", "blocks", "choices"))
+        network = _parse_network(data.get("choices"), f"{where}: choices")
         raw_blocks = data.get("blocks")
         if not isinstance(raw_blocks, list) or not raw_blocks:
             raise SpaceError(f"{where}: blocks must be a non-empty list of blocks, each with "
@@ -195,16 +228,34 @@ class SearchSpace:
         # architecture language rejects (bad stem, head, settings, widths) fails here, at load.
         archs = []
         for largest in (False, True):
-            raw_arch = {"name": data.get("name", ""), "stem": data.get("stem", {}),
-                        "head": data.get("head", {}), "settings": data.get("settings", {}),
+            pick = max if largest else min
+            raw_arch = {"name": data.get("name", ""), "stem": dict(data.get("stem") or {}),
+                        "head": dict(data.get("head") or {}),
+                        "settings": dict(data.get("settings") or {}),
                         "blocks": [b.extreme(largest=largest).to_str() for b in blocks]}
+            for factor, part, key in (("stem_filters", "stem", "filters"),
+                                      ("head_filters", "head", "filters"),
+                                      ("se_gate", "settings", "se_gate")):
+                if factor in network:
+                    raw_arch[part][key] = (pick(network[factor]) if factor != "se_gate"
+                                           else network[factor][int(largest)
+                                                                % len(network[factor])])
             try:
                 archs.append(Architecture.from_dict(raw_arch, where=where))
             except ArchError as e:
                 raise SpaceError(str(e)) from None
         arch = archs[0]
+        if network:  # the file's own stem, head and settings, each searched field at its first
+            arch = Architecture.from_dict({**raw_arch, **{
+                "stem": {**dict(data.get("stem") or {}), **(
+                    {"filters": network["stem_filters"][0]} if "stem_filters" in network else {})},
+                "head": {**dict(data.get("head") or {}), **(
+                    {"filters": network["head_filters"][0]} if "head_filters" in network else {})},
+                "settings": {**dict(data.get("settings") or {}), **(
+                    {"se_gate": network["se_gate"][0]} if "se_gate" in network else {})}}},
+                where=where)
         return cls(blocks=blocks, stem=arch.stem, head=arch.head, settings=arch.settings,
-                   name=arch.name)
+                   name=arch.name, network=network)
 
     def sample(self, trial: BaseTrial) -> Architecture:
         """One `suggest_categorical` per block and searched factor, named like ``b0_kernel``.
@@ -213,7 +264,13 @@ class SearchSpace:
         listed skip (asking would name two identical networks, and the sampler would model a
         choice with no effect).
         """
-        blocks, cin = [], self.stem.filters
+        def network_pick(factor: str) -> Any:
+            values = self.network_options(factor)
+            return values[0] if len(values) == 1 else trial.suggest_categorical(factor,
+                                                                                list(values))
+
+        stem, head, settings = self._network_parts(*map(network_pick, NETWORK_FACTORS))
+        blocks, cin = [], stem.filters
         for i, block in enumerate(self.blocks):
             def pick(factor: str, block: BlockChoices = block, i: int = i) -> Any:
                 values = block.options(factor)
@@ -227,12 +284,12 @@ class SearchSpace:
             se_ratio, delta, width = pick("se_ratio"), pick("repeats_delta"), pick("filters_mult")
             skip = (pick("skip") if block.skip_matters(cin, block.repeats + delta, width)
                     else block.skip[0])
+            act = pick("act")
             blocks.append(block.spec(op=op, kernel=kernel, expansion=expansion,
                                      se_ratio=se_ratio, skip=skip, repeats_delta=delta,
-                                     filters=width))
+                                     filters=width, act=act))
             cin = width
-        return Architecture(blocks=tuple(blocks), stem=self.stem, head=self.head,
-                            settings=self.settings)
+        return Architecture(blocks=tuple(blocks), stem=stem, head=head, settings=settings)
 
     def params_of(self, arch: Architecture) -> dict[str, Any]:
         """The trial parameters that sample `arch`, e.g. for `study.enqueue_trial` of a baseline."""
@@ -240,16 +297,29 @@ class SearchSpace:
         if len(arch.blocks) != len(self.blocks):
             raise SpaceError(f"{name}: has {len(arch.blocks)} blocks; space "
                              f"{self.name or '?'} has {len(self.blocks)}")
+        params: dict[str, Any] = {}
+        for factor, part, key in (("stem_filters", "stem", "filters"),
+                                  ("head_filters", "head", "filters"),
+                                  ("se_gate", "settings", "se_gate")):
+            value, allowed = getattr(getattr(arch, part), key), self.network_options(factor)
+            if len(allowed) > 1:
+                if value not in allowed:
+                    raise SpaceError(f"{name}: {part}.{key}={value!r} is not a choice; allowed: "
+                                     f"{list(allowed)}")
+                params[factor] = value
+        searched = {(p, k) for f, p, k in (("stem_filters", "stem", "filters"),
+                                            ("head_filters", "head", "filters"),
+                                            ("se_gate", "settings", "se_gate"))
+                    if len(self.network_options(f)) > 1}
         for part in ("stem", "head", "settings"):
             ours, theirs = dataclasses.asdict(getattr(self, part)), dataclasses.asdict(
                 getattr(arch, part))
-            diff = [k for k in ours if ours[k] != theirs[k]]
+            diff = [k for k in ours if ours[k] != theirs[k] and (part, k) not in searched]
             if diff:
                 k = diff[0]
                 raise SpaceError(f"{name}: {part}.{k}={theirs[k]!r} but the space fixes "
                                  f"{part}.{k}={ours[k]!r}")
-        params: dict[str, Any] = {}
-        cin = self.stem.filters
+        cin = arch.stem.filters
         for i, (block, spec) in enumerate(zip(self.blocks, arch.blocks, strict=True)):
             found = _block_params(block, spec, i, f"{name}: blocks[{i}]")
             if not block.skip_matters(cin, spec.repeats, spec.filters):
@@ -260,13 +330,16 @@ class SearchSpace:
 
     def param_choices(self) -> dict[str, tuple]:
         """Every parameter `sample` may ask, with its choices (to check a stored study against)."""
-        return {param_name(i, f): b.options(f) for i, b in enumerate(self.blocks)
-                for f in FACTORS if len(b.options(f)) > 1}
+        network = {f: self.network_options(f) for f in NETWORK_FACTORS
+                   if len(self.network_options(f)) > 1}
+        return {**network, **{param_name(i, f): b.options(f) for i, b in enumerate(self.blocks)
+                              for f in FACTORS if len(b.options(f)) > 1}}
 
     def size(self) -> int:
         """Number of distinct networks: a product over blocks, but skip counts only where a
         layer can take a shortcut, which depends on the width the block before chose."""
-        counts = {self.stem.filters: 1}  # input width -> networks so far that end with it
+        counts = {w: 1 for w in self.network_options("stem_filters")}  # input width ->
+        # networks so far that end with it
         for b in self.blocks:
             after: dict[int, int] = {}
             for cin, n in counts.items():
@@ -274,7 +347,8 @@ class SearchSpace:
                     skips = len(b.skip) if b.skip_matters(cin, b.repeats + delta, width) else 1
                     after[width] = after.get(width, 0) + n * b.layer_variants() * skips
             counts = after
-        return sum(counts.values())
+        return (sum(counts.values()) * len(self.network_options("head_filters"))
+                * len(self.network_options("se_gate")))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-able data in the file format (lists, not tuples), e.g. for run metadata."""
@@ -286,6 +360,8 @@ class SearchSpace:
             "settings": {k: v for k, v in dataclasses.asdict(self.settings).items()
                          if v != getattr(defaults, k)},
             "blocks": [b.to_dict() for b in self.blocks],
+            **({"choices": {f: list(v) for f, v in self.network.items()}} if self.network
+               else {}),
         }
 
 
@@ -313,6 +389,8 @@ def _parse_block(raw: Any, where: str) -> BlockChoices:
     act = raw.get("act", "relu")
     if act not in ACTS:
         raise SpaceError(f"{where}: act={act!r} is not allowed; expected one of {list(ACTS)}")
+    if "act" in raw and "act" in (raw["choices"] if isinstance(raw["choices"], Mapping) else {}):
+        raise SpaceError(f"{where}: act is fixed and also in choices; give one of them")
     choices = raw["choices"]
     if not isinstance(choices, Mapping):
         raise SpaceError(f"{where}: choices must be a mapping of factor -> list of values")
@@ -335,8 +413,20 @@ def _parse_block(raw: Any, where: str) -> BlockChoices:
             raise SpaceError(f"{where}.choices.repeats_delta: repeats {raw['repeats']} + "
                              f"{delta} = {raw['repeats'] + delta}; every choice must leave >= 1 "
                              f"repeat")
+    values.setdefault("act", (act,))
     return BlockChoices(filters=raw["filters"], repeats=raw["repeats"], stride=raw["stride"],
-                        act=act, **values)
+                        **values)
+
+
+def _parse_network(raw: Any, where: str) -> dict[str, tuple]:
+    """The top-level `choices:` of network-wide factors (none: all fixed)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise SpaceError(f"{where}: must be a mapping of {', '.join(NETWORK_FACTORS)} -> list of "
+                         f"values")
+    _reject_unknown(where, raw, NETWORK_FACTORS)
+    return {f: _parse_values(raw[f], f, f"{where}.{f}") for f in NETWORK_FACTORS if f in raw}
 
 
 def _parse_values(raw: Any, factor: str, where: str) -> tuple:
@@ -353,14 +443,14 @@ def _parse_values(raw: Any, factor: str, where: str) -> tuple:
 
 
 def _block_params(block: BlockChoices, spec: BlockSpec, i: int, where: str) -> dict[str, Any]:
-    for key in ("stride", "act"):
+    for key in ("stride",):
         if getattr(spec, key) != getattr(block, key):
             raise SpaceError(f"{where}: {key}={getattr(spec, key)!r} but the space fixes "
                              f"{key}={getattr(block, key)!r}")
     if spec.pw_act:
         raise SpaceError(f"{where}: pw_act=True is not in the space (always false)")
     found = {"op": spec.op, "kernel": spec.kernel, "se_ratio": spec.se_ratio, "skip": spec.skip,
-             "repeats_delta": spec.repeats - block.repeats}
+             "repeats_delta": spec.repeats - block.repeats, "act": spec.act}
     if spec.op == "mbconv":
         found["expansion"] = spec.expansion
     for factor, value in found.items():

@@ -1267,3 +1267,27 @@ def test_the_python_api_refuses_bad_input_with_the_flags_words(tmp_path):
     with pytest.raises(UsageError, match="--proxy-batch 64: must be <= --proxy-images 32"):
         run(SearchConfig(target_ms=1, proxy_images=32, proxy_batch=64, runs_dir=str(tmp_path)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_baseline_in_the_space_is_the_first_trial_once(image_folder, tmp_path):
+    from nas.arch import save_architecture
+    from nas.space import load_space
+
+    space = load_space("tiny")
+    member = space.sample(optuna.trial.FixedTrial(
+        {"b0_op": "sepconv", "b0_repeats_delta": 1, "b1_op": "mbconv", "b1_kernel": 5,
+         "b1_expansion": 4, "b1_se_ratio": 0.25, "b1_filters": 16, "b2_expansion": 6,
+         "b2_repeats_delta": 0, "b2_filters": 24, "b2_skip": "none"}))
+    path = str(save_architecture(member, tmp_path / "member.yaml"))
+    flags = ["--sampler", "random", "--baselines", f"{path},mobilenet_v3_small"]
+    assert main(args(tmp_path, image_folder, "--trials", "2", *flags)) == 0
+    trials = study_of(tmp_path).trials
+    assert trials[0].params == space.params_of(member)
+    assert trials[0].user_attrs["enqueued_baseline"] == path
+    assert trials[0].user_attrs["arch"] == member.to_str()
+    assert all(t.user_attrs.get("enqueued_baseline") is None for t in trials[1:])
+    assert main(args(tmp_path, image_folder, "--trials", "3", *flags)) == 0  # resumed
+    assert sum("enqueued_baseline" in t.user_attrs for t in study_of(tmp_path).trials) == 1
+    assert main(args(tmp_path, image_folder, "--trials", "1", "--name", "off",
+                     "--no-enqueue-baselines", *flags)) == 0
+    assert "enqueued_baseline" not in study_of(tmp_path, "off").trials[0].user_attrs

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import yaml
 
 from nas.arch import ArchError, Architecture, BlockSpec, load_architecture
 from nas.blocks import layer_configs
+from nas.model import build_model
 from nas.space import (
     DEFAULT_SPACE,
     FACTORS,
@@ -120,7 +122,7 @@ def test_samples_respect_the_space(mnasnet):
             assert (f"b{i}_skip" in trial.params) == can
             seen_skips.add((i, can))
         expected = {param_name(i, f) for i in range(7) for f in FACTORS
-                    if f not in ("expansion", "skip")}
+                    if f not in ("expansion", "skip", "act")}  # act is fixed in this space
         assert expected <= set(trial.params)
     assert {(0, False), (0, True)} <= seen_skips  # block 0 (1 or 2 repeats) both ways
     assert seen_ops == {"conv", "sepconv", "mbconv"}
@@ -401,3 +403,51 @@ def test_a_fixed_stem_kernel_written_as_a_float_is_refused_on_load(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises((SpaceError, ArchError), match="kernel=3.0 is not allowed"):
         load_space(path)
+
+
+def test_mobilenet_v3_small_is_a_member_of_the_mobilenet_v3_space():
+    space = load_space("mobilenet_v3")
+    v3 = load_architecture("mobilenet_v3_small")
+    params = space.params_of(v3)
+    assert params["se_gate"] == "hardsigmoid" and params["b3_act"] == "hswish"
+    assert dataclasses.replace(space.sample(optuna.trial.FixedTrial(params)), name=v3.name) == v3
+    assert set(params) <= set(space.param_choices())
+    with pytest.raises(SpaceError, match="mobilenet_v2: head.filters=1280 is not a choice"):
+        space.params_of(load_architecture("mobilenet_v2"))
+
+
+def test_network_wide_choices_are_sampled_and_inverted():
+    space = load_space("mobilenet_v3")
+    params = {**space.params_of(load_architecture("mobilenet_v3_small")),
+              "stem_filters": 32, "head_filters": 960, "se_gate": "sigmoid", "b0_act": "hswish"}
+    arch = space.sample(optuna.trial.FixedTrial(params))
+    assert (arch.stem.filters, arch.head.filters, arch.settings.se_gate) == (32, 960, "sigmoid")
+    assert arch.blocks[0].act == "hswish" and arch.stem.act == "hswish"  # the stem's act is fixed
+    assert space.params_of(arch) == params
+    assert {"stem_filters", "head_filters", "se_gate"} <= set(space.param_choices())
+    build_model(arch, num_classes=10)  # a network the builder takes
+
+
+def test_network_choices_multiply_the_size_and_are_validated(tmp_path):
+    base = yaml.safe_load((SPACES_DIR / "tiny.yaml").read_text())
+    fixed = SearchSpace.from_dict(base)
+    head = SearchSpace.from_dict({**base, "choices": {"head_filters": [32, 64, 96],
+                                                       "se_gate": ["sigmoid", "hardsigmoid"]}})
+    assert head.size() == fixed.size() * 3 * 2
+    # a stem width changes where block 0 can take a shortcut: counted, not multiplied blindly
+    stem = SearchSpace.from_dict({**base, "choices": {"stem_filters": [8, 16]}})
+    assert fixed.size() < stem.size() <= 2 * fixed.size()
+    assert fixed.to_dict() == SearchSpace.from_dict(fixed.to_dict()).to_dict()
+    assert "choices" not in fixed.to_dict()  # a study's stored space is unchanged
+    assert all("act" not in b["choices"] for b in fixed.to_dict()["blocks"])
+    assert SearchSpace.from_dict(head.to_dict()) == head
+    for bad, fragment in (({"stem_filters": [0]}, "choices.stem_filters: 0 is not allowed"),
+                          ({"se_gate": ["relu"]}, "choices.se_gate: 'relu' is not allowed"),
+                          ({"width": [1]}, "choices: unknown field 'width'"),
+                          ([16], "choices: must be a mapping")):
+        with pytest.raises(SpaceError, match=re.escape(fragment)):
+            SearchSpace.from_dict({**base, "choices": bad})
+    both = {**base, "blocks": [{**base["blocks"][0], "act": "relu", "choices": {
+        **base["blocks"][0]["choices"], "act": ["relu", "hswish"]}}, *base["blocks"][1:]]}
+    with pytest.raises(SpaceError, match="act is fixed and also in choices"):
+        SearchSpace.from_dict(both)

@@ -19,6 +19,7 @@ from nas.results import load_baselines, save_baselines
 from nas.search.cpu_share import training_threads
 from nas.search.liveness import set_baselines_flag
 from nas.search.objective import Context, evaluate_architecture
+from nas.space import SearchSpace, SpaceError
 
 
 def run_baselines(names: list[str] | tuple[str, ...], ctx: Context, run_dir: Path,
@@ -39,6 +40,23 @@ def run_baselines(names: list[str] | tuple[str, ...], ctx: Context, run_dir: Pat
     finally:
         if not INTERRUPTED.is_set():  # else it is left to the dead pid, which nobody counts:
             set_baselines_flag(study, False)  # a write now could wait on the interrupted read
+
+
+def enqueue_baselines(study: optuna.Study, space: SearchSpace,
+                      names: list[str] | tuple[str, ...]) -> list[str]:
+    """Enqueue each baseline that is a member of the space as a trial (once: Optuna skips one
+    already there), so the sampler learns from it and the front is never worse than it.
+    Returns the names enqueued."""
+    queued = []
+    for name in names:
+        try:
+            params = space.params_of(load_architecture(name))
+        except SpaceError:  # not a member: measured as a baseline only
+            continue
+        study.enqueue_trial(params, user_attrs={"enqueued_baseline": name},
+                            skip_if_exists=True)
+        queued.append(name)
+    return queued
 
 
 def _run_baselines(names: list[str], ctx: Context, run_dir: Path,

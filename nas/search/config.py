@@ -62,6 +62,7 @@ class SearchConfig:
     pruner: str = "none"
     seed: int = 0
     baselines: tuple[str, ...] = ()
+    enqueue_baselines: bool = True  # those in the space become its first trials
     runtime: str = DEFAULT_RUNTIME
     precision: str = "fp32"
     device: str = "cpu"
@@ -151,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--baselines", default="",
                    help="comma-separated reference networks to run through the same latency "
                         "and proxy, e.g. mobilenet_v2,mnasnet_b1")
+    g.add_argument("--enqueue-baselines", action=argparse.BooleanOptionalAction,
+                   default=_default("enqueue_baselines"),
+                   help="a baseline that is a member of the space is also enqueued as a trial "
+                        "(Optuna's enqueue_trial), so the sampler starts from it and the front "
+                        "is never worse than it (mobilenet_v3_small in the mobilenet_v3 space)")
     g = p.add_argument_group("target device")
     g.add_argument("--runtime", default=_default("runtime"), choices=RUNTIME_NAMES,
                    help="what runs the network when latency is measured: the runtime you will "

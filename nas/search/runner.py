@@ -27,7 +27,7 @@ from nas.latency import DEFAULT_THREADS, LatencyCache, LatencyError, latency_con
 from nas.proxy import CandidateFailed
 from nas.results import BaselinesError, load_baselines, write_results
 from nas.run_folder import LATENCY_CACHE, write_run_meta
-from nas.search.baselines import run_baselines
+from nas.search.baselines import enqueue_baselines, run_baselines
 from nas.search.callbacks import Progress, StopAtTrials, StopOnInterrupt
 from nas.search.config import SearchConfig, UsageError, config_from_argv, resolve
 from nas.search.cpu_share import SHARED_NOTE, train_threads
@@ -131,6 +131,10 @@ def run(config: SearchConfig, write: bool = True, ready=None, stop=None) -> int:
               f"data {ctx.data.source}: {len(ctx.data.train)} train / {len(ctx.data.val)} "
               f"val; {config.workers} worker(s) x {train_threads(config)} training thread(s)"
               f"{'' if config.train_threads else SHARED_NOTE}", flush=True)
+    if write and config.baselines and config.enqueue_baselines:
+        queued = enqueue_baselines(study, ctx.space, config.baselines)
+        if queued:
+            print(f"in the space, so enqueued as trials too: {', '.join(queued)}", flush=True)
     interrupted, workers = False, None
     try:
         if config.baselines:
