@@ -472,17 +472,22 @@ class LatencyCache:
                        min_runs: int = 20, min_time_s: float = 1.0, max_time_s: float = 2.0,
                        stop_above_ms: float | None = None, clock: str | None = None,
                        runtime: str = "eager", precision: str = "fp32",
-                       calibration: torch.Tensor | None = None) -> LatencyResult:
-        """The cached result for `key` in this context, else build with `model_fn` and measure."""
-        context = latency_context(input_size, device=device, batch_size=batch_size,
-                                  threads=threads, channels_last=channels_last, clock=clock,
-                                  runtime=runtime, precision=precision)
+                       calibration: torch.Tensor | None = None,
+                       remote: Callable[[], LatencyResult] | None = None,
+                       context: LatencyContext | None = None) -> LatencyResult:
+        """The cached result for `key` in this context, else build with `model_fn` and measure;
+        or, with `remote`, what it returns (a latency server's measurement), cached under the
+        server's `context`."""
+        if context is None:
+            context = latency_context(input_size, device=device, batch_size=batch_size,
+                                      threads=threads, channels_last=channels_last, clock=clock,
+                                      runtime=runtime, precision=precision)
         cached = self._entries.get((key, context))
         if cached is not None and _reusable(cached, stop_above_ms):
             self.hits += 1
             return cached
         self.misses += 1
-        result = measure_latency(
+        result = remote() if remote is not None else measure_latency(
             model_fn(), input_size, device=device, batch_size=batch_size, threads=threads,
             channels_last=channels_last, min_runs=min_runs, min_time_s=min_time_s,
             max_time_s=max_time_s, stop_above_ms=stop_above_ms, clock=clock, runtime=runtime,
@@ -690,6 +695,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-time", type=float, default=2.0,
                         help="wall-time budget per network in seconds, warm-up included")
     parser.add_argument("--csv", type=Path, help="also write the rows, with context, as CSV")
+    parser.add_argument("--server", default=None, metavar="URL",
+                        help="measure on the device running `python -m nas.latency serve` "
+                             "(needs --token-file); `python -m nas.latency serve --help` starts "
+                             "one")
+    parser.add_argument("--token-file", default=None, metavar="FILE",
+                        help="the latency server's shared token")
     parser.add_argument("--match-latency", type=float, default=None, metavar="MS",
                         help="instead, find for each network the width multiplier (NAME@m, m a "
                              "multiple of 0.05 from 0.1 to 2) whose latency is nearest MS: "
@@ -710,6 +721,10 @@ def _check_cli(args: argparse.Namespace) -> None:
     if not (0 <= args.min_time <= args.max_time):
         raise LatencyError(f"--min-time {args.min_time:g} must be from 0 to --max-time "
                            f"{args.max_time:g}")
+    if bool(args.server) != bool(args.token_file):
+        raise LatencyError("--server and --token-file go together")
+    if args.server and args.match_latency is not None:
+        raise LatencyError("--match-latency measures here; leave out --server")
     if args.csv is not None and args.csv.is_dir():
         raise LatencyError(f"--csv {args.csv}: is a folder; give a file name, e.g. "
                            f"{args.csv / 'latency.csv'}")
@@ -722,16 +737,24 @@ def _check_cli(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the side-by-side tool; user errors are one line on stderr and exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        from nas.latency_server import serve
+
+        return serve(argv[1:])
     try:
         args = build_parser().parse_args(argv)
         _check_cli(args)
         if args.match_latency is not None:
             return _match_cli(args)
-        rows = measure_networks(
+        if args.server:
+            rows = _remote_rows(args)
+        else:
+            rows = measure_networks(
             args.networks, input_size=args.input_size, device=args.device,
             batch_size=args.batch_size, threads=args.threads, channels_last=args.channels_last,
             min_time_s=args.min_time, max_time_s=args.max_time, clock=args.clock,
-            runtime=args.runtime, precision=args.precision)
+                runtime=args.runtime, precision=args.precision)
     except LatencyError as e:
         print(f"nas.latency: error: {e}", file=sys.stderr)
         return 2
@@ -751,6 +774,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     return 0
+
+
+def _remote_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The table's rows, measured by a latency server: architectures only (the server builds
+    them from their description; a torchvision network has none to send)."""
+    from nas.latency_client import LatencyClient
+    from nas.latency_server import read_token
+
+    client = LatencyClient(args.server, read_token(args.token_file, "--token-file"))
+    archs = []
+    for spec in args.networks:
+        if spec.startswith(TORCHVISION_PREFIX):
+            raise LatencyError(f"{spec}: --server measures architectures (names or files); a "
+                               f"torchvision network has no description to send")
+        try:
+            archs.append((spec, load_architecture(spec)))
+        except ArchError as e:
+            raise LatencyError(str(e)) from None
+    rows = []
+    for spec, arch in archs:
+        model = _built(spec, lambda arch=arch: build_model(arch))
+        result = client.measure(arch, num_classes=1000, input_size=args.input_size,
+                                device=args.device, threads=args.threads, runtime=args.runtime,
+                                precision=args.precision, min_time_s=args.min_time,
+                                max_time_s=args.max_time)
+        rows.append({"network": spec, **result.to_dict(), "params": count_params(model),
+                     "macs": count_macs(model, args.input_size)})
+    return rows
 
 
 def _match_cli(args: argparse.Namespace) -> int:

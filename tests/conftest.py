@@ -59,7 +59,7 @@ def one_line_error(capsys, tool: str, fragment: str) -> str:
 # on it), convert networks for a runtime (seconds each), or start Python subprocesses are
 # marked slow: `python -m pytest -m "not slow"` is the quick inner loop; CI runs everything.
 SLOW_FIXTURES = {"image_folder"}
-SLOW_MODULES = {"test_runtimes.py"}
+SLOW_MODULES = {"test_runtimes.py", "test_latency_server.py"}
 SLOW_SOURCE = ("sys.executable", "spawn(")
 
 

@@ -25,6 +25,8 @@ from nas.cli import (
     is_plain_folder_name,
 )
 from nas.host import available_cpus
+from nas.latency import LatencyError
+from nas.latency_server import read_token
 from nas.proxy import ProxyBudget
 from nas.reward import MODES, exponents
 from nas.runtimes import DEFAULT_RUNTIME, PRECISIONS, RUNTIME_NAMES
@@ -69,6 +71,8 @@ class SearchConfig:
     input_size: int = 224
     threads: int | None = None  # None: nas.latency's DEFAULT_THREADS
     latency_time: float = 2.0
+    latency_server: str | None = None  # None: measured here
+    latency_token_file: str | None = None
     data: str | None = None
     train_device: str | None = None  # None: --device
     train_threads: int | None = None  # None: a share of the usable CPUs (cpu_share)
@@ -175,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latency-time", type=float, default=_default("latency_time"),
                    help="seconds of measuring per architecture (warm-up included; each "
                         "architecture is measured once per study)")
+    g.add_argument("--latency-server", default=None, metavar="URL",
+                   help="measure latency on the device running `python -m nas.latency serve` "
+                        "(training stays here); the study records that device")
+    g.add_argument("--latency-token-file", default=None, metavar="FILE",
+                   help="the latency server's shared token")
     g = p.add_argument_group("proxy training")
     g.add_argument("--data", default=None,
                    help="CIFAR-10 source: 'cifar10' (torchvision download), an ImageFolder "
@@ -256,7 +265,14 @@ def check(c: SearchConfig) -> None:
         value = getattr(c, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {value}: must be >= 1")
-    if c.threads is not None and c.threads > available_cpus():
+    if bool(c.latency_server) != bool(c.latency_token_file):
+        raise UsageError("--latency-server and --latency-token-file go together")
+    if c.latency_token_file:
+        try:
+            read_token(c.latency_token_file, "--latency-token-file")
+        except LatencyError as e:
+            raise UsageError(str(e)) from None
+    if c.threads is not None and c.threads > available_cpus() and not c.latency_server:
         raise UsageError(f"--threads {c.threads}: this process may use only "
                          f"{available_cpus()} CPU(s)")
     if c.proxy_batch > c.proxy_images:

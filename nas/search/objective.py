@@ -18,7 +18,8 @@ from nas.arch import Architecture
 from nas.cost import count_macs, count_params
 from nas.data import DataSplits
 from nas.interrupts import INTERRUPTED, was_interrupted
-from nas.latency import LatencyCache, architecture_key
+from nas.latency import LatencyCache, LatencyContext, architecture_key
+from nas.latency_client import LatencyClient
 from nas.model import build_model
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.reward import reward
@@ -41,6 +42,8 @@ class Context:
     data: DataSplits
     budget: ProxyBudget
     cache: LatencyCache
+    remote: LatencyClient | None = None  # --latency-server
+    remote_context: LatencyContext | None = None  # what it measures in
 
     @property
     def alpha(self) -> float:
@@ -67,12 +70,17 @@ def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None,
     record["macs"] = count_macs(deployed, c.input_size)
     best = best_reward(trial, ctx)
     bound = latency_bound_ms(best, c.target_ms, ctx.alpha, ctx.beta) if best else None
+    options = dict(input_size=c.input_size, device=c.device, threads=c.threads,
+                   min_time_s=c.latency_time / 2, max_time_s=c.latency_time,
+                   stop_above_ms=bound, runtime=c.runtime, precision=c.precision)
+    remote = ctx.remote
     lat = ctx.cache.get_or_measure(
-        f"{architecture_key(arch)}-{ctx.data.num_classes}", lambda: deployed,
-        input_size=c.input_size, device=c.device, threads=c.threads,
-        min_time_s=c.latency_time / 2, max_time_s=c.latency_time, stop_above_ms=bound,
-        runtime=c.runtime, precision=c.precision,
-        calibration=calibration_images(ctx.data) if c.precision != "fp32" else None)
+        f"{architecture_key(arch)}-{ctx.data.num_classes}", lambda: deployed, **options,
+        calibration=(calibration_images(ctx.data) if c.precision != "fp32" and remote is None
+                     else None),
+        context=ctx.remote_context,
+        remote=(lambda: remote.measure(arch, num_classes=ctx.data.num_classes, **options))
+        if remote is not None else None)
     record.update(latency_ms=lat.median_ms, latency_p10_ms=lat.p10_ms, latency_p90_ms=lat.p90_ms,
                   latency_cv=lat.cv, latency_s=lat.seconds, latency_stopped_early=lat.stopped_early,
                   convert_s=lat.convert_s)

@@ -24,6 +24,8 @@ from nas.data import SPLIT_SEED, DataError, load_data, split_train_val
 from nas.files import make_folders, remove_if_empty
 from nas.interrupts import INTERRUPTED, was_interrupted
 from nas.latency import DEFAULT_THREADS, LatencyCache, LatencyError, latency_context
+from nas.latency_client import LatencyClient
+from nas.latency_server import read_token
 from nas.proxy import CandidateFailed
 from nas.results import BaselinesError, load_baselines, write_results
 from nas.run_folder import LATENCY_CACHE, write_run_meta
@@ -52,8 +54,21 @@ def prepare(config: SearchConfig) -> tuple[Context, Path, dict[str, Any]]:
     the data and its split, the latency target; returns the trials' context, the run folder
     and the settings a resume must match."""
     alpha, beta = config.exponents
-    lat_ctx = latency_context(config.input_size, device=config.device, threads=config.threads,
-                              runtime=config.runtime, precision=config.precision)
+    remote = None
+    if config.latency_server:
+        remote = LatencyClient(config.latency_server,
+                               read_token(config.latency_token_file, "--latency-token-file"))
+        try:
+            lat_ctx = remote.context(input_size=config.input_size, device=config.device,
+                                     threads=config.threads, runtime=config.runtime,
+                                     precision=config.precision)
+        except LatencyError as e:
+            raise UsageError(f"--latency-server {config.latency_server}: "
+                             f"{str(e).removeprefix(f'latency server {remote.url}: ')}") from None
+    else:
+        lat_ctx = latency_context(config.input_size, device=config.device,
+                                  threads=config.threads, runtime=config.runtime,
+                                  precision=config.precision)
     space = load_space(config.space)
     budget = config.budget()
     data = load_data(config.data, val_size=0)
@@ -77,7 +92,8 @@ def prepare(config: SearchConfig) -> tuple[Context, Path, dict[str, Any]]:
                 "sampler": config.sampler, "pruner": config.pruner,
                 "latency_device": lat_ctx.device_name, "runtime": config.runtime,
                 "precision": config.precision}
-    ctx = Context(config, space, data, budget, LatencyCache(run_dir / LATENCY_CACHE))
+    ctx = Context(config, space, data, budget, LatencyCache(run_dir / LATENCY_CACHE),
+                  remote=remote, remote_context=lat_ctx if remote is not None else None)
     return ctx, run_dir, settings
 
 
