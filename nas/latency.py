@@ -382,44 +382,42 @@ def measure_latency(model: nn.Module, input_size: int = 224, *, device: str = "c
                               threads=threads, channels_last=channels_last, clock=clock,
                               runtime=runtime, precision=precision)
     _check_budget(min_runs, min_time_s, max_time_s, stop_above_ms)
-    if context.runtime != "eager":
-        return _measure_in_runtime(model, context, calibration=calibration, min_runs=min_runs,
-                                   min_time_s=min_time_s, max_time_s=max_time_s,
-                                   stop_above_ms=stop_above_ms)
+    with prepared_runner(model, context, calibration=calibration) as (run, convert_s):
+        result = _protocol(run, context, min_runs=min_runs, min_time_s=min_time_s,
+                           max_time_s=max_time_s, stop_above_ms=stop_above_ms)
+    return dataclasses.replace(result, convert_s=convert_s)
+
+
+@contextlib.contextmanager
+def prepared_runner(model: nn.Module, context: LatencyContext, *,
+                    calibration: torch.Tensor | None = None
+                    ) -> Iterator[tuple[Callable[[], float], float]]:
+    """(one timed forward pass -> ms, seconds converting) for `model` in the context's runtime,
+    valid inside the block: eager runs in eval mode under inference_mode on the context's
+    threads and memory format; another runtime converts and loads it first (not timed). The
+    garbage collector is paused inside. The model's training flags are restored after."""
     dev = torch.device(context.device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     if dev.type == "cpu":
-        pin_malloc_thresholds()
-    model.to(device=dev, memory_format=fmt)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, IN_CHANNELS, input_size, input_size, generator=gen)
-    x = x.to(device=dev, memory_format=fmt)
-    with (_num_threads(context.threads), _eval_mode(model), _gc_paused(),
-          torch.inference_mode()):
-        return _protocol(_runner(model, x, context.clock), context, min_runs=min_runs,
-                         min_time_s=min_time_s, max_time_s=max_time_s,
-                         stop_above_ms=stop_above_ms)
-
-
-def _measure_in_runtime(model: nn.Module, context: LatencyContext, *,
-                        calibration: torch.Tensor | None, min_runs: int, min_time_s: float,
-                        max_time_s: float, stop_above_ms: float | None) -> LatencyResult:
-    """The same protocol over a runtime's predictor: convert and load first (not timed)."""
-    if context.device == "cpu":
         pin_malloc_thresholds()
     gen = torch.Generator().manual_seed(0)
     size = context.input_size
     x = torch.randn(context.batch_size, IN_CHANNELS, size, size, generator=gen)
-    with _eval_mode(model):
-        compiled = get_runtime(context.runtime).compile(
-            model.cpu(), x, threads=context.threads, precision=context.precision,
-            calibration=calibration, device=context.device)
-    # the predictors return on the CPU, so on a GPU the wall clock includes the device's time
-    with _gc_paused():
-        result = _protocol(_runner(compiled.predict, x, context.clock), context,
-                           min_runs=min_runs, min_time_s=min_time_s, max_time_s=max_time_s,
-                           stop_above_ms=stop_above_ms)
-    return dataclasses.replace(result, convert_s=compiled.convert_s)
+    if context.runtime != "eager":
+        with _eval_mode(model):
+            compiled = get_runtime(context.runtime).compile(
+                model.cpu(), x, threads=context.threads, precision=context.precision,
+                calibration=calibration, device=context.device)
+        # the predictors return on the CPU, so on a GPU the wall clock includes the device's
+        with _gc_paused():
+            yield _runner(compiled.predict, x, context.clock), compiled.convert_s
+        return
+    fmt = (torch.channels_last if context.memory_format == "channels_last"
+           else torch.contiguous_format)
+    model.to(device=dev, memory_format=fmt)
+    x = x.to(device=dev, memory_format=fmt)
+    with (_num_threads(context.threads), _eval_mode(model), _gc_paused(),
+          torch.inference_mode()):
+        yield _runner(model, x, context.clock), 0.0
 
 
 def _protocol(run: Callable[[], float], context: LatencyContext, *, min_runs: int,

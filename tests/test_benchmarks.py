@@ -199,3 +199,15 @@ def test_the_search_outcome_benchmark_confirms_a_real_search_against_matched_bas
     b = matched.iloc[0]
     gap = 100 * (cand.test_accuracy_mean - b.test_accuracy_mean)
     assert f"vs {b.network} " in verdicts[0] and f"{gap:+.2f} points" in verdicts[0]
+
+
+def test_the_aa_summary_measures_rank_agreement_and_the_largest_drift():
+    aa = _benchmark("latency_aa")
+    passes = [{"a": {"ms": 1.0, "seconds": 1}, "b": {"ms": 2.0, "seconds": 1},
+               "c": {"ms": 3.0, "seconds": 3}},
+              {"a": {"ms": 1.1, "seconds": 1}, "b": {"ms": 3.5, "seconds": 1},
+               "c": {"ms": 3.0, "seconds": 1}}]
+    s = aa.summarize(passes)
+    assert s["spearman_min"] == pytest.approx(0.5)  # b and c swapped places
+    assert s["drift_worst"] == "b" and s["drift_max"] == pytest.approx(1.5 / 2.75)
+    assert s["seconds"] == pytest.approx(8 / 6)

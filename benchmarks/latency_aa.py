@@ -1,0 +1,211 @@
+"""A/A latency benchmark (issue #19, item 5): the same 12 networks measured in 3 fresh processes,
+on a quiet machine and beside a training on the other core, by the current protocol and by the
+interleaved one (nas.interleaved); plus local against a latency server on the loopback address.
+
+    python benchmarks/latency_aa.py [--passes 3] [--runtime onnxruntime] [--out T.txt]
+
+Reported per condition and protocol: Spearman between every two passes (the smallest and the
+mean), the largest per-network drift of the median ((max - min) / median over the passes),
+and the seconds of measuring per network (conversion excluded). Targets: Spearman >= 0.98 and
+drift <= 3% under load, <= 4 s per measurement. Run it on an otherwise idle machine: the load
+is the benchmark's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+HERE = Path(__file__).resolve()
+REFERENCES = ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small",
+              "mnasnet_a1", "mnasnet_b1", "torchvision:resnet18"]
+SAMPLED = 5
+PROTOCOLS = ("current", "interleaved")
+
+
+def sampled_specs(folder: Path, n: int = SAMPLED, seed: int = 0) -> list[str]:
+    """n architectures of the default space (Optuna's RandomSampler), saved as files."""
+    import optuna
+
+    from nas.arch import save_architecture
+    from nas.space import load_space
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = load_space("mnasnet")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    return [str(save_architecture(space.sample(study.ask()), folder / f"sampled{i}.yaml"))
+            for i in range(n)]
+
+
+def pass_worker(specs: list[str], protocol: str, runtime: str, input_size: int,
+                seed: int) -> dict[str, dict]:
+    """One fresh process's measurements of every network, in a shuffled order."""
+    from nas.interleaved import measure_interleaved
+    from nas.latency import measure_latency, network_builder
+
+    order = list(specs)
+    random.Random(seed).shuffle(order)
+    out = {}
+    for spec in order:
+        model = network_builder(spec)()
+        if protocol == "current":
+            r = measure_latency(model, input_size, runtime=runtime, min_time_s=1.0,
+                                max_time_s=2.0)
+            out[spec] = {"ms": r.median_ms, "seconds": r.seconds}
+        else:
+            r = measure_interleaved(model, input_size, runtime=runtime)
+            out[spec] = {"ms": r.latency_ms, "raw_ms": r.raw_ms, "seconds": r.seconds}
+    return out
+
+
+def load_worker() -> None:
+    """A training on one core until killed: MnasNet-A1 on 32x32 batches of 64, SGD."""
+    import torch
+
+    from nas.arch import load_architecture
+    from nas.model import build_model
+
+    torch.set_num_threads(1)
+    model = build_model(load_architecture("mnasnet_a1"), num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    while True:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def run_pass(specs_file: Path, protocol: str, runtime: str, input_size: int, seed: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, str(HERE), "--pass-worker", str(specs_file), "--protocol", protocol,
+         "--runtime", runtime, "--input-size", str(input_size), "--seed", str(seed)],
+        capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def summarize(passes: list[dict]) -> dict:
+    specs = sorted(passes[0])
+    ms = np.array([[p[s]["ms"] for s in specs] for p in passes])
+    rhos = [spearmanr(ms[a], ms[b]).statistic
+            for a, b in itertools.combinations(range(len(passes)), 2)]
+    drift = (ms.max(0) - ms.min(0)) / np.median(ms, 0)
+    worst = specs[int(drift.argmax())]
+    seconds = np.mean([[p[s]["seconds"] for s in specs] for p in passes])
+    return {"spearman_min": min(rhos), "spearman_mean": float(np.mean(rhos)),
+            "drift_max": float(drift.max()), "drift_worst": worst,
+            "drift_median": float(np.median(drift)), "seconds": float(seconds)}
+
+
+def server_agreement(specs: list[str], local: dict, runtime: str, input_size: int) -> str:
+    """The same architectures measured by a latency server on the loopback address."""
+    import secrets
+
+    from nas.arch import load_architecture
+    from nas.latency_client import LatencyClient
+
+    archs = [s for s in specs if not s.startswith("torchvision:")]
+    with tempfile.TemporaryDirectory() as tmp:
+        token = secrets.token_hex(16)
+        (Path(tmp) / "t").write_text(token)
+        proc = subprocess.Popen([sys.executable, "-m", "nas.latency", "serve", "--port", "0",
+                                 "--token-file", str(Path(tmp) / "t")],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            url = proc.stdout.readline().strip().rsplit(" ", 1)[-1]
+            client = LatencyClient(url, token)
+            remote = {s: client.measure(load_architecture(s), num_classes=1000,
+                                        input_size=input_size, runtime=runtime,
+                                        min_time_s=1.0, max_time_s=2.0).median_ms
+                      for s in archs}
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    here = [local[s]["ms"] for s in archs]
+    there = [remote[s] for s in archs]
+    ratios = np.array(there) / np.array(here)
+    return (f"server on loopback vs local (quiet, current protocol, pass 1), {len(archs)} "
+            f"architectures: median ratio {np.median(ratios):.3f}, largest deviation "
+            f"{np.abs(ratios - 1).max():.1%}, Spearman {spearmanr(here, there).statistic:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--passes", type=int, default=3)
+    p.add_argument("--runtime", default="onnxruntime")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--out", default=None)
+    p.add_argument("--pass-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--load-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--protocol", choices=PROTOCOLS, default="current", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--networks", default=None, help="comma-separated specs (default: 12)")
+    args = p.parse_args(argv)
+    if args.load_worker:
+        load_worker()
+        return 0
+    if args.pass_worker:
+        specs = json.loads(Path(args.pass_worker).read_text())
+        print(json.dumps(pass_worker(specs, args.protocol, args.runtime, args.input_size,
+                                     args.seed)))
+        return 0
+    from nas.files import save_table
+    from nas.host import available_cpus, cpu_name
+
+    lines = [f"# benchmarks/latency_aa.py on {cpu_name()} ({available_cpus()} CPUs), "
+             f"{time.strftime('%Y-%m-%d %H:%M')}",
+             f"# command: python benchmarks/latency_aa.py {' '.join(argv or sys.argv[1:])}",
+             f"# {args.runtime}, {args.input_size}x{args.input_size}, 1 thread; each pass a "
+             f"fresh process, networks in a shuffled order; load: a training (mnasnet_a1, "
+             f"batch 64, 32x32, 1 thread) on the other core", ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = (args.networks.split(",") if args.networks
+                 else REFERENCES + sampled_specs(Path(tmp)))
+        specs_file = Path(tmp) / "specs.json"
+        specs_file.write_text(json.dumps(specs))
+        header = (f"{'condition':<8} {'protocol':<12} {'Spearman min':>12} {'mean':>6} "
+                  f"{'drift max':>9} {'(network)':<22} {'drift median':>12} {'s/measure':>9}")
+        lines += [header, "-" * len(header)]
+        results = {}
+        for condition in ("quiet", "loaded"):
+            load = (subprocess.Popen([sys.executable, str(HERE), "--load-worker"])
+                    if condition == "loaded" else None)
+            try:
+                time.sleep(2 if load else 0)
+                for protocol in PROTOCOLS:
+                    passes = [run_pass(specs_file, protocol, args.runtime, args.input_size,
+                                       seed) for seed in range(args.passes)]
+                    results[(condition, protocol)] = passes
+                    s = summarize(passes)
+                    lines.append(
+                        f"{condition:<8} {protocol:<12} {s['spearman_min']:>12.3f} "
+                        f"{s['spearman_mean']:>6.3f} {s['drift_max']:>9.1%} "
+                        f"{Path(s['drift_worst']).stem[:22]:<22} {s['drift_median']:>12.1%} "
+                        f"{s['seconds']:>9.2f}")
+                    print(lines[-1], flush=True)
+            finally:
+                if load:
+                    load.kill()
+                    load.wait()
+        lines += ["", server_agreement(specs, results[("quiet", "current")][0], args.runtime,
+                                       args.input_size)]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        save_table(text, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())

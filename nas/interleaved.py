@@ -1,0 +1,104 @@
+"""Interleaved latency on a shared CPU: a candidate timed in rounds alternating with a fixed
+reference network, reported as the median candidate/reference ratio times the reference's
+calibrated latency (randomized multiple interleaved trials, Abedi and Brecht, ICPE 2017).
+
+A core whose speed swings (frequency, a neighbour's job, a noisy VM) slows the candidate and
+the reference that ran just before and after it alike, so their ratio holds where raw
+milliseconds drift. Each round times a block of the reference, one of the candidate and one of
+the reference again (the candidate's pair of neighbours), or the mirror order; which of the two
+each round takes is shuffled with a fixed seed, so the order is no confound. The raw
+milliseconds are kept beside the estimate. benchmarks/latency_aa.py compares both protocols.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import random
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from nas.arch import load_architecture
+from nas.latency import (
+    LatencyContext,
+    _protocol,
+    _warm_up,
+    latency_context,
+    prepared_runner,
+)
+from nas.model import build_model
+
+REFERENCE = "mnasnet_a1"  # the yardstick: the default space's own kind of network
+ROUNDS = 12
+RUNS_PER_BLOCK = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class InterleavedResult:
+    """The estimate, how it was made, and the raw milliseconds beside it."""
+
+    latency_ms: float  # median ratio x reference_ms
+    ratio: float  # median over rounds of candidate / reference
+    ratio_iqr: float
+    reference_ms: float  # the reference's calibrated latency
+    raw_ms: float  # median of the candidate's own timings in the rounds
+    rounds: int
+    seconds: float
+    context: LatencyContext
+
+
+@functools.lru_cache(maxsize=8)
+def calibrated_reference_ms(context: LatencyContext, reference: str = REFERENCE,
+                            num_classes: int = 1000) -> float:
+    """The reference's latency by the standard protocol, once per process and context."""
+    model = build_model(load_architecture(reference), num_classes=num_classes)
+    with prepared_runner(model, context) as (run, _):
+        return _protocol(run, context, min_runs=40, min_time_s=2.0, max_time_s=4.0,
+                         stop_above_ms=None).median_ms
+
+
+def measure_interleaved(model: nn.Module, input_size: int = 224, *, device: str = "cpu",
+                        threads: int | None = None, runtime: str = "eager",
+                        precision: str = "fp32", reference: str = REFERENCE,
+                        num_classes: int = 1000, rounds: int = ROUNDS,
+                        runs_per_block: int = RUNS_PER_BLOCK, reference_ms: float | None = None,
+                        calibration: torch.Tensor | None = None, seed: int = 0
+                        ) -> InterleavedResult:
+    """The candidate's latency from interleaved rounds with `reference` (a reference name or
+    architecture file), in the same context; `reference_ms`: its calibrated latency (default:
+    measured once per process by calibrated_reference_ms)."""
+    context = latency_context(input_size, device=device, threads=threads, runtime=runtime,
+                              precision=precision)
+    if reference_ms is None:
+        reference_ms = calibrated_reference_ms(context, reference, num_classes)
+    ref_model = build_model(load_architecture(reference), num_classes=num_classes)
+    with contextlib.ExitStack() as stack:
+        cand, _ = stack.enter_context(prepared_runner(model, context, calibration=calibration))
+        ref, _ = stack.enter_context(prepared_runner(ref_model, context))
+        start = time.perf_counter()  # measuring, not converting (as LatencyResult.seconds)
+        for run in (cand, ref):
+            _warm_up(run, until=time.perf_counter() + 1.0, stop_above_ms=None)
+        order = random.Random(seed)
+        ratios, raw = [], []
+        for _ in range(rounds):
+            mirror = order.random() < 0.5  # ref-cand-ref, or cand-ref-cand
+            blocks = (cand, ref, cand) if mirror else (ref, cand, ref)
+            times = [[run() for _ in range(runs_per_block)] for run in blocks]
+            medians = [float(np.median(t)) for t in times]
+            if mirror:
+                c, r = (medians[0] + medians[2]) / 2, medians[1]
+                raw += times[0] + times[2]
+            else:
+                c, r = medians[1], (medians[0] + medians[2]) / 2
+                raw += times[1]
+            ratios.append(c / r)
+    q25, ratio, q75 = np.percentile(ratios, [25, 50, 75]).tolist()
+    return InterleavedResult(
+        latency_ms=ratio * reference_ms, ratio=ratio, ratio_iqr=q75 - q25,
+        reference_ms=reference_ms, raw_ms=float(np.median(raw)), rounds=rounds,
+        seconds=time.perf_counter() - start, context=context)
+
