@@ -107,14 +107,17 @@ def summarize(passes: list[dict]) -> dict:
             "drift_median": float(np.median(drift)), "seconds": float(seconds)}
 
 
-def server_agreement(specs: list[str], local: dict, runtime: str, input_size: int) -> str:
-    """The same architectures measured by a latency server on the loopback address."""
+def server_agreement(specs: list[str], runtime: str, input_size: int) -> list[str]:
+    """The architectures measured here and by a latency server on the loopback address, back
+    to back per network (the current protocol both ways), on a quiet machine."""
     import secrets
 
     from nas.arch import load_architecture
+    from nas.latency import measure_latency, network_builder
     from nas.latency_client import LatencyClient
 
     archs = [s for s in specs if not s.startswith("torchvision:")]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         token = secrets.token_hex(16)
         (Path(tmp) / "t").write_text(token)
@@ -124,19 +127,24 @@ def server_agreement(specs: list[str], local: dict, runtime: str, input_size: in
         try:
             url = proc.stdout.readline().strip().rsplit(" ", 1)[-1]
             client = LatencyClient(url, token)
-            remote = {s: client.measure(load_architecture(s), num_classes=1000,
-                                        input_size=input_size, runtime=runtime,
-                                        min_time_s=1.0, max_time_s=2.0).median_ms
-                      for s in archs}
+            for spec in archs:
+                here = measure_latency(network_builder(spec)(), input_size, runtime=runtime,
+                                       min_time_s=1.0, max_time_s=2.0).median_ms
+                there = client.measure(load_architecture(spec), num_classes=1000,
+                                       input_size=input_size, runtime=runtime, min_time_s=1.0,
+                                       max_time_s=2.0).median_ms
+                rows.append((Path(spec).stem, here, there))
         finally:
             proc.terminate()
             proc.wait(10)
-    here = [local[s]["ms"] for s in archs]
-    there = [remote[s] for s in archs]
-    ratios = np.array(there) / np.array(here)
-    return (f"server on loopback vs local (quiet, current protocol, pass 1), {len(archs)} "
-            f"architectures: median ratio {np.median(ratios):.3f}, largest deviation "
-            f"{np.abs(ratios - 1).max():.1%}, Spearman {spearmanr(here, there).statistic:.3f}")
+    ratios = np.array([there / here for _, here, there in rows])
+    worst = rows[int(np.abs(ratios - 1).argmax())][0]
+    return [f"server on loopback vs here, back to back per network (current protocol, quiet), "
+            f"{len(rows)} architectures: median ratio {np.median(ratios):.3f}, largest "
+            f"deviation {np.abs(ratios - 1).max():.1%} ({worst}), Spearman "
+            f"{spearmanr([r[1] for r in rows], [r[2] for r in rows]).statistic:.3f}",
+            *(f"  {name:<22} here {here:7.2f} ms  server {there:7.2f} ms" for name, here, there
+              in rows)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", choices=PROTOCOLS, default="current", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--networks", default=None, help="comma-separated specs (default: 12)")
+    p.add_argument("--parts", default="aa,server",
+                   help="aa: the A/A table; server: loopback server against local")
     args = p.parse_args(argv)
     if args.load_worker:
         load_worker()
@@ -173,11 +183,12 @@ def main(argv: list[str] | None = None) -> int:
                  else REFERENCES + sampled_specs(Path(tmp)))
         specs_file = Path(tmp) / "specs.json"
         specs_file.write_text(json.dumps(specs))
+        parts = args.parts.split(",")
         header = (f"{'condition':<8} {'protocol':<12} {'Spearman min':>12} {'mean':>6} "
                   f"{'drift max':>9} {'(network)':<22} {'drift median':>12} {'s/measure':>9}")
-        lines += [header, "-" * len(header)]
-        results = {}
-        for condition in ("quiet", "loaded"):
+        if "aa" in parts:
+            lines += [header, "-" * len(header)]
+        for condition in ("quiet", "loaded") if "aa" in parts else ():
             load = (subprocess.Popen([sys.executable, str(HERE), "--load-worker"])
                     if condition == "loaded" else None)
             try:
@@ -185,7 +196,6 @@ def main(argv: list[str] | None = None) -> int:
                 for protocol in PROTOCOLS:
                     passes = [run_pass(specs_file, protocol, args.runtime, args.input_size,
                                        seed) for seed in range(args.passes)]
-                    results[(condition, protocol)] = passes
                     s = summarize(passes)
                     lines.append(
                         f"{condition:<8} {protocol:<12} {s['spearman_min']:>12.3f} "
@@ -197,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 if load:
                     load.kill()
                     load.wait()
-        lines += ["", server_agreement(specs, results[("quiet", "current")][0], args.runtime,
-                                       args.input_size)]
+        if "server" in parts:
+            lines += ["", *server_agreement(specs, args.runtime, args.input_size)]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

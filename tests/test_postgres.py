@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 
 import optuna
 import pytest
@@ -113,3 +114,54 @@ def test_a_server_restart_mid_search_loses_no_finished_trial(image_folder, tmp_p
     states = [t.state for t in study(name).trials]
     assert optuna.trial.TrialState.RUNNING not in states
     assert sum(state in FINISHED for state in states) >= finished + 1
+
+
+def test_a_worker_killed_with_sigkill_fails_only_its_trial_and_the_study_goes_on(
+        image_folder, tmp_path):
+    name = f"killed-{uuid.uuid4().hex[:8]}"
+    # hard mode with T = 1 s: no tiny network is pruned on latency, and 8 epochs keep each
+    # trial in training for seconds, so the kill lands inside one (tests/test_search.py)
+    slow = ["--mode", "hard", "--target-ms", "1000", "--proxy-epochs", "8"]
+    assert main(argv(image_folder, tmp_path, name, "--trials", "1", *slow)) == 0
+    proc = spawn(argv(image_folder, tmp_path, name, "--trials", "3", *slow))
+
+    def training() -> bool:
+        trials = study(name).trials
+        return (len(trials) > 1 and trials[-1].state == optuna.trial.TrialState.RUNNING
+                and "latency_ms" in trials[-1].user_attrs)
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not training():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    running = [t.number for t in study(name).trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(running) == 1
+    # the next command on this host finds the killed worker's trial, fails it, and goes on
+    assert main(argv(image_folder, tmp_path, name, "--trials", "3", *slow)) == 0
+    trials = study(name).trials
+    killed = trials[running[0]]
+    assert killed.state == optuna.trial.TrialState.FAIL
+    assert killed.user_attrs["end"] == "died"
+    assert sum(t.state in FINISHED for t in trials) == 3  # the killed one does not count
+
+
+def test_a_worker_on_another_machine_that_goes_silent_is_failed_by_the_heartbeat():
+    # the heartbeat covers workers elsewhere (a killed one here is found by its pid, above):
+    # a trial stamped by another host whose heartbeat stops is failed after the grace period
+    from nas.search.liveness import StampedStorage
+    from nas.search.trial_end import counts_toward_trials
+
+    name = f"silent-{uuid.uuid4().hex[:8]}"
+    storage = StampedStorage(URL, heartbeat_interval=1, grace_period=2)
+    s = optuna.create_study(study_name=name, storage=storage)
+    trial = s.ask()
+    s._storage.set_trial_user_attr(trial._trial_id, "worker", "elsewhere:123")
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(3)
+    with warnings.catch_warnings():  # experimental in Optuna, and what optimize calls
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(s)
+    frozen = study(name).trials[0]
+    assert frozen.state == optuna.trial.TrialState.FAIL
+    assert not counts_toward_trials(frozen)  # another candidate is evaluated in its place
