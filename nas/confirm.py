@@ -35,6 +35,7 @@ from nas.cost import count_macs, count_params
 from nas.data import DataError, DataSplits, load_data
 from nas.files import write_atomic
 from nas.host import is_out_of_memory
+from nas.interleaved import measure_interleaved
 from nas.interrupts import run_tool
 from nas.latency import LatencyError, latency_context, measure_latency
 from nas.model import TooLargeError, build_model
@@ -149,13 +150,19 @@ class Latency:
                             if settings.get("precision", "fp32") != "fp32" else None)
 
     def __call__(self, arch: Architecture) -> tuple[float, float]:
+        """(median ms, cv) by the run's protocol; interleaved against a reference calibrated
+        once in this process, so every network of the sitting shares one yardstick."""
         s = self.settings
         model = build_model(arch, num_classes=self.data.num_classes)
-        lat = measure_latency(model, s["input_size"], device=s["device"], threads=s["threads"],
-                              runtime=s.get("runtime", "eager"),
-                              precision=s.get("precision", "fp32"),
-                              min_time_s=self.seconds / 2, max_time_s=self.seconds,
-                              calibration=self.calibration)
+        options = dict(device=s["device"], threads=s["threads"],
+                       runtime=s.get("runtime", "eager"), precision=s.get("precision", "fp32"),
+                       calibration=self.calibration)
+        if s.get("latency_protocol", "single").startswith("interleaved"):
+            lat = measure_interleaved(model, s["input_size"], num_classes=self.data.num_classes,
+                                      **options).as_result()
+        else:
+            lat = measure_latency(model, s["input_size"], min_time_s=self.seconds / 2,
+                                  max_time_s=self.seconds, **options)
         return lat.median_ms, lat.cv
 
 

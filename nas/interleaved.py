@@ -25,6 +25,7 @@ from torch import nn
 from nas.arch import load_architecture
 from nas.latency import (
     LatencyContext,
+    LatencyResult,
     _protocol,
     _warm_up,
     latency_context,
@@ -48,7 +49,22 @@ class InterleavedResult:
     raw_ms: float  # median of the candidate's own timings in the rounds
     rounds: int
     seconds: float
-    context: LatencyContext
+    context: LatencyContext  # its protocol: "interleaved:<reference>"
+    ratio_p10: float = 0.0
+    ratio_p90: float = 0.0
+
+    def as_result(self) -> LatencyResult:
+        """In LatencyResult's shape: what a cache, a study and a table hold."""
+        ref = self.reference_ms
+        return LatencyResult(
+            median_ms=self.latency_ms, p10_ms=self.ratio_p10 * ref, p90_ms=self.ratio_p90 * ref,
+            iqr_ms=self.ratio_iqr * ref, cv=self.ratio_iqr / (1.349 * self.ratio),
+            runs=self.rounds, warmup_runs=0, seconds=self.seconds, stopped_early=False,
+            context=self.context, raw_ms=self.raw_ms, reference_ms=ref)
+
+
+def protocol_name(reference: str = REFERENCE) -> str:
+    return f"interleaved:{reference}"
 
 
 @functools.lru_cache(maxsize=8)
@@ -57,7 +73,7 @@ def calibrated_reference_ms(context: LatencyContext, reference: str = REFERENCE,
     """The reference's latency by the standard protocol, once per process and context."""
     model = build_model(load_architecture(reference), num_classes=num_classes)
     with prepared_runner(model, context) as (run, _):
-        return _protocol(run, context, min_runs=40, min_time_s=2.0, max_time_s=4.0,
+        return _protocol(run, context, min_runs=40, min_time_s=1.5, max_time_s=3.0,
                          stop_above_ms=None).median_ms
 
 
@@ -96,9 +112,11 @@ def measure_interleaved(model: nn.Module, input_size: int = 224, *, device: str 
                 c, r = medians[1], (medians[0] + medians[2]) / 2
                 raw += times[1]
             ratios.append(c / r)
-    q25, ratio, q75 = np.percentile(ratios, [25, 50, 75]).tolist()
+    p10, q25, ratio, q75, p90 = np.percentile(ratios, [10, 25, 50, 75, 90]).tolist()
     return InterleavedResult(
         latency_ms=ratio * reference_ms, ratio=ratio, ratio_iqr=q75 - q25,
         reference_ms=reference_ms, raw_ms=float(np.median(raw)), rounds=rounds,
-        seconds=time.perf_counter() - start, context=context)
+        seconds=time.perf_counter() - start,
+        context=dataclasses.replace(context, protocol=protocol_name(reference)),
+        ratio_p10=p10, ratio_p90=p90)
 

@@ -97,6 +97,9 @@ class LatencyContext:
     runtime: str = "eager"  # see nas.runtimes
     runtime_version: str = ""  # "" for eager: torch_version is its version
     precision: str = "fp32"  # or "int8" (statically quantized by the runtime's quantizer)
+    # "single": the network timed alone; "interleaved:<reference>": in rounds with a reference
+    # network (nas.interleaved); results from before 2026-12-05 were all single
+    protocol: str = "single"
 
     def describe(self) -> str:
         """One line for tables and logs."""
@@ -125,6 +128,8 @@ class LatencyResult:
     stop_above_ms: float | None = None  # the bound this was measured under
     load_avg: float | None = None  # 1-minute load average when it finished (None: unknown)
     convert_s: float = 0.0  # converting the network for its runtime (not in `seconds`)
+    raw_ms: float | None = None  # interleaved: the candidate's own median, beside the estimate
+    reference_ms: float | None = None  # interleaved: the reference's calibrated latency
 
     def to_dict(self) -> dict[str, Any]:
         """Flat and JSON-able, for Optuna user attributes, CSV rows and the cache file."""
@@ -471,11 +476,11 @@ class LatencyCache:
                        stop_above_ms: float | None = None, clock: str | None = None,
                        runtime: str = "eager", precision: str = "fp32",
                        calibration: torch.Tensor | None = None,
-                       remote: Callable[[], LatencyResult] | None = None,
+                       measure: Callable[[], LatencyResult] | None = None,
                        context: LatencyContext | None = None) -> LatencyResult:
         """The cached result for `key` in this context, else build with `model_fn` and measure;
-        or, with `remote`, what it returns (a latency server's measurement), cached under the
-        server's `context`."""
+        or, with `measure`, what it returns (a latency server's measurement, an interleaved
+        one), cached under `context` (what it measures in)."""
         if context is None:
             context = latency_context(input_size, device=device, batch_size=batch_size,
                                       threads=threads, channels_last=channels_last, clock=clock,
@@ -485,7 +490,7 @@ class LatencyCache:
             self.hits += 1
             return cached
         self.misses += 1
-        result = remote() if remote is not None else measure_latency(
+        result = measure() if measure is not None else measure_latency(
             model_fn(), input_size, device=device, batch_size=batch_size, threads=threads,
             channels_last=channels_last, min_runs=min_runs, min_time_s=min_time_s,
             max_time_s=max_time_s, stop_above_ms=stop_above_ms, clock=clock, runtime=runtime,

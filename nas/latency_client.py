@@ -36,22 +36,27 @@ class LatencyClient:
         return self._call("GET", "/health", None)
 
     def context(self, *, input_size: int, device: str = "cpu", threads: int | None = None,
-                runtime: str = "eager", precision: str = "fp32") -> LatencyContext:
+                runtime: str = "eager", precision: str = "fp32",
+                protocol: str = "single") -> LatencyContext:
         """The context the server would measure in (its device's name above all)."""
         answer = self._call("POST", "/context", {
             "input_size": input_size, "device": device, "threads": threads or 1,
-            "runtime": runtime, "precision": precision})
+            "runtime": runtime, "precision": precision, "protocol": protocol})
         return LatencyContext(**answer)
 
     def measure(self, arch: Architecture, *, num_classes: int, input_size: int,
                 device: str = "cpu", threads: int | None = None, runtime: str = "eager",
                 precision: str = "fp32", min_time_s: float = 1.0, max_time_s: float = 2.0,
-                stop_above_ms: float | None = None) -> LatencyResult:
+                stop_above_ms: float | None = None, protocol: str = "single",
+                reference_ms: float | None = None) -> LatencyResult:
+        """`protocol` interleaved: against the server's reference, at `reference_ms` (None:
+        the server calibrates it; the result says what it used)."""
         answer = self._call("POST", "/measure", {
             "arch": arch.to_dict(), "num_classes": num_classes, "input_size": input_size,
             "device": device, "threads": threads or 1, "runtime": runtime,
             "precision": precision, "min_time_s": min_time_s, "max_time_s": max_time_s,
-            "stop_above_ms": stop_above_ms})
+            "stop_above_ms": stop_above_ms, "protocol": protocol,
+            "reference_ms": reference_ms})
         return LatencyResult.from_dict(answer)
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:

@@ -22,6 +22,7 @@ device do not disturb each other's timings. One log line per request.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hmac
 import json
 import sys
@@ -38,6 +39,7 @@ from nas.arch import ArchError, Architecture
 from nas.cli import HelpFormatter, Parser
 from nas.cost import count_macs, count_params
 from nas.host import cpu_name
+from nas.interleaved import measure_interleaved, protocol_name
 from nas.latency import DEVICES, LatencyError, latency_context, measure_latency
 from nas.model import TooLargeError, build_model
 from nas.runtimes import RUNTIME_NAMES
@@ -47,8 +49,10 @@ MAX_PARAMS = 100_000_000
 MAX_MACS = 50_000_000_000
 MAX_MEASURE_S = 30.0  # a client may not hold the device longer per network
 MEASURE_FIELDS = {"arch", "num_classes", "input_size", "device", "threads", "runtime",
-                  "precision", "min_time_s", "max_time_s", "stop_above_ms"}
-CONTEXT_FIELDS = {"input_size", "device", "threads", "runtime", "precision"}
+                  "precision", "min_time_s", "max_time_s", "stop_above_ms", "protocol",
+                  "reference_ms"}
+CONTEXT_FIELDS = {"input_size", "device", "threads", "runtime", "precision", "protocol"}
+PROTOCOLS = ("single", "interleaved")
 CALIBRATION_IMAGES = 8
 
 
@@ -89,7 +93,7 @@ class LatencyService:
 
     def context(self, body: dict[str, Any]) -> dict[str, Any]:
         _only(body, CONTEXT_FIELDS)
-        return _context(body).__dict__
+        return dataclasses.asdict(_context(body))
 
     def measure(self, body: dict[str, Any]) -> dict[str, Any]:
         _only(body, MEASURE_FIELDS)
@@ -126,12 +130,23 @@ class LatencyService:
         if ctx.precision != "fp32":  # quantization ranges do not change an int8 graph's time
             calibration = torch.randn(CALIBRATION_IMAGES, 3, ctx.input_size, ctx.input_size,
                                       generator=torch.Generator().manual_seed(0))
+        protocol = body.get("protocol", "single")
+        reference_ms = body.get("reference_ms")
+        if reference_ms is not None and not (isinstance(reference_ms, (int, float))
+                                             and reference_ms > 0):
+            raise Refused(HTTPStatus.BAD_REQUEST, "reference_ms: a number of ms > 0, or null")
         with self.lock:
             try:
-                result = measure_latency(
-                    model, ctx.input_size, device=ctx.device, threads=ctx.threads,
-                    runtime=ctx.runtime, precision=ctx.precision, min_time_s=min_s,
-                    max_time_s=max_s, stop_above_ms=bound, calibration=calibration)
+                if protocol == "interleaved":
+                    result = measure_interleaved(
+                        model, ctx.input_size, device=ctx.device, threads=ctx.threads,
+                        runtime=ctx.runtime, precision=ctx.precision, num_classes=num_classes,
+                        reference_ms=reference_ms, calibration=calibration).as_result()
+                else:
+                    result = measure_latency(
+                        model, ctx.input_size, device=ctx.device, threads=ctx.threads,
+                        runtime=ctx.runtime, precision=ctx.precision, min_time_s=min_s,
+                        max_time_s=max_s, stop_above_ms=bound, calibration=calibration)
             except Exception as e:  # noqa: BLE001 - the candidate's: a converter's refusal, OOM
                 reason = (str(e).splitlines() or [""])[0]
                 raise Refused(HTTPStatus.UNPROCESSABLE_ENTITY, reason if isinstance(
@@ -161,14 +176,20 @@ def _seconds(body: dict[str, Any], key: str, default: float) -> float:
 
 
 def _context(body: dict[str, Any]):
+    protocol = body.get("protocol", "single")
+    if protocol not in PROTOCOLS:
+        raise Refused(HTTPStatus.BAD_REQUEST, f"protocol: one of {list(PROTOCOLS)}")
     try:
-        return latency_context(
+        context = latency_context(
             _int(body, "input_size", 224, 1, 4096), device=str(body.get("device", "cpu")),
             threads=_int(body, "threads", 1, 1, 4096),
             runtime=str(body.get("runtime", "eager")),
             precision=str(body.get("precision", "fp32")))
     except LatencyError as e:
         raise Refused(HTTPStatus.UNPROCESSABLE_ENTITY, str(e)) from None
+    if protocol == "interleaved":
+        context = dataclasses.replace(context, protocol=protocol_name())
+    return context
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -181,7 +181,7 @@ def test_the_search_outcome_benchmark_confirms_a_real_search_against_matched_bas
     outcome = _benchmark("search_outcome")
     out = tmp_path / "table.txt"
     tiny = ("--space tiny --val-size 30 --proxy-images 64 --proxy-batch 32 --input-size 32 "
-            "--latency-time 0.1 --proxy-epochs 1 --runtime eager")
+            "--latency-time 0.1 --proxy-epochs 1 --runtime eager --latency-protocol single")
     assert outcome.main(["--data", str(image_folder), "--trials", "2", "--top", "1",
                          "--epochs", "1", "--seeds", "1", "--space", "tiny", "--batch-size", "32",
                          "--runs-dir", str(tmp_path), "--search-flags", tiny,

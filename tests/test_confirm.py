@@ -25,6 +25,7 @@ def searched(image_folder, tmp_path_factory):
     assert search(["--space", "tiny", "--val-size", "30", "--proxy-images", "64",
                    "--proxy-batch", "32", "--input-size", "32", "--latency-time", "0.1",
                    "--target-ms", "5", "--proxy-epochs", "1", "--runtime", "eager",
+                   "--latency-protocol", "single",
                    "--trials", "3", "--sampler", "random", "--baselines", "mobilenet_v3_small",
                    "--data", str(image_folder), "--runs-dir", str(runs), "--name", "s"]) == 0
     return runs / "s"

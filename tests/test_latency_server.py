@@ -84,6 +84,23 @@ def test_a_measurement_comes_back_with_the_servers_context(server):
     assert client.context(input_size=32, runtime="eager") == result.context
 
 
+def test_an_interleaved_measurement_says_its_reference(server):
+    url, _ = server
+    client = LatencyClient(url, TOKEN)
+    arch = load_architecture("mobilenet_v3_small")
+    first = client.measure(arch, num_classes=10, input_size=32, runtime="eager",
+                           protocol="interleaved")
+    assert first.context.protocol == "interleaved:mnasnet_a1" and first.reference_ms > 0
+    assert first.raw_ms > 0
+    given = client.measure(arch, num_classes=10, input_size=32, runtime="eager",
+                           protocol="interleaved", reference_ms=10.0)
+    assert given.reference_ms == 10.0
+    assert given.median_ms == pytest.approx(10.0 * first.median_ms / first.reference_ms,
+                                            rel=0.3)  # the same ratio, another yardstick
+    assert client.context(input_size=32, runtime="eager",
+                          protocol="interleaved") == first.context
+
+
 @pytest.mark.parametrize("request_, status, fragment", [
     ({"token": None}, 401, "missing or wrong token"),
     ({"token": "x" * 20}, 401, "missing or wrong token"),
@@ -97,6 +114,7 @@ def test_a_measurement_comes_back_with_the_servers_context(server):
      422,
      "parameters; this server measures at most 3,000,000"),
     ({"body": measure_body(runtime="tflite")}, 422, "tflite"),
+    ({"body": measure_body(protocol="rmit")}, 400, "protocol: one of"),
     ({"raw": b"{}", "headers": {"Content-Length": str(2 << 20)}}, 413, "at most 1,048,576"),
 ])
 def test_bad_requests_are_refused_with_one_line_and_the_server_keeps_serving(
@@ -170,7 +188,7 @@ def test_nas_latency_measures_on_the_server(server, token_file, capsys):
 
 TINY = ["--space", "tiny", "--val-size", "30", "--proxy-images", "64", "--proxy-batch", "32",
         "--input-size", "32", "--latency-time", "0.1", "--target-ms", "1", "--proxy-epochs",
-        "1", "--runtime", "eager", "--sampler", "random"]
+        "1", "--runtime", "eager", "--sampler", "random", "--latency-protocol", "single"]
 
 
 def study_of(runs, name="s"):

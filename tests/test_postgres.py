@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 FAST = ["--space", "tiny", "--val-size", "30", "--proxy-images", "64", "--proxy-batch", "32",
         "--input-size", "32", "--latency-time", "0.1", "--target-ms", "1", "--proxy-epochs", "1",
-        "--runtime", "eager", "--sampler", "random"]
+        "--runtime", "eager", "--sampler", "random", "--latency-protocol", "single"]
 
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)

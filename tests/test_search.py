@@ -52,7 +52,7 @@ from nas.search.workers import Workers
 # deployment runtime costs seconds; the default runtime has its own tests below
 FAST = ["--space", "tiny", "--val-size", "30", "--proxy-images", "64",
         "--proxy-batch", "32", "--input-size", "32", "--latency-time", "0.1", "--target-ms", "1",
-        "--proxy-epochs", "1", "--runtime", "eager"]
+        "--proxy-epochs", "1", "--runtime", "eager", "--latency-protocol", "single"]
 
 
 def args(run_dir, data, *extra, name="s"):
@@ -358,7 +358,7 @@ def test_a_study_from_before_runtimes_resumes_only_as_eager(image_folder, tmp_pa
     assert main(args(tmp_path, image_folder, "--trials", "1")) == 0
     study = study_of(tmp_path)  # as saved before 2026-12-05: eager, no runtime setting
     study.set_user_attr("settings", {k: v for k, v in study.user_attrs["settings"].items()
-                                     if k not in ("runtime", "precision")})
+                                     if k not in ("runtime", "precision", "latency_protocol")})
     argv = args(tmp_path, image_folder, "--trials", "2")
     argv[argv.index("eager")] = "onnxruntime"
     assert main(argv) == 2
@@ -1291,3 +1291,39 @@ def test_a_baseline_in_the_space_is_the_first_trial_once(image_folder, tmp_path)
     assert main(args(tmp_path, image_folder, "--trials", "1", "--name", "off",
                      "--no-enqueue-baselines", *flags)) == 0
     assert "enqueued_baseline" not in study_of(tmp_path, "off").trials[0].user_attrs
+
+
+def test_the_default_interleaved_protocol_calibrates_the_reference_once_per_study(
+        image_folder, tmp_path, capsys, monkeypatch):
+    import nas.search.runner
+
+    def interleaved(*extra):
+        argv = args(tmp_path, image_folder, *extra)
+        del argv[argv.index("--latency-protocol"):argv.index("--latency-protocol") + 2]
+        return argv  # the default protocol
+
+    assert main(interleaved("--trials", "2")) == 0
+    study = study_of(tmp_path)
+    assert study.user_attrs["settings"]["latency_protocol"] == "interleaved:mnasnet_a1"
+    reference = study.user_attrs["reference_ms"]
+    assert reference > 0
+    for t in study.trials:
+        ua = t.user_attrs
+        assert ua["latency_raw_ms"] > 0 and ua["latency_ms"] > 0
+    cache = json.loads((tmp_path / "s" / "latency_cache.json").read_text())
+    assert {e["result"]["protocol"] for e in cache["entries"]} == {"interleaved:mnasnet_a1"}
+    assert {e["result"]["reference_ms"] for e in cache["entries"]} == {reference}
+
+    def no_second_calibration(*a, **kw):
+        raise AssertionError("the study's reference latency is reused")
+
+    monkeypatch.setattr(nas.search.runner, "calibrated_reference_ms", no_second_calibration)
+    assert main(interleaved("--trials", "3")) == 0
+    assert study_of(tmp_path).user_attrs["reference_ms"] == reference
+    # another protocol is another study: refused with the flag that resumes it
+    capsys.readouterr()
+    assert main(args(tmp_path, image_folder, "--trials", "4")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["nas.search: error: study 's' measured latency with latency_protocol "
+                   "'interleaved:mnasnet_a1', not 'single'; resume with --latency-protocol "
+                   "interleaved or pick a new --name"]

@@ -35,6 +35,7 @@ from nas.space import DEFAULT_SPACE
 SAMPLERS = ("tpe", "nsga2", "random")
 OBJECTIVES = ("reward", "pareto")
 PRUNERS = ("none", "median")
+LATENCY_PROTOCOLS = ("interleaved", "single")
 
 
 class UsageError(ValueError):
@@ -71,6 +72,7 @@ class SearchConfig:
     input_size: int = 224
     threads: int | None = None  # None: nas.latency's DEFAULT_THREADS
     latency_time: float = 2.0
+    latency_protocol: str = "interleaved"  # or "single" (nas.interleaved; latency_aa_zen4.txt)
     latency_server: str | None = None  # None: measured here
     latency_token_file: str | None = None
     data: str | None = None
@@ -179,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latency-time", type=float, default=_default("latency_time"),
                    help="seconds of measuring per architecture (warm-up included; each "
                         "architecture is measured once per study)")
+    g.add_argument("--latency-protocol", choices=LATENCY_PROTOCOLS,
+                   default=_default("latency_protocol"),
+                   help="interleaved: each candidate timed in rounds with a reference network "
+                        "(mnasnet_a1), as the median ratio times the reference's latency, which "
+                        "ranked 12 networks with Spearman 0.986 between fresh processes against "
+                        "0.86-0.89 for single (benchmarks/results/latency_aa_zen4.txt); single: "
+                        "the candidate timed alone, as before")
     g.add_argument("--latency-server", default=None, metavar="URL",
                    help="measure latency on the device running `python -m nas.latency serve` "
                         "(training stays here); the study records that device")

@@ -17,8 +17,9 @@ import torch
 from nas.arch import Architecture
 from nas.cost import count_macs, count_params
 from nas.data import DataSplits
+from nas.interleaved import measure_interleaved
 from nas.interrupts import INTERRUPTED, was_interrupted
-from nas.latency import LatencyCache, LatencyContext, architecture_key
+from nas.latency import LatencyCache, LatencyContext, LatencyResult, architecture_key
 from nas.latency_client import LatencyClient
 from nas.model import build_model
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
@@ -31,6 +32,7 @@ from nas.search.trial_end import TrialEnd, set_end
 from nas.space import SearchSpace
 
 CALIBRATION_IMAGES = 8  # training images that calibrate an int8 network's quantization
+REFERENCE_ATTR = "reference_ms"  # study attribute: the interleaved reference's latency
 
 
 @dataclasses.dataclass
@@ -43,7 +45,9 @@ class Context:
     budget: ProxyBudget
     cache: LatencyCache
     remote: LatencyClient | None = None  # --latency-server
-    remote_context: LatencyContext | None = None  # what it measures in
+    # what latency is measured in (None: the cache asks nas.latency, for local single timing)
+    latency_context: LatencyContext | None = None
+    reference_ms: float | None = None  # interleaved: the study's calibrated reference
 
     @property
     def alpha(self) -> float:
@@ -70,20 +74,15 @@ def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None,
     record["macs"] = count_macs(deployed, c.input_size)
     best = best_reward(trial, ctx)
     bound = latency_bound_ms(best, c.target_ms, ctx.alpha, ctx.beta) if best else None
-    options = dict(input_size=c.input_size, device=c.device, threads=c.threads,
-                   min_time_s=c.latency_time / 2, max_time_s=c.latency_time,
-                   stop_above_ms=bound, runtime=c.runtime, precision=c.precision)
-    remote = ctx.remote
-    lat = ctx.cache.get_or_measure(
-        f"{architecture_key(arch)}-{ctx.data.num_classes}", lambda: deployed, **options,
-        calibration=(calibration_images(ctx.data) if c.precision != "fp32" and remote is None
-                     else None),
-        context=ctx.remote_context,
-        remote=(lambda: remote.measure(arch, num_classes=ctx.data.num_classes, **options))
-        if remote is not None else None)
+    lat = candidate_latency(arch, deployed, ctx, bound)
+    if lat.reference_ms is not None and ctx.reference_ms is None and trial is not None:
+        ctx.reference_ms = lat.reference_ms  # a server calibrated it: the study keeps it
+        trial.study.set_user_attr(REFERENCE_ATTR, lat.reference_ms)
     record.update(latency_ms=lat.median_ms, latency_p10_ms=lat.p10_ms, latency_p90_ms=lat.p90_ms,
                   latency_cv=lat.cv, latency_s=lat.seconds, latency_stopped_early=lat.stopped_early,
                   convert_s=lat.convert_s)
+    if lat.raw_ms is not None:
+        record["latency_raw_ms"] = lat.raw_ms
     _set_attrs(trial, record)
     if bound is not None and (lat.stopped_early or lat.median_ms > bound):
         raise optuna.TrialPruned(
@@ -103,6 +102,33 @@ def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None,
                                 beta=ctx.beta))
     _set_attrs(trial, record)
     return record
+
+
+def candidate_latency(arch: Architecture, deployed: torch.nn.Module, ctx: Context,
+                      bound: float | None) -> LatencyResult:
+    """The candidate's latency as the study measures it: cached, else on the latency server,
+    interleaved with the reference, or timed alone (--latency-protocol single)."""
+    c = ctx.config
+    options = dict(input_size=c.input_size, device=c.device, threads=c.threads,
+                   min_time_s=c.latency_time / 2, max_time_s=c.latency_time,
+                   stop_above_ms=bound, runtime=c.runtime, precision=c.precision)
+    key = f"{architecture_key(arch)}-{ctx.data.num_classes}"
+    calibration = calibration_images(ctx.data) if c.precision != "fp32" else None
+    if ctx.remote is not None:
+        remote = ctx.remote
+        return ctx.cache.get_or_measure(
+            key, lambda: deployed, **options, context=ctx.latency_context,
+            measure=lambda: remote.measure(arch, num_classes=ctx.data.num_classes,
+                                           protocol=c.latency_protocol,
+                                           reference_ms=ctx.reference_ms, **options))
+    if c.latency_protocol == "interleaved":
+        return ctx.cache.get_or_measure(
+            key, lambda: deployed, **options, context=ctx.latency_context,
+            measure=lambda: measure_interleaved(
+                deployed, c.input_size, device=c.device, threads=c.threads, runtime=c.runtime,
+                precision=c.precision, num_classes=ctx.data.num_classes,
+                reference_ms=ctx.reference_ms, calibration=calibration).as_result())
+    return ctx.cache.get_or_measure(key, lambda: deployed, **options, calibration=calibration)
 
 
 @functools.lru_cache(maxsize=1)  # the same images for every candidate of a run: draw them once

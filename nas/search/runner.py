@@ -22,6 +22,7 @@ from nas.arch import ArchError
 from nas.cli import oserror_line
 from nas.data import SPLIT_SEED, DataError, load_data, split_train_val
 from nas.files import make_folders, remove_if_empty
+from nas.interleaved import calibrated_reference_ms, protocol_name
 from nas.interrupts import INTERRUPTED, was_interrupted
 from nas.latency import DEFAULT_THREADS, LatencyCache, LatencyError, latency_context
 from nas.latency_client import LatencyClient
@@ -34,7 +35,7 @@ from nas.search.callbacks import Progress, StopAtTrials, StopOnInterrupt
 from nas.search.config import SearchConfig, UsageError, config_from_argv, resolve
 from nas.search.cpu_share import SHARED_NOTE, train_threads
 from nas.search.liveness import fail_dead_local_trials
-from nas.search.objective import Context, make_objective
+from nas.search.objective import REFERENCE_ATTR, Context, make_objective
 from nas.search.study import (
     database_failure,
     open_storage,
@@ -61,7 +62,8 @@ def prepare(config: SearchConfig) -> tuple[Context, Path, dict[str, Any]]:
         try:
             lat_ctx = remote.context(input_size=config.input_size, device=config.device,
                                      threads=config.threads, runtime=config.runtime,
-                                     precision=config.precision)
+                                     precision=config.precision,
+                                     protocol=config.latency_protocol)
         except LatencyError as e:
             raise UsageError(f"--latency-server {config.latency_server}: "
                              f"{str(e).removeprefix(f'latency server {remote.url}: ')}") from None
@@ -69,6 +71,8 @@ def prepare(config: SearchConfig) -> tuple[Context, Path, dict[str, Any]]:
         lat_ctx = latency_context(config.input_size, device=config.device,
                                   threads=config.threads, runtime=config.runtime,
                                   precision=config.precision)
+        if config.latency_protocol == "interleaved":
+            lat_ctx = dataclasses.replace(lat_ctx, protocol=protocol_name())
     space = load_space(config.space)
     budget = config.budget()
     data = load_data(config.data, val_size=0)
@@ -91,10 +95,26 @@ def prepare(config: SearchConfig) -> tuple[Context, Path, dict[str, Any]]:
                 "budget": dataclasses.asdict(budget), "data": data.source, "seed": config.seed,
                 "sampler": config.sampler, "pruner": config.pruner,
                 "latency_device": lat_ctx.device_name, "runtime": config.runtime,
-                "precision": config.precision}
+                "precision": config.precision, "latency_protocol": lat_ctx.protocol}
     ctx = Context(config, space, data, budget, LatencyCache(run_dir / LATENCY_CACHE),
-                  remote=remote, remote_context=lat_ctx if remote is not None else None)
+                  remote=remote,
+                  latency_context=lat_ctx if remote or lat_ctx.protocol != "single" else None)
     return ctx, run_dir, settings
+
+
+def reference_latency(study: optuna.Study, ctx: Context) -> float | None:
+    """Interleaved: the reference's latency the study measures against, calibrated once and
+    kept in the study, so every process and resume multiplies the same number (a latency
+    server calibrates its own on the first measurement: then it is kept from there)."""
+    if ctx.config.latency_protocol != "interleaved":
+        return None
+    saved = study.user_attrs.get(REFERENCE_ATTR)
+    if saved is not None or ctx.remote is not None:
+        return saved
+    single = dataclasses.replace(ctx.latency_context, protocol="single")
+    ms = calibrated_reference_ms(single, num_classes=ctx.data.num_classes)
+    study.set_user_attr(REFERENCE_ATTR, ms)
+    return ms
 
 
 def environment() -> dict[str, Any]:
@@ -136,6 +156,7 @@ def run(config: SearchConfig, write: bool = True, ready=None, stop=None) -> int:
                              f"({str(cause).splitlines()[0]})") from None
         raise
     already = finished_count(study)
+    ctx.reference_ms = reference_latency(study, ctx)
     if write:
         write_run_meta(run_dir, {
             "study_name": config.name, "storage": config.storage,

@@ -26,7 +26,7 @@ from nas.space import SearchSpace
 
 SETTINGS_THAT_MUST_MATCH = ("target_ms", "alpha", "beta", "objective", "space", "device",
                             "input_size", "threads", "budget", "val_size", "data_fingerprint",
-                            "latency_device", "runtime", "precision")
+                            "latency_device", "runtime", "precision", "latency_protocol")
 # the flag that sets each ProxyBudget field, for the refusal to resume with another budget
 BUDGET_FLAGS = {"train_images": "--proxy-images", "epochs": "--proxy-epochs",
                 "batch_size": "--proxy-batch", "ghost_batches": "--proxy-ghost-batches",
@@ -39,8 +39,9 @@ SETTINGS_ADDED_LATER = ("latency_device",)
 # settings newer than some studies, with the value every such study was measured with: a study
 # from before 2026-12-05 timed eager PyTorch in float32, and resumes only with those flags
 # (CHANGELOG.md)
-SETTINGS_OF_OLDER_STUDIES = {"runtime": "eager", "precision": "fp32"}
-SETTING_FLAGS = {"runtime": "--runtime", "precision": "--precision"}
+SETTINGS_OF_OLDER_STUDIES = {"runtime": "eager", "precision": "fp32", "latency_protocol": "single"}
+SETTING_FLAGS = {"runtime": "--runtime", "precision": "--precision",
+                 "latency_protocol": "--latency-protocol"}
 # the install extra with the driver SQLAlchemy picks for each database's plain URL scheme
 DRIVER_EXTRAS = {"postgresql": ("postgres", "psycopg 3"), "mysql": ("mysql", "PyMySQL"),
                  "mariadb": ("mysql", "PyMySQL")}
@@ -235,8 +236,9 @@ def refusal(name: str, key: str, was: Any, now: Any) -> str:
         return (f"study {name!r} was created with the proxy's {differ} (not every one has a "
                 f"flag: a default of another nas version); pick a new --name")
     if key in SETTING_FLAGS:
+        flag_value = str(was).split(":")[0]  # interleaved:<reference> is --latency-protocol's
         return (f"study {name!r} measured latency with {key} {was!r}, not {now!r}; resume with "
-                f"{SETTING_FLAGS[key]} {was} or pick a new --name")
+                f"{SETTING_FLAGS[key]} {flag_value} or pick a new --name")
     detail = f"{key}={was!r}, not {now!r}" if len(repr(was)) < 80 else f"another {key}"
     return (f"study {name!r} was created with {detail}; resume with the same settings or pick "
             f"a new --name")
