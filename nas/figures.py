@@ -108,6 +108,10 @@ def _hover(row: pd.Series) -> str:
     lines = [who, str(row.get("arch", "") or "")]
     lines.append(f"accuracy {float(row['accuracy']):.4f}, "
                  f"latency {float(row['latency_ms']):.3g} ms")
+    if _finite(row.get("latency_final_ms")):
+        lines.append(f"re-measured with the front: {float(row['latency_final_ms']):.3g} ms "
+                     f"(p10-p90 {float(row['latency_final_p10_ms']):.3g}-"
+                     f"{float(row['latency_final_p90_ms']):.3g})")
     if _finite(row.get("reward")):
         lines.append(f"reward {float(row['reward']):.4f}")
     cost = []

@@ -12,6 +12,7 @@ from nas.arch import Architecture, save_architecture
 from nas.figures import write_plots
 from nas.files import write_atomic
 from nas.pareto import best_trial_row, is_baseline, pareto_frame, trials_frame
+from nas.run_folder import FRONT_LATENCY
 
 BASELINES_FILE = "baselines.csv"
 BASELINE_COLUMNS = ("baseline", "state")  # what nas.search writes for a failed baseline too
@@ -62,8 +63,8 @@ def write_results(study: optuna.Study, run_dir: Path, *, target_ms: float) -> di
     Everything is read and checked (baselines.csv included) before the first file is written, so
     a damaged input leaves the previous results as they were.
     """
-    df = trials_frame(study)
-    baselines = load_baselines(run_dir)
+    df = _with_final_latency(trials_frame(study), run_dir, "number")
+    baselines = _with_final_latency(load_baselines(run_dir), run_dir, "baseline")
     best = best_trial_row(df)
     arch = Architecture.from_dict(_arch_dict(best["arch_dict"])) if best is not None else None
     out = {"trials": run_dir / "trials.csv", "pareto": run_dir / "pareto.csv"}
@@ -79,6 +80,22 @@ def write_results(study: optuna.Study, run_dir: Path, *, target_ms: float) -> di
         for path in write_plots(plot_df, run_dir, target_ms=target_ms, measured_in=measured_in):
             out[path.name] = path
     return out
+
+
+def _with_final_latency(df: pd.DataFrame, run_dir: Path, key: str) -> pd.DataFrame:
+    """`df` with the re-measured latency columns of front_latency.csv, where it has them."""
+    path = run_dir / FRONT_LATENCY
+    if not len(df) or key not in df or not path.exists():
+        return df
+    try:
+        final = pd.read_csv(path)
+    except (OSError, ValueError):  # a damaged file: the results without it
+        return df
+    final = final[final[key].notna()].drop(columns=[c for c in ("number", "baseline")
+                                                    if c != key])
+    if key == "number":
+        final[key] = final[key].astype(int)
+    return df.merge(final, on=key, how="left")
 
 
 def _arch_dict(value) -> dict:

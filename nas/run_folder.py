@@ -6,6 +6,7 @@ read and checked here for nas.export and nas.plot), and the study its storage ho
     runs/<name>/latency_cache.json  measured latencies (nas.latency.LatencyCache)
     runs/<name>/baselines.csv       reference networks (nas.results)
     runs/<name>/trials.csv, pareto.csv, best.yaml, pareto.html, history.html   (nas.results)
+    runs/<name>/front_latency.csv   the front and baselines re-measured together (nas.search)
     runs/<name>/confirm.csv, confirm.html, confirmed.yaml, confirm/   (nas.confirm)
 """
 
@@ -25,6 +26,7 @@ from nas.latency import MIN_INPUT_SIZE
 RUN_JSON = "run.json"
 STUDY_DB = "study.db"
 LATENCY_CACHE = "latency_cache.json"
+FRONT_LATENCY = "front_latency.csv"  # the front and baselines re-measured at the search's end
 CONFIRM_DIR = "confirm"  # one folder per confirmed network, recipe and seed (nas.train's)
 CONFIRM_CSV = "confirm.csv"
 CONFIRM_HTML = "confirm.html"

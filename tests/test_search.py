@@ -1327,3 +1327,26 @@ def test_the_default_interleaved_protocol_calibrates_the_reference_once_per_stud
     assert err == ["nas.search: error: study 's' measured latency with latency_protocol "
                    "'interleaved:mnasnet_a1', not 'single'; resume with --latency-protocol "
                    "interleaved or pick a new --name"]
+
+
+def test_the_front_and_the_baselines_are_re_measured_together_at_the_end(finished_run):
+    final = pd.read_csv(finished_run / "front_latency.csv")
+    front = pd.read_csv(finished_run / "pareto.csv")
+    assert sorted(final.number.dropna().astype(int)) == sorted(front.number)
+    assert list(final.baseline.dropna()) == ["mobilenet_v3_small"]
+    assert (final.latency_final_p10_ms <= final.latency_final_ms).all()
+    merged = front.merge(final, on="number", suffixes=("", "_file"))
+    assert list(merged.latency_final_ms) == list(merged.latency_final_ms_file)
+    assert "re-measured with the front" in (finished_run / "pareto.html").read_text()
+
+
+def test_an_interrupt_while_re_measuring_the_front_still_writes_the_results(
+        image_folder, tmp_path, monkeypatch):
+    def interrupted(*a, **kw):
+        INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("nas.search.runner.remeasure_front", interrupted)
+    assert main(args(tmp_path, image_folder, "--trials", "1")) == 130
+    assert len(pd.read_csv(tmp_path / "s" / "trials.csv")) == 1
+    assert not (tmp_path / "s" / "front_latency.csv").exists()

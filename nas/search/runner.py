@@ -34,6 +34,7 @@ from nas.search.baselines import enqueue_baselines, run_baselines
 from nas.search.callbacks import Progress, StopAtTrials, StopOnInterrupt
 from nas.search.config import SearchConfig, UsageError, config_from_argv, resolve
 from nas.search.cpu_share import SHARED_NOTE, train_threads
+from nas.search.front import remeasure_front
 from nas.search.liveness import fail_dead_local_trials
 from nas.search.objective import REFERENCE_ATTR, Context, make_objective
 from nas.search.study import (
@@ -208,6 +209,22 @@ def run(config: SearchConfig, write: bool = True, ready=None, stop=None) -> int:
     if workers and workers.failed():
         print(f"nas.search: {workers.failed()} worker(s) failed; their unfinished trials are "
               f"marked failed on the next run", file=sys.stderr)
+    if not interrupted and finished_count(study):
+        try:
+            final = remeasure_front(study, ctx, run_dir)
+            print(f"re-measured the front and the baselines together: {len(final)} networks",
+                  flush=True)
+        except BaseException as e:  # the results matter more than the re-measurement
+            if was_interrupted(e):  # Ctrl-C here still writes the results
+                interrupted = True
+                print("interrupted: writing results without the re-measured front",
+                      file=sys.stderr)
+            elif isinstance(e, Exception):
+                print(f"nas.search: the front could not be re-measured "
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                      file=sys.stderr)
+            else:
+                raise
     files = write_results(study, run_dir, target_ms=config.target_ms)
     print_summary(files)
     return INTERRUPTED.status() if interrupted else 0
