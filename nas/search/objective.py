@@ -19,13 +19,20 @@ from nas.cost import count_macs, count_params
 from nas.data import DataSplits
 from nas.interleaved import measure_interleaved
 from nas.interrupts import INTERRUPTED, was_interrupted
-from nas.latency import LatencyCache, LatencyContext, LatencyResult, architecture_key
+from nas.latency import (
+    LatencyCache,
+    LatencyContext,
+    LatencyResult,
+    architecture_key,
+    measure_latency,
+)
 from nas.latency_client import LatencyClient
 from nas.model import build_model
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.reward import reward
 from nas.runtimes.base import calibration_sample
 from nas.search.config import SearchConfig
+from nas.search.core_gate import CoreGate
 from nas.search.cpu_share import stop_if_interrupted, training_threads
 from nas.search.liveness import worker_id
 from nas.search.trial_end import TrialEnd, set_end
@@ -48,6 +55,7 @@ class Context:
     # what latency is measured in (None: the cache asks nas.latency, for local single timing)
     latency_context: LatencyContext | None = None
     reference_ms: float | None = None  # interleaved: the study's calibrated reference
+    gate: CoreGate | None = None  # no measurement beside a training on this machine
 
     @property
     def alpha(self) -> float:
@@ -91,9 +99,15 @@ def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None,
             f"({best:.4f})")
     # Intermediate scores cost a validation pass each: only when a pruner will read them.
     use_trial = trial if (c.objective == "reward" and c.pruner != "none") else None
-    result = proxy_train(arch, ctx.data, ctx.budget, device=c.train_device, seed=c.seed,
-                         trial=use_trial, threads=stop_if_interrupted(threads or training_threads(
-                             c, trial.study if trial is not None else None)))
+    steps = threads or training_threads(c, trial.study if trial is not None else None)
+    if ctx.gate is not None:
+        steps = ctx.gate.gated(steps)
+    try:
+        result = proxy_train(arch, ctx.data, ctx.budget, device=c.train_device, seed=c.seed,
+                             trial=use_trial, threads=stop_if_interrupted(steps))
+    finally:
+        if ctx.gate is not None:
+            ctx.gate.done()
     record.update(accuracy=result.accuracy, train_s=result.train_seconds,
                   train_threads=list(result.threads),
                   eval_s=result.eval_seconds, images_per_s=result.images_per_second,
@@ -114,7 +128,7 @@ def candidate_latency(arch: Architecture, deployed: torch.nn.Module, ctx: Contex
                    stop_above_ms=bound, runtime=c.runtime, precision=c.precision)
     key = f"{architecture_key(arch)}-{ctx.data.num_classes}"
     calibration = calibration_images(ctx.data) if c.precision != "fp32" else None
-    if ctx.remote is not None:
+    if ctx.remote is not None:  # another device: nothing here to keep quiet
         remote = ctx.remote
         return ctx.cache.get_or_measure(
             key, lambda: deployed, **options, context=ctx.latency_context,
@@ -122,13 +136,21 @@ def candidate_latency(arch: Architecture, deployed: torch.nn.Module, ctx: Contex
                                            protocol=c.latency_protocol,
                                            reference_ms=ctx.reference_ms, **options))
     if c.latency_protocol == "interleaved":
-        return ctx.cache.get_or_measure(
-            key, lambda: deployed, **options, context=ctx.latency_context,
-            measure=lambda: measure_interleaved(
+        def measure() -> LatencyResult:
+            return measure_interleaved(
                 deployed, c.input_size, device=c.device, threads=c.threads, runtime=c.runtime,
                 precision=c.precision, num_classes=ctx.data.num_classes,
-                reference_ms=ctx.reference_ms, calibration=calibration).as_result())
-    return ctx.cache.get_or_measure(key, lambda: deployed, **options, calibration=calibration)
+                reference_ms=ctx.reference_ms, calibration=calibration).as_result()
+    else:
+        def measure() -> LatencyResult:
+            return measure_latency(deployed, calibration=calibration, **options)
+
+    def quiet() -> LatencyResult:  # a cache hit measures nothing, so takes no lock
+        with ctx.gate.measuring() if ctx.gate is not None else contextlib.nullcontext():
+            return measure()
+
+    return ctx.cache.get_or_measure(key, lambda: deployed, **options, measure=quiet,
+                                    context=ctx.latency_context)
 
 
 @functools.lru_cache(maxsize=1)  # the same images for every candidate of a run: draw them once

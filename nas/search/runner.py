@@ -33,6 +33,7 @@ from nas.run_folder import LATENCY_CACHE, write_run_meta
 from nas.search.baselines import enqueue_baselines, run_baselines
 from nas.search.callbacks import Progress, StopAtTrials, StopOnInterrupt
 from nas.search.config import SearchConfig, UsageError, config_from_argv, resolve
+from nas.search.core_gate import CoreGate
 from nas.search.cpu_share import SHARED_NOTE, train_threads
 from nas.search.front import remeasure_front
 from nas.search.liveness import fail_dead_local_trials
@@ -146,6 +147,7 @@ def run(config: SearchConfig, write: bool = True, ready=None, stop=None) -> int:
     except OSError as e:
         raise UsageError(f"--runs-dir {config.runs_dir}: cannot make the run folder {run_dir} "
                          f"({e.strerror or e})") from None
+    ctx.gate = CoreGate(run_dir)
     try:
         storage = open_storage(config, run_dir)
         study = open_study(config, storage, settings, ctx.space)
