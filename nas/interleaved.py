@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import random
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -82,11 +83,13 @@ def measure_interleaved(model: nn.Module, input_size: int = 224, *, device: str 
                         precision: str = "fp32", reference: str = REFERENCE,
                         num_classes: int = 1000, rounds: int = ROUNDS,
                         runs_per_block: int = RUNS_PER_BLOCK, reference_ms: float | None = None,
-                        calibration: torch.Tensor | None = None, seed: int = 0
+                        calibration: torch.Tensor | None = None, seed: int = 0,
+                        quiet: Callable[[], contextlib.AbstractContextManager] | None = None
                         ) -> InterleavedResult:
     """The candidate's latency from interleaved rounds with `reference` (a reference name or
     architecture file), in the same context; `reference_ms`: its calibrated latency (default:
-    measured once per process by calibrated_reference_ms)."""
+    measured once per process by calibrated_reference_ms). `quiet`: a context held while
+    timing, not while converting (nas.search's CoreGate)."""
     context = latency_context(input_size, device=device, threads=threads, runtime=runtime,
                               precision=precision)
     if reference_ms is None:
@@ -95,6 +98,8 @@ def measure_interleaved(model: nn.Module, input_size: int = 224, *, device: str 
     with contextlib.ExitStack() as stack:
         cand, _ = stack.enter_context(prepared_runner(model, context, calibration=calibration))
         ref, _ = stack.enter_context(prepared_runner(ref_model, context))
+        if quiet is not None:
+            stack.enter_context(quiet())
         start = time.perf_counter()  # measuring, not converting (as LatencyResult.seconds)
         for run in (cand, ref):
             _warm_up(run, until=time.perf_counter() + 1.0, stop_above_ms=None)

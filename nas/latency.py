@@ -372,7 +372,9 @@ def measure_latency(model: nn.Module, input_size: int = 224, *, device: str = "c
                     min_runs: int = 20, min_time_s: float = 1.0, max_time_s: float = 2.0,
                     stop_above_ms: float | None = None, clock: str | None = None,
                     runtime: str = "eager", precision: str = "fp32",
-                    calibration: torch.Tensor | None = None) -> LatencyResult:
+                    calibration: torch.Tensor | None = None,
+                    quiet: Callable[[], contextlib.AbstractContextManager] | None = None
+                    ) -> LatencyResult:
     """Median inference latency of `model` on a random batch, by the protocol in the module doc.
 
     `threads` defaults to 1 (one core, as MnasNet's single Pixel core); `clock` defaults to the
@@ -382,12 +384,14 @@ def measure_latency(model: nn.Module, input_size: int = 224, *, device: str = "c
     nas.runtimes.ConversionError; the model is moved to the CPU in place first (the runtimes
     convert from there). Eager: the model is moved to `device` and converted to the memory
     format in place, as ``model.to`` would. Its training flags are restored either way.
+    `quiet`: a context held while timing, not while converting (nas.search's CoreGate).
     """
     context = latency_context(input_size, device=device, batch_size=batch_size,
                               threads=threads, channels_last=channels_last, clock=clock,
                               runtime=runtime, precision=precision)
     _check_budget(min_runs, min_time_s, max_time_s, stop_above_ms)
-    with prepared_runner(model, context, calibration=calibration) as (run, convert_s):
+    with (prepared_runner(model, context, calibration=calibration) as (run, convert_s),
+          quiet() if quiet is not None else contextlib.nullcontext()):
         result = _protocol(run, context, min_runs=min_runs, min_time_s=min_time_s,
                            max_time_s=max_time_s, stop_above_ms=stop_above_ms)
     return dataclasses.replace(result, convert_s=convert_s)

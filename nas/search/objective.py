@@ -135,21 +135,20 @@ def candidate_latency(arch: Architecture, deployed: torch.nn.Module, ctx: Contex
             measure=lambda: remote.measure(arch, num_classes=ctx.data.num_classes,
                                            protocol=c.latency_protocol,
                                            reference_ms=ctx.reference_ms, **options))
+    quiet = ctx.gate.measuring if ctx.gate is not None else None  # timing only: converting
+    # beside a training disturbs nothing, and a cache hit measures nothing
     if c.latency_protocol == "interleaved":
         def measure() -> LatencyResult:
             return measure_interleaved(
                 deployed, c.input_size, device=c.device, threads=c.threads, runtime=c.runtime,
                 precision=c.precision, num_classes=ctx.data.num_classes,
-                reference_ms=ctx.reference_ms, calibration=calibration).as_result()
+                reference_ms=ctx.reference_ms, calibration=calibration,
+                quiet=quiet).as_result()
     else:
         def measure() -> LatencyResult:
-            return measure_latency(deployed, calibration=calibration, **options)
+            return measure_latency(deployed, calibration=calibration, quiet=quiet, **options)
 
-    def quiet() -> LatencyResult:  # a cache hit measures nothing, so takes no lock
-        with ctx.gate.measuring() if ctx.gate is not None else contextlib.nullcontext():
-            return measure()
-
-    return ctx.cache.get_or_measure(key, lambda: deployed, **options, measure=quiet,
+    return ctx.cache.get_or_measure(key, lambda: deployed, **options, measure=measure,
                                     context=ctx.latency_context)
 
 
