@@ -1350,3 +1350,19 @@ def test_an_interrupt_while_re_measuring_the_front_still_writes_the_results(
     assert main(args(tmp_path, image_folder, "--trials", "1")) == 130
     assert len(pd.read_csv(tmp_path / "s" / "trials.csv")) == 1
     assert not (tmp_path / "s" / "front_latency.csv").exists()
+
+
+def test_a_background_thread_the_database_failed_under_is_one_line(capsys):
+    from nas.search.study import quiet_storage_threads
+
+    seen = []
+    hook = quiet_storage_threads(seen.append)
+    failure = optuna.exceptions.StorageInternalError("commit failed")
+    failure.__cause__ = sqlalchemy.exc.OperationalError(
+        "INSERT", {}, Exception("terminating connection due to administrator command"))
+    hook(types.SimpleNamespace(exc_type=type(failure), exc_value=failure, thread=None))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert seen == [] and len(err) == 1 and "administrator command" in err[0]
+    other = types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError("a bug"), thread=None)
+    hook(other)
+    assert seen == [other]  # anything else still gets the usual traceback

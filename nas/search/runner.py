@@ -10,6 +10,7 @@ import platform
 import socket
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from nas.search.study import (
     database_failure,
     open_storage,
     open_study,
+    quiet_storage_threads,
     release_connections,
     storage_name,
 )
@@ -256,6 +258,8 @@ def guarded_run(config: SearchConfig, write: bool = True, ready=None, stop=None)
     # warnings would repeat them with tracebacks.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if not getattr(threading.excepthook, "quiet_storage_threads", False):
+        threading.excepthook = quiet_storage_threads(threading.excepthook)
     try:
         return run(config, write, ready, stop)
     except BaseException as e:

@@ -4,8 +4,10 @@ its sampler and seed, and the settings it was created with, which a resume must 
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +132,22 @@ def database_failure(e: BaseException) -> str | None:
     db = next((x for x in reversed(chain) if isinstance(x, sqlalchemy.exc.DBAPIError)), None)
     words = str(db.orig if db is not None and db.orig is not None else chain[-1]).strip()
     return f"the database failed ({words.splitlines()[0] if words else type(chain[-1]).__name__})"
+
+
+def quiet_storage_threads(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """threading.excepthook, but a background thread that the database failed under (Optuna's
+    heartbeat thread, while a PostgreSQL server restarts) gets one line, not a traceback: the
+    main thread reports the failure itself, or carries on once the pool reconnects."""
+    def excepthook(args: Any) -> None:
+        lost = database_failure(args.exc_value) if args.exc_value is not None else None
+        if lost is None:
+            hook(args)
+            return
+        print(f"nas.search: warning: a background thread stopped: {lost}", file=sys.stderr,
+              flush=True)
+
+    excepthook.quiet_storage_threads = True  # type: ignore[attr-defined]
+    return excepthook
 
 
 # --------------------------------------------------------------------------- the study
