@@ -296,19 +296,21 @@ def figure(df: pd.DataFrame, *, target_ms: float, runtime: str) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, subplot_titles=(
         f"confirmed accuracy against latency ({runtime})",
         f"proxy against confirmed accuracy (Kendall tau {tau:.2f}, {len(both)} networks)"))
-    for kind, symbol in (("candidate", "circle"), ("baseline", "square"),
-                         ("matched", "diamond")):
+    for kind, symbol, color in (("candidate", "circle", "crimson"),
+                                ("baseline", "square", "black"),
+                                ("matched", "diamond", "royalblue")):
         part = done[done.kind == kind]
         if not len(part):
             continue
+        marker = {"symbol": symbol, "size": 10, "color": color}
         fig.add_trace(go.Scatter(
             x=part.latency_ms, y=part.test_accuracy_mean, mode="markers+text", name=kind,
-            text=part.network, textposition="top center", marker={"symbol": symbol, "size": 10},
+            text=part.network, textposition="middle right", marker=marker, legendgroup=kind,
             error_y={"type": "data", "array": part.test_accuracy_sd.fillna(0)}), row=1, col=1)
         fig.add_trace(go.Scatter(
-            x=part.proxy_accuracy, y=part.test_accuracy_mean, mode="markers", name=kind,
-            text=part.network, marker={"symbol": symbol, "size": 10}, showlegend=False),
-            row=1, col=2)
+            x=part.proxy_accuracy, y=part.test_accuracy_mean, mode="markers+text", name=kind,
+            text=part.network, textposition="middle right", marker=marker, legendgroup=kind,
+            showlegend=False), row=1, col=2)
     fig.add_vline(x=target_ms, line_dash="dash", annotation_text=f"T = {target_ms:g} ms",
                   row=1, col=1)
     fig.update_xaxes(title_text="latency (ms)", row=1, col=1)
