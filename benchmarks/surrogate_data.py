@@ -110,7 +110,9 @@ def main() -> None:
     for col in COLUMNS:
         if col not in df:
             df[col] = pd.Series(dtype=object)
-    df = df.astype({"latency_ms": float, "latency_cv": float}, errors="ignore")
+    # Columns read back all empty come as float; the text ones must take strings.
+    df = df.astype({"latency_ms": float, "latency_cv": float, "runtime": object,
+                    "latency_device": object, "fail_reason": object}, errors="ignore")
     if args.phase in ("train", "both"):
         df = train_phase(sample(args.archs, args.seed), df, args.out, args.data)
     if args.phase in ("latency", "both"):

@@ -387,7 +387,7 @@ def test_failing_candidate_fails_its_trial_and_the_search_goes_on(image_folder, 
     ("--latency-time", "inf", "--latency-time inf"),
     ("--timeout", "-5", "--timeout -5"),
     ("--seed", "-1", "--seed -1: must be from 0 to 4294967295"),
-    ("--population", "1", "--population 1: NSGA-II needs at least 2"),
+    ("--population", "1", "--population 1: NSGA-II and evolution need at least 2"),
     ("--threads", str(available_cpus() + 1), "may use only"),
     ("--trials", "0", "--trials 0: must be >= 1"),
     ("--workers", "0", "--workers 0: must be >= 1"),
@@ -417,6 +417,29 @@ def test_bad_flags_are_one_line_and_write_nothing(image_folder, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nas.search: error:") and fragment in err[0]
     assert not (tmp_path / "s").exists()
+
+
+def test_evolution_searches_the_reward_and_refuses_pareto(image_folder, tmp_path, capsys):
+    # population 2: trials 0 and 1 are random, and every later trial names its parent, one of
+    # the two newest trials that finished with a value before it asked (a trial stopped at its
+    # latency bound is no parent)
+    assert main(args(tmp_path, image_folder, "--trials", "5", "--sampler", "evolution",
+                     "--population", "2")) == 0
+    trials = study_of(tmp_path).trials
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["settings"]["sampler"] == \
+        "evolution"
+    parents = [t.system_attrs.get("evolution:parent") for t in trials]
+    assert parents[:2] == [None, None] and len(trials) >= 5
+    for t, parent in zip(trials[2:], parents[2:]):
+        newest = [u.number for u in trials[:t.number] if u.state.name == "COMPLETE"][-2:]
+        assert parent in newest
+    capsys.readouterr()
+    argv = args(tmp_path, image_folder, "--trials", "1", "--sampler", "evolution",
+                "--objective", "pareto", name="p")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--sampler evolution is single-objective" in err[0]
+    assert not (tmp_path / "p").exists()
 
 
 def test_bad_space_file_names_the_field(image_folder, tmp_path, capsys):

@@ -32,7 +32,7 @@ from nas.reward import MODES, exponents
 from nas.runtimes import DEFAULT_RUNTIME, PRECISIONS, RUNTIME_NAMES
 from nas.space import DEFAULT_SPACE
 
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "nsga2", "evolution", "random")
 OBJECTIVES = ("reward", "pareto")
 PRUNERS = ("none", "median")
 LATENCY_PROTOCOLS = ("interleaved", "single")
@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--startup-trials", type=int, default=_default("startup_trials"),
                    help="TPE: random trials first")
     g.add_argument("--population", type=int, default=_default("population"),
-                   help="NSGA-II population size")
+                   help="population size of NSGA-II and of evolution (regularized evolution: "
+                        "each child mutates one parameter of the best of 5 drawn from the "
+                        "newest --population trials)")
     g.add_argument("--pruner", choices=PRUNERS, default=_default("pruner"),
                    help="stop candidates whose intermediate validation accuracy is below the "
                         "median of earlier trials (reward objective only)")
@@ -265,7 +267,10 @@ def check(c: SearchConfig) -> None:
         if getattr(c, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(c, flag)}: must be >= 1")
     if c.population < 2:
-        raise UsageError(f"--population {c.population}: NSGA-II needs at least 2")
+        raise UsageError(f"--population {c.population}: NSGA-II and evolution need at least 2")
+    if c.objective == "pareto" and c.sampler == "evolution":
+        raise UsageError("--sampler evolution is single-objective: use --objective reward, or "
+                         "nsga2, tpe or random for --objective pareto")
     if not 0 <= c.seed <= MAX_SEED:
         raise UsageError(f"--seed {c.seed}: must be from 0 to {MAX_SEED} (numpy's seeds)")
     if c.input_size < 32:

@@ -16,6 +16,7 @@ import optuna
 import sqlalchemy.exc
 
 from nas.run_folder import STUDY_DB, study_url
+from nas.samplers import RegularizedEvolutionSampler
 from nas.search.config import SearchConfig, UsageError
 from nas.search.liveness import (
     GRACE_S,
@@ -153,12 +154,18 @@ def quiet_storage_threads(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
 # --------------------------------------------------------------------------- the study
 
 
+TOURNAMENT = 5  # evolution's tournament size (Real et al. 2019 used 25 of 100; 5 of about 20)
+
+
 def make_sampler(config: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
     if config.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                           n_startup_trials=config.startup_trials)
     if config.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=config.population)
+    if config.sampler == "evolution":
+        return RegularizedEvolutionSampler(population_size=config.population, seed=seed,
+                                           tournament_size=min(TOURNAMENT, config.population))
     return optuna.samplers.RandomSampler(seed=seed)
 
 
