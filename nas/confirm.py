@@ -38,6 +38,8 @@ from nas.host import is_out_of_memory
 from nas.interleaved import measure_interleaved
 from nas.interrupts import run_tool
 from nas.latency import LatencyError, latency_context, measure_latency
+from nas.latency_client import LatencyClient
+from nas.latency_server import read_token
 from nas.model import TooLargeError, build_model
 from nas.pareto import pareto_frame, trials_frame
 from nas.proxy import CandidateFailed
@@ -73,6 +75,8 @@ class ConfirmConfig:
     match_latency: bool = False
     latency: bool = True  # False: --no-latency, the run's own measurements are used
     latency_time: float = 2.0
+    latency_server: str | None = None  # measure on that device (nas.latency serve)
+    latency_token_file: str | None = None
     data: str | None = None  # None: the run's
     device: str = "cpu"
     batch_size: int = 128
@@ -143,8 +147,10 @@ def baselines(run: Path, names: tuple[str, ...] | None) -> list[Network]:
 class Latency:
     """Latency as the run measured it (runtime, precision, input size, threads, device)."""
 
-    def __init__(self, settings: dict[str, Any], data: DataSplits, seconds: float) -> None:
-        self.settings, self.data, self.seconds = settings, data, seconds
+    def __init__(self, settings: dict[str, Any], data: DataSplits, seconds: float,
+                 remote: LatencyClient | None = None) -> None:
+        self.settings, self.data, self.seconds, self.remote = settings, data, seconds, remote
+        self.reference_ms: float | None = None  # a server's, kept from its first answer
         self.calibration = (calibration_sample(data.train, CALIBRATION_IMAGES, mean=data.mean,
                                                std=data.std)
                             if settings.get("precision", "fp32") != "fp32" else None)
@@ -157,7 +163,17 @@ class Latency:
         options = dict(device=s["device"], threads=s["threads"],
                        runtime=s.get("runtime", "eager"), precision=s.get("precision", "fp32"),
                        calibration=self.calibration)
-        if s.get("latency_protocol", "single").startswith("interleaved"):
+        interleaved = s.get("latency_protocol", "single").startswith("interleaved")
+        if self.remote is not None:
+            lat = self.remote.measure(
+                arch, num_classes=self.data.num_classes, input_size=s["input_size"],
+                device=s["device"], threads=s["threads"], runtime=options["runtime"],
+                precision=options["precision"], min_time_s=self.seconds / 2,
+                max_time_s=self.seconds, protocol="interleaved" if interleaved else "single",
+                reference_ms=self.reference_ms)
+            self.reference_ms = lat.reference_ms
+            return lat.median_ms, lat.cv
+        if interleaved:
             lat = measure_interleaved(model, s["input_size"], num_classes=self.data.num_classes,
                                       **options).as_result()
         else:
@@ -166,16 +182,24 @@ class Latency:
         return lat.median_ms, lat.cv
 
 
-def check_same_target(settings: dict[str, Any]) -> str:
-    """This machine's latency device; a run measured elsewhere cannot be re-measured here."""
-    here = latency_context(settings["input_size"], device=settings["device"],
-                           threads=settings["threads"], runtime=settings.get("runtime", "eager"),
-                           precision=settings.get("precision", "fp32")).device_name
+def check_same_target(settings: dict[str, Any], remote: LatencyClient | None = None) -> str:
+    """The latency device (this machine's, or the server's); a run measured on another
+    device cannot be re-measured on this one."""
+    options = dict(input_size=settings["input_size"], device=settings["device"],
+                   threads=settings["threads"], runtime=settings.get("runtime", "eager"),
+                   precision=settings.get("precision", "fp32"))
+    if remote is not None:
+        here = remote.context(**options).device_name
+        where = f"the latency server {remote.url} is"
+    else:
+        here = latency_context(options.pop("input_size"), **options).device_name
+        where = "this machine is"
     there = settings.get("latency_device")
     if there and there != here:
-        raise ConfirmError(f"the run measured latency on {there}, this machine is {here}: "
-                           f"latency cannot be re-measured here; run nas.confirm there, or pass "
-                           f"--no-latency to use the run's own measurements")
+        raise ConfirmError(f"the run measured latency on {there}, {where} {here}: latency "
+                           f"cannot be re-measured here; run nas.confirm there, pass "
+                           f"--latency-server on that device, or --no-latency to use the "
+                           f"run's own measurements")
     return here
 
 
@@ -353,8 +377,12 @@ def confirm(config: ConfirmConfig) -> pd.DataFrame:
     if config.match_latency and not bases:
         raise ConfirmError("--match-latency: no baseline to match (the run has none; name "
                            "some with --baselines)")
+    remote = None
+    if config.latency and config.latency_server:
+        remote = LatencyClient(config.latency_server,
+                               read_token(config.latency_token_file, "--latency-token-file"))
     if config.latency:
-        check_same_target(settings)
+        check_same_target(settings, remote)
     data = load_data(config.data or settings.get("data"), val_size=0)
     if meta.get("classes") and list(data.classes) != list(meta["classes"]):
         raise ConfirmError(f"--data {config.data or settings.get('data')}: classes "
@@ -367,7 +395,7 @@ def confirm(config: ConfirmConfig) -> pd.DataFrame:
     folder = config.run / CONFIRM_DIR
     folder.mkdir(exist_ok=True)
     if config.latency:
-        measure = Latency(settings, data, config.latency_time)
+        measure = Latency(settings, data, config.latency_time, remote)
         measure_all(nets, measure, folder)
         if config.match_latency:
             nets += [m for m in matched_baselines(bases, nets, measure)
@@ -411,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "searched on another machine)")
     p.add_argument("--latency-time", type=float, default=2.0,
                    help="seconds of measuring per network")
+    p.add_argument("--latency-server", default=None, metavar="URL",
+                   help="re-measure on the device a `nas.latency serve` runs on (the run's "
+                        "latency device), training here")
+    p.add_argument("--latency-token-file", default=None,
+                   help="the server's shared token (with --latency-server)")
     p.add_argument("--data", default=None, help="training data (default: the run's)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="training device")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
@@ -442,6 +475,12 @@ def check(c: ConfirmConfig) -> None:
         if not (math.isfinite(value) and value > 0):
             raise ConfirmError(f"--{flag.replace('_', '-')} {value:g}: must be a finite number "
                                f"> 0")
+    if bool(c.latency_server) != bool(c.latency_token_file):
+        raise ConfirmError("--latency-server and --latency-token-file go together")
+    if c.latency_server and not c.latency:
+        raise ConfirmError("--latency-server measures latency; leave out --no-latency")
+    if c.latency_token_file:
+        read_token(c.latency_token_file, "--latency-token-file")
     if c.match_latency and not c.latency:
         raise ConfirmError("--match-latency needs latency measured here; leave out "
                            "--no-latency")

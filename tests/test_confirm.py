@@ -151,6 +151,9 @@ def test_match_latency_adds_width_scaled_baselines_nearest_each_candidate(run):
     (["--baselines", "no_such_net"], "--baselines"),
     (["--match-latency", "--no-latency"], "--match-latency needs latency"),
     (["--lr", "nan"], "--lr nan"),
+    (["--latency-server", "http://127.0.0.1:9"], "--latency-server and --latency-token-file go"),
+    (["--latency-server", "http://127.0.0.1:9", "--latency-token-file", "/no/token"],
+     "/no/token"),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(run, capsys, flags, fragment):
     before = sorted(p.name for p in run.iterdir())
@@ -181,3 +184,31 @@ def test_a_run_without_a_complete_trial_is_one_line(tmp_path, capsys):
     assert confirm.main([str(run), *FAST]) == 2
     one_line_error(capsys, "nas.confirm", "no completed trial")
     assert not (run / "confirm").exists()
+
+
+def test_latency_is_re_measured_on_a_latency_server(run, tmp_path, capsys):
+    # a real server on the loopback address measures every network of the sitting; a run whose
+    # latency device is not the server's is refused, naming the server
+    from test_latency_server import TOKEN, start_server
+    token = tmp_path / "token.txt"
+    token.write_text(TOKEN + "\n")
+    proc, url = start_server(token, 0)
+    try:
+        meta = json.loads((run / "run.json").read_text())
+        device = meta["settings"]["latency_device"]
+        meta["settings"]["latency_device"] = "Another CPU (family 1 model 2, avx2)"
+        (run / "run.json").write_text(json.dumps(meta))
+        flags = ["--latency-server", url, "--latency-token-file", str(token)]
+        assert confirm.main([str(run), "--top", "1", "--seeds", "1", *flags, *FAST]) == 2
+        one_line_error(capsys, "nas.confirm", f"the latency server {url} is")
+        meta["settings"]["latency_device"] = device
+        (run / "run.json").write_text(json.dumps(meta))
+        assert confirm.main([str(run), "--top", "1", "--seeds", "1", *flags, *FAST]) == 0
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=30)
+    df = pd.read_csv(run / "confirm.csv")
+    measured = json.loads((run / "confirm" / "latency.json").read_text())["ms"]
+    assert len(df) == 2 and len(measured) == 2 and all(v > 0 for v in measured.values())
+    served = [line for line in "".join(log).splitlines() if "/measure" in line and " 200" in line]
+    assert len(served) == 2, log
