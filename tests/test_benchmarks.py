@@ -4,6 +4,7 @@ merging, and the variants the fastconv and throughput benchmarks compare."""
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ def _benchmark(name: str):
     path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -211,3 +213,113 @@ def test_the_aa_summary_measures_rank_agreement_and_the_largest_drift():
     assert s["spearman_min"] == pytest.approx(0.5)  # b and c swapped places
     assert s["drift_worst"] == "b" and s["drift_max"] == pytest.approx(1.5 / 2.75)
     assert s["seconds"] == pytest.approx(8 / 6)
+
+
+def _random_archs(n, seed):
+    import optuna
+
+    from nas.space import load_space
+    space = load_space("mnasnet")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    return [space.sample(study.ask()) for _ in range(n)]
+
+
+def test_the_surrogate_counts_block_multiply_adds_as_the_flop_counter_does():
+    # count_macs minus the blocks' analytic count leaves only the fixed stem, head and
+    # classifier: one value per last-block width, differing by the head conv's 1280 x 7 x 7
+    from nas.cost import count_macs
+    surrogate = _benchmark("surrogate")
+    rest = {}
+    for arch in _random_archs(6, seed=3):
+        ours = sum(surrogate.block_macs(arch))
+        rest.setdefault(arch.blocks[-1].filters, set()).add(
+            count_macs(build_model(arch, num_classes=10), 224) - ours)
+    assert all(len(v) == 1 for v in rest.values()) and len(rest) >= 2
+    (w1, (r1,)), (w2, (r2,)) = sorted(rest.items())[:2]
+    assert r2 - r1 == (w2 - w1) * 1280 * 7 * 7
+
+
+def test_the_surrogate_learns_accuracy_and_latency_it_is_given(tmp_path):
+    # a made-up accuracy (more mbconv blocks and wider last blocks score higher) and latency
+    # (proportional to multiply-adds): fitted on 120 architectures, it ranks 40 unseen ones
+    import json as _json
+
+    from scipy.stats import kendalltau
+    surrogate = _benchmark("surrogate")
+
+    def truth(arch):
+        acc = 0.1 + 0.03 * sum(b.op == "mbconv" for b in arch.blocks) + \
+            arch.blocks[5].filters / 4000
+        return acc, sum(surrogate.block_macs(arch)) / 5e7
+
+    archs = _random_archs(160, seed=0)
+    rows = [{"arch_dict": _json.dumps(a.to_dict()), "macs": 0, "accuracy": truth(a)[0],
+             "latency_ms": truth(a)[1]} for a in archs[:120]]
+    csv = tmp_path / "s.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    fitted = surrogate.fit(csv)
+    pred = np.array([fitted.predict(a) for a in archs[120:]])
+    true = np.array([truth(a) for a in archs[120:]])
+    assert kendalltau(pred[:, 0], true[:, 0]).statistic > 0.6
+    assert kendalltau(pred[:, 1], true[:, 1]).statistic > 0.8
+    assert np.median(np.abs(pred[:, 1] / true[:, 1] - 1)) < 0.15
+
+
+def test_the_sampler_table_counts_trials_to_random_s_bar_regret_and_hypervolume():
+    eff = _benchmark("sampler_efficiency")
+    tgt = {"low": 5.0, "mid": 8.0}
+    trials = 200
+
+    def run(sampler, seed, acc):
+        return {"sampler": sampler, "objective": "hard@low", "seed": seed, "seconds": 1.0,
+                "acc": list(acc), "lat": [4.0] * trials}  # under T: hard reward = accuracy
+
+    ramp = np.linspace(0.1, 0.5, trials)  # random: best at 100 trials = ramp[99]
+    runs = [run("random", s, ramp) for s in range(3)]
+    # tpe reaches random's bar at trial 20 and 0.6 at trial 150
+    fast = np.full(trials, 0.1)
+    fast[19], fast[149] = ramp[99], 0.6
+    runs += [run("tpe", s, fast) for s in range(3)]
+    table = eff.summarise(runs, tgt, ref_lat=10.0, trials=trials)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()
+            if line.startswith("| random") or line.startswith("| tpe")}
+    assert "| 20 [20-20] |" in rows["tpe"] and "| 100 [100-100] |" in rows["random"]
+    # regret against the best any run found (0.6): tpe's at 100 trials is 0.6 - ramp[99]
+    assert f"{0.6 - ramp[99]:.4f} [" in rows["tpe"].split(" | ")[4]
+    assert "0.0000 [0.0000-0.0000]" in rows["tpe"].split(" | ")[5]
+    # hypervolume of two points against (0.10, 10 ms): (0.3 x 6) + (0.1 x 2) boxes, overlap
+    assert eff.hypervolume([0.4, 0.5], [4.0, 8.0], 10.0) == pytest.approx(
+        (0.4 - 0.1) * (10 - 4) + (0.5 - 0.4) * (10 - 8))
+
+
+def test_the_real_sampler_comparison_runs_both_searches_and_holds_them_to_random_s_best(
+        image_folder, tmp_path):
+    real = _benchmark("sampler_real")
+    tiny = ("--space tiny --val-size 30 --proxy-images 64 --proxy-batch 32 --input-size 32 "
+            "--latency-time 0.1 --proxy-epochs 1 --runtime eager --latency-protocol single "
+            "--population 2")
+    out = tmp_path / "table.txt"
+    assert real.main(["--data", str(image_folder), "--samplers", "evolution,random",
+                      "--seeds", "0", "--trials", "3", "--target-ms", "1000",
+                      "--runs-dir", str(tmp_path / "runs"), "--search-flags", tiny,
+                      "--out", str(out)]) == 0
+    text = out.read_text()
+    for sampler in ("evolution", "random"):
+        trials = pd.read_csv(tmp_path / "table" / f"sampler_{sampler}_s0_trials.csv")
+        best = trials["reward"].max()
+        row = next(line for line in text.splitlines() if line.startswith(f"| {sampler} | 0 |"))
+        assert f"| {best:.4f} |" in row
+    random_row = next(line for line in text.splitlines() if line.startswith("| random | 0 |"))
+    trials = pd.read_csv(tmp_path / "table" / "sampler_random_s0_trials.csv")
+    first = int(np.argmax(np.maximum.accumulate(trials.sort_values("number")["reward"])
+                          >= trials["reward"].max())) + 1
+    assert random_row.split(" | ")[3] == str(first)  # columns: best @3, then trials to the bar
+
+
+def test_the_real_sampler_table_says_when_a_search_never_reached_the_bar():
+    real = _benchmark("sampler_real")
+    curves = {("evolution", 0): np.array([0.1, 0.2, 0.3]), ("random", 0): np.array([0.2, 0.4,
+                                                                                   0.4])}
+    text = real.summarise(curves, {k: "x" for k in curves}, 3, "random")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[2:]}
+    assert rows["evolution"][3] == ">3" and rows["random"][3] == "2"

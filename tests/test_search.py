@@ -430,7 +430,7 @@ def test_evolution_searches_the_reward_and_refuses_pareto(image_folder, tmp_path
         "evolution"
     parents = [t.system_attrs.get("evolution:parent") for t in trials]
     assert parents[:2] == [None, None] and len(trials) >= 5
-    for t, parent in zip(trials[2:], parents[2:]):
+    for t, parent in zip(trials[2:], parents[2:], strict=True):
         newest = [u.number for u in trials[:t.number] if u.state.name == "COMPLETE"][-2:]
         assert parent in newest
     capsys.readouterr()
