@@ -35,14 +35,14 @@ from nas.cost import count_macs, count_params
 from nas.data import DataError, DataSplits, load_data
 from nas.files import write_atomic
 from nas.host import is_out_of_memory
-from nas.interleaved import measure_interleaved
 from nas.interrupts import run_tool
-from nas.latency import LatencyError, latency_context, measure_latency
+from nas.latency import LatencyError
 from nas.latency_client import LatencyClient
 from nas.latency_server import read_token
 from nas.model import TooLargeError, build_model
 from nas.pareto import pareto_frame, trials_frame
 from nas.proxy import CandidateFailed
+from nas.remeasure import RunLatency, calibration_for, check_same_target
 from nas.results import BaselinesError, load_baselines
 from nas.reward import reward
 from nas.run_folder import (
@@ -53,12 +53,10 @@ from nas.run_folder import (
     RunFolderError,
     load_run_study,
 )
-from nas.runtimes.base import calibration_sample
 from nas.train import TrainConfig, train
 from nas.width_match import match_width
 
 LATENCY_FILE = "latency.json"  # under confirm/: the one sitting's measurements
-CALIBRATION_IMAGES = 8  # as nas.search: what quantizes an int8 network for its latency
 
 
 class ConfirmError(ValueError):
@@ -144,66 +142,7 @@ def baselines(run: Path, names: tuple[str, ...] | None) -> list[Network]:
 # --------------------------------------------------------------------------- latency
 
 
-class Latency:
-    """Latency as the run measured it (runtime, precision, input size, threads, device)."""
-
-    def __init__(self, settings: dict[str, Any], data: DataSplits, seconds: float,
-                 remote: LatencyClient | None = None) -> None:
-        self.settings, self.data, self.seconds, self.remote = settings, data, seconds, remote
-        self.reference_ms: float | None = None  # a server's, kept from its first answer
-        self.calibration = (calibration_sample(data.train, CALIBRATION_IMAGES, mean=data.mean,
-                                               std=data.std)
-                            if settings.get("precision", "fp32") != "fp32" else None)
-
-    def __call__(self, arch: Architecture) -> tuple[float, float]:
-        """(median ms, cv) by the run's protocol; interleaved against a reference calibrated
-        once in this process, so every network of the sitting shares one yardstick."""
-        s = self.settings
-        model = build_model(arch, num_classes=self.data.num_classes)
-        options = dict(device=s["device"], threads=s["threads"],
-                       runtime=s.get("runtime", "eager"), precision=s.get("precision", "fp32"),
-                       calibration=self.calibration)
-        interleaved = s.get("latency_protocol", "single").startswith("interleaved")
-        if self.remote is not None:
-            lat = self.remote.measure(
-                arch, num_classes=self.data.num_classes, input_size=s["input_size"],
-                device=s["device"], threads=s["threads"], runtime=options["runtime"],
-                precision=options["precision"], min_time_s=self.seconds / 2,
-                max_time_s=self.seconds, protocol="interleaved" if interleaved else "single",
-                reference_ms=self.reference_ms)
-            self.reference_ms = lat.reference_ms
-            return lat.median_ms, lat.cv
-        if interleaved:
-            lat = measure_interleaved(model, s["input_size"], num_classes=self.data.num_classes,
-                                      **options).as_result()
-        else:
-            lat = measure_latency(model, s["input_size"], min_time_s=self.seconds / 2,
-                                  max_time_s=self.seconds, **options)
-        return lat.median_ms, lat.cv
-
-
-def check_same_target(settings: dict[str, Any], remote: LatencyClient | None = None) -> str:
-    """The latency device (this machine's, or the server's); a run measured on another
-    device cannot be re-measured on this one."""
-    options = dict(input_size=settings["input_size"], device=settings["device"],
-                   threads=settings["threads"], runtime=settings.get("runtime", "eager"),
-                   precision=settings.get("precision", "fp32"))
-    if remote is not None:
-        here = remote.context(**options).device_name
-        where = f"the latency server {remote.url} is"
-    else:
-        here = latency_context(options.pop("input_size"), **options).device_name
-        where = "this machine is"
-    there = settings.get("latency_device")
-    if there and there != here:
-        raise ConfirmError(f"the run measured latency on {there}, {where} {here}: latency "
-                           f"cannot be re-measured here; run nas.confirm there, pass "
-                           f"--latency-server on that device, or --no-latency to use the "
-                           f"run's own measurements")
-    return here
-
-
-def measure_all(nets: list[Network], measure: Latency, folder: Path) -> None:
+def measure_all(nets: list[Network], measure: RunLatency, folder: Path) -> None:
     """Every network's latency in one sitting, kept in confirm/latency.json: measured again,
     all together, only when a network is new to it."""
     path = folder / LATENCY_FILE
@@ -219,7 +158,7 @@ def measure_all(nets: list[Network], measure: Latency, folder: Path) -> None:
 
 
 def matched_baselines(families: list[Network], nets: list[Network],
-                      measure: Latency) -> list[Network]:
+                      measure: RunLatency) -> list[Network]:
     """For each baseline family and each candidate, the width multiplier (multiples of 0.05)
     whose latency on this target is nearest the candidate's."""
     out: dict[str, Network] = {}
@@ -382,7 +321,9 @@ def confirm(config: ConfirmConfig) -> pd.DataFrame:
         remote = LatencyClient(config.latency_server,
                                read_token(config.latency_token_file, "--latency-token-file"))
     if config.latency:
-        check_same_target(settings, remote)
+        check_same_target(settings, remote, otherwise=(
+            "run nas.confirm there, pass --latency-server on that device, or --no-latency to "
+            "use the run's own measurements"))
     data = load_data(config.data or settings.get("data"), val_size=0)
     if meta.get("classes") and list(data.classes) != list(meta["classes"]):
         raise ConfirmError(f"--data {config.data or settings.get('data')}: classes "
@@ -395,7 +336,8 @@ def confirm(config: ConfirmConfig) -> pd.DataFrame:
     folder = config.run / CONFIRM_DIR
     folder.mkdir(exist_ok=True)
     if config.latency:
-        measure = Latency(settings, data, config.latency_time, remote)
+        measure = RunLatency(settings, data.num_classes, config.latency_time, remote,
+                             calibration_for(settings, data))
         measure_all(nets, measure, folder)
         if config.match_latency:
             nets += [m for m in matched_baselines(bases, nets, measure)

@@ -35,6 +35,7 @@ from nas.latency import (
 from nas.model import build_model
 
 REFERENCE = "mnasnet_a1"  # the yardstick: the default space's own kind of network
+REFERENCE_ATTR = "reference_ms"  # study attribute: the reference's latency a study measures by
 ROUNDS = 12
 RUNS_PER_BLOCK = 4
 

@@ -43,6 +43,7 @@ from nas.interleaved import measure_interleaved, protocol_name
 from nas.latency import DEVICES, LatencyError, latency_context, measure_latency
 from nas.model import TooLargeError, build_model
 from nas.runtimes import RUNTIME_NAMES
+from nas.runtimes.base import LATENCY_CALIBRATION_IMAGES
 
 MAX_BODY_BYTES = 1 << 20  # an architecture is a few KiB of JSON
 MAX_PARAMS = 100_000_000
@@ -53,7 +54,6 @@ MEASURE_FIELDS = {"arch", "num_classes", "input_size", "device", "threads", "run
                   "reference_ms"}
 CONTEXT_FIELDS = {"input_size", "device", "threads", "runtime", "precision", "protocol"}
 PROTOCOLS = ("single", "interleaved")
-CALIBRATION_IMAGES = 8
 
 
 class Refused(Exception):
@@ -128,7 +128,7 @@ class LatencyService:
                           f"this server measures at most {self.max_macs:,}")
         calibration = None
         if ctx.precision != "fp32":  # quantization ranges do not change an int8 graph's time
-            calibration = torch.randn(CALIBRATION_IMAGES, 3, ctx.input_size, ctx.input_size,
+            calibration = torch.randn(LATENCY_CALIBRATION_IMAGES, 3, ctx.input_size, ctx.input_size,
                                       generator=torch.Generator().manual_seed(0))
         protocol = body.get("protocol", "single")
         reference_ms = body.get("reference_ms")

@@ -6,6 +6,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -1364,6 +1365,30 @@ def test_the_front_and_the_baselines_are_re_measured_together_at_the_end(finishe
     merged = front.merge(final, on="number", suffixes=("", "_file"))
     assert list(merged.latency_final_ms) == list(merged.latency_final_ms_file)
     assert "re-measured with the front" in (finished_run / "pareto.html").read_text()
+
+
+def test_nas_plot_re_measures_the_front_and_the_baselines_together(finished_run, tmp_path,
+                                                                   capsys):
+    from nas import plot
+    run = shutil.copytree(finished_run, tmp_path / "s")
+    (run / "front_latency.csv").unlink()
+    (run / "pareto.csv").unlink()
+    assert plot.main([str(run), "--remeasure", "--latency-time", "0.1"]) == 0
+    final = pd.read_csv(run / "front_latency.csv")
+    front = pd.read_csv(run / "pareto.csv")
+    assert sorted(final.number.dropna().astype(int)) == sorted(front.number)
+    assert list(final.baseline.dropna()) == ["mobilenet_v3_small"]
+    assert front.latency_final_ms.notna().all() and (final.latency_final_ms > 0).all()
+    # measured on another device: refused in one line, nothing rewritten
+    meta = json.loads((run / "run.json").read_text())
+    meta["settings"]["latency_device"] = "Another CPU (family 1 model 2, avx2)"
+    (run / "run.json").write_text(json.dumps(meta))
+    before = (run / "front_latency.csv").read_text()
+    capsys.readouterr()
+    assert plot.main([str(run), "--remeasure", "--latency-time", "0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run nas.plot --remeasure there" in err[0]
+    assert (run / "front_latency.csv").read_text() == before
 
 
 def test_an_interrupt_while_re_measuring_the_front_still_writes_the_results(

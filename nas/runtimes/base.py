@@ -149,6 +149,9 @@ def calibration_batches(calibration: torch.Tensor | None, example: torch.Tensor,
     return [calibration[i:i + n].contiguous() for i in range(0, len(calibration) - n + 1, n)]
 
 
+LATENCY_CALIBRATION_IMAGES = 8  # images that quantize an int8 network for its latency
+
+
 def calibration_sample(images: Any, count: int, *, mean, std) -> torch.Tensor:
     """`count` training images (an ImageDataset) drawn with a fixed seed, normalised, NCHW:
     files are stored class by class, so the first images would all be of one class."""

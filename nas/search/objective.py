@@ -17,7 +17,7 @@ import torch
 from nas.arch import Architecture
 from nas.cost import count_macs, count_params
 from nas.data import DataSplits
-from nas.interleaved import measure_interleaved
+from nas.interleaved import REFERENCE_ATTR, measure_interleaved
 from nas.interrupts import INTERRUPTED, was_interrupted
 from nas.latency import (
     LatencyCache,
@@ -30,16 +30,13 @@ from nas.latency_client import LatencyClient
 from nas.model import build_model
 from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.reward import reward
-from nas.runtimes.base import calibration_sample
+from nas.runtimes.base import LATENCY_CALIBRATION_IMAGES, calibration_sample
 from nas.search.config import SearchConfig
 from nas.search.core_gate import CoreGate
 from nas.search.cpu_share import stop_if_interrupted, training_threads
 from nas.search.liveness import worker_id
 from nas.search.trial_end import TrialEnd, set_end
 from nas.space import SearchSpace
-
-CALIBRATION_IMAGES = 8  # training images that calibrate an int8 network's quantization
-REFERENCE_ATTR = "reference_ms"  # study attribute: the interleaved reference's latency
 
 
 @dataclasses.dataclass
@@ -155,7 +152,7 @@ def candidate_latency(arch: Architecture, deployed: torch.nn.Module, ctx: Contex
 @functools.lru_cache(maxsize=1)  # the same images for every candidate of a run: draw them once
 def calibration_images(data: DataSplits) -> torch.Tensor:
     """Proxy-training images (a seeded draw), normalised: what quantizes an int8 candidate."""
-    return calibration_sample(data.train, CALIBRATION_IMAGES, mean=data.mean, std=data.std)
+    return calibration_sample(data.train, LATENCY_CALIBRATION_IMAGES, mean=data.mean, std=data.std)
 
 
 def best_reward(trial: Any, ctx: Context) -> float | None:

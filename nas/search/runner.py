@@ -23,7 +23,7 @@ from nas.arch import ArchError
 from nas.cli import oserror_line
 from nas.data import SPLIT_SEED, DataError, load_data, split_train_val
 from nas.files import make_folders, remove_if_empty
-from nas.interleaved import calibrated_reference_ms, protocol_name
+from nas.interleaved import REFERENCE_ATTR, calibrated_reference_ms, protocol_name
 from nas.interrupts import INTERRUPTED, was_interrupted
 from nas.latency import DEFAULT_THREADS, LatencyCache, LatencyError, latency_context
 from nas.latency_client import LatencyClient
@@ -38,7 +38,7 @@ from nas.search.core_gate import CoreGate
 from nas.search.cpu_share import SHARED_NOTE, train_threads
 from nas.search.front import remeasure_front
 from nas.search.liveness import fail_dead_local_trials
-from nas.search.objective import REFERENCE_ATTR, Context, make_objective
+from nas.search.objective import Context, make_objective
 from nas.search.study import (
     database_failure,
     open_storage,
