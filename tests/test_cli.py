@@ -53,3 +53,16 @@ def test_ctrl_c_or_sigterm_ends_a_tool_with_one_line_and_the_shells_status(raise
     err = capsys.readouterr().err
     assert err.splitlines() == ([line] if line else [])
 
+
+
+def test_every_package_of_nas_is_shipped():
+    # a subpackage missing from pyproject's list imports in an editable install and fails in
+    # a built one (nas.samplers was, for one commit)
+    from pathlib import Path
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "nas").rglob(
+        "__init__.py")}
+    assert found <= listed, sorted(found - listed)
