@@ -443,6 +443,16 @@ def test_evolution_searches_the_reward_and_refuses_pareto(image_folder, tmp_path
     assert not (tmp_path / "p").exists()
 
 
+def test_gp_sampler_searches_past_its_start_up_trials(image_folder, tmp_path):
+    # one random trial, then Optuna's GP proposes (its conditional parameters independently)
+    assert main(args(tmp_path, image_folder, "--trials", "3", "--sampler", "gp",
+                     "--startup-trials", "1")) == 0
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["settings"]["sampler"] == "gp"
+    trials = study_of(tmp_path).trials
+    assert len(trials) == 3 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert len({t.user_attrs["arch"] for t in trials}) >= 2
+
+
 def test_bad_space_file_names_the_field(image_folder, tmp_path, capsys):
     space = tmp_path / "space.yaml"
     space.write_text("blocks:\n- {filters: 8, repeats: 1, stride: 1, choices: {op: [mbconv], "

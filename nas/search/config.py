@@ -32,7 +32,7 @@ from nas.reward import MODES, exponents
 from nas.runtimes import DEFAULT_RUNTIME, PRECISIONS, RUNTIME_NAMES
 from nas.space import DEFAULT_SPACE
 
-SAMPLERS = ("tpe", "nsga2", "evolution", "random")
+SAMPLERS = ("tpe", "gp", "nsga2", "evolution", "random")
 # TPE for both objectives: on the surrogate of the default space it reached random search's
 # 100-trial best reward in 24-31 trials (median of 30 seeds), and its hypervolume at 100 trials
 # beat NSGA-II's (benchmarks/results/sampler_efficiency_zen4.txt)
@@ -150,9 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search-space YAML file, or the name of one in search_spaces/")
     g.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="default: tpe for both objectives (multivariate TPE; multi-objective "
-                        "TPE for pareto); evolution: regularized evolution, reward only")
+                        "TPE for pareto); gp: Optuna's Gaussian-process sampler; evolution: "
+                        "regularized evolution, reward only")
     g.add_argument("--startup-trials", type=int, default=_default("startup_trials"),
-                   help="TPE: random trials first")
+                   help="TPE and GP: random trials first")
     g.add_argument("--population", type=int, default=_default("population"),
                    help="population size of NSGA-II and of evolution (regularized evolution: "
                         "each child mutates one parameter of the best of 5 drawn from the "

@@ -163,6 +163,9 @@ def make_sampler(config: SearchConfig, seed: int) -> optuna.samplers.BaseSampler
                                           n_startup_trials=config.startup_trials)
     if config.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=config.population)
+    if config.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=config.startup_trials,
+                                         warn_independent_sampling=False)
     if config.sampler == "evolution":
         return RegularizedEvolutionSampler(population_size=config.population, seed=seed,
                                            tournament_size=min(TOURNAMENT, config.population))
