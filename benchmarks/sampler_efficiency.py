@@ -165,6 +165,7 @@ def _q(values: np.ndarray, fmt: str) -> str:
 
 def summarise(runs: list[dict], tgt: dict[str, float], ref_lat: float, trials: int) -> str:
     out = []
+    marks = [m for m in MILESTONES if m <= trials]
     by = {}
     for r in runs:
         by.setdefault((r["objective"], r["sampler"]), []).append(r)
@@ -174,13 +175,13 @@ def summarise(runs: list[dict], tgt: dict[str, float], ref_lat: float, trials: i
             out.append(f"\n### pareto (accuracy up, latency down): hypervolume against "
                        f"(accuracy {CHANCE}, {ref_lat:.2f} ms), accuracy x ms; median "
                        f"[quartiles] over seeds\n")
-            out.append("| sampler | seeds | " + " | ".join(f"HV @{m}" for m in MILESTONES)
+            out.append("| sampler | seeds | " + " | ".join(f"HV @{m}" for m in marks)
                        + " | s per run |")
-            out.append("|---" * (len(MILESTONES) + 3) + "|")
+            out.append("|---" * (len(marks) + 3) + "|")
             for s in names:
                 rs = by[(objective, s)]
                 hv = {m: np.array([hypervolume(r["acc"][:m], r["lat"][:m], ref_lat)
-                                   for r in rs]) for m in MILESTONES if m <= trials}
+                                   for r in rs]) for m in marks}
                 secs = np.median([r["seconds"] for r in rs])
                 out.append(f"| {s} | {len(rs)} | " + " | ".join(_q(hv[m], ".4f") for m in hv)
                            + f" | {secs:.1f} |")
@@ -193,15 +194,15 @@ def summarise(runs: list[dict], tgt: dict[str, float], ref_lat: float, trials: i
         out.append(f"\n### {mode} reward at T = {tgt[where]} ms: random's median best at 100 "
                    f"trials {bar:.4f}; best reward any run found {best:.4f}\n")
         out.append("| sampler | seeds | trials to random's 100-trial median | "
-                   + " | ".join(f"regret @{m}" for m in MILESTONES) + " | s per run |")
-        out.append("|---" * (len(MILESTONES) + 4) + "|")
+                   + " | ".join(f"regret @{m}" for m in marks) + " | s per run |")
+        out.append("|---" * (len(marks) + 4) + "|")
         for s in names:
             c = curves[s]
             reach = np.array([int(np.argmax(row >= bar)) + 1 if (row >= bar).any() else trials + 1
                               for row in c])
             lo, med, hi = np.percentile(reach, [25, 50, 75])
             show = lambda v: f">{trials}" if v > trials else f"{v:.0f}"  # noqa: E731
-            regrets = " | ".join(_q(best - c[:, m - 1], ".4f") for m in MILESTONES if m <= trials)
+            regrets = " | ".join(_q(best - c[:, m - 1], ".4f") for m in marks)
             secs = np.median([r["seconds"] for r in by[(objective, s)]])
             out.append(f"| {s} | {len(c)} | {show(med)} [{show(lo)}-{show(hi)}] | {regrets} | "
                        f"{secs:.1f} |")

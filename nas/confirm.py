@@ -37,8 +37,7 @@ from nas.files import write_atomic
 from nas.host import is_out_of_memory
 from nas.interrupts import run_tool
 from nas.latency import LatencyError
-from nas.latency_client import LatencyClient
-from nas.latency_server import read_token
+from nas.latency_client import connect
 from nas.model import TooLargeError, build_model
 from nas.pareto import pareto_frame, trials_frame
 from nas.proxy import CandidateFailed
@@ -316,10 +315,7 @@ def confirm(config: ConfirmConfig) -> pd.DataFrame:
     if config.match_latency and not bases:
         raise ConfirmError("--match-latency: no baseline to match (the run has none; name "
                            "some with --baselines)")
-    remote = None
-    if config.latency and config.latency_server:
-        remote = LatencyClient(config.latency_server,
-                               read_token(config.latency_token_file, "--latency-token-file"))
+    remote = connect(config.latency_server, config.latency_token_file)
     if config.latency:
         check_same_target(settings, remote, otherwise=(
             "run nas.confirm there, pass --latency-server on that device, or --no-latency to "
@@ -417,12 +413,9 @@ def check(c: ConfirmConfig) -> None:
         if not (math.isfinite(value) and value > 0):
             raise ConfirmError(f"--{flag.replace('_', '-')} {value:g}: must be a finite number "
                                f"> 0")
-    if bool(c.latency_server) != bool(c.latency_token_file):
-        raise ConfirmError("--latency-server and --latency-token-file go together")
+    connect(c.latency_server, c.latency_token_file)
     if c.latency_server and not c.latency:
         raise ConfirmError("--latency-server measures latency; leave out --no-latency")
-    if c.latency_token_file:
-        read_token(c.latency_token_file, "--latency-token-file")
     if c.match_latency and not c.latency:
         raise ConfirmError("--match-latency needs latency measured here; leave out "
                            "--no-latency")

@@ -786,8 +786,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _remote_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The table's rows, measured by a latency server: architectures only (the server builds
     them from their description; a torchvision network has none to send)."""
-    from nas.latency_client import LatencyClient
-    from nas.latency_server import read_token
+    from nas.latency_client import LatencyClient, read_token
 
     client = LatencyClient(args.server, read_token(args.token_file, "--token-file"))
     archs = []

@@ -13,6 +13,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from nas.arch import Architecture
@@ -84,6 +85,30 @@ class LatencyClient:
                 raise LatencyServerError(f"latency server {self.url}: no answer after {tries} "
                                          f"tries in {self.deadline_s:g} s ({last})")
             time.sleep(wait)
+
+
+def read_token(path: str | Path, flag: str) -> str:
+    """A token file's first line; a missing or empty file is one line naming the flag."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise LatencyError(f"{flag} {path}: cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise LatencyError(f"{flag} {path}: not a text file") from None
+    if len(token) < 16:
+        raise LatencyError(f"{flag} {path}: the token must be at least 16 characters (e.g. "
+                           f"python -c 'import secrets; print(secrets.token_hex(16))' > {path})")
+    return token
+
+
+def connect(url: str | None, token_file: str | None) -> LatencyClient | None:
+    """The client of `--latency-server URL --latency-token-file F` (None without them);
+    LatencyError names the flag at fault."""
+    if bool(url) != bool(token_file):
+        raise LatencyError("--latency-server and --latency-token-file go together")
+    if not url:
+        return None
+    return LatencyClient(url, read_token(token_file, "--latency-token-file"))
 
 
 def _error_of(e: urllib.error.HTTPError) -> str:

@@ -30,7 +30,6 @@ import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +40,7 @@ from nas.cost import count_macs, count_params
 from nas.host import cpu_name
 from nas.interleaved import measure_interleaved, protocol_name
 from nas.latency import DEVICES, LatencyError, latency_context, measure_latency
+from nas.latency_client import read_token
 from nas.model import TooLargeError, build_model
 from nas.runtimes import RUNTIME_NAMES
 from nas.runtimes.base import LATENCY_CALIBRATION_IMAGES
@@ -261,20 +261,6 @@ def make_server(service: LatencyService, host: str = "127.0.0.1", port: int = 0
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
-
-
-def read_token(path: str | Path, flag: str) -> str:
-    """A token file's first line; a missing or empty file is one line naming the flag."""
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as e:
-        raise LatencyError(f"{flag} {path}: cannot be read ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise LatencyError(f"{flag} {path}: not a text file") from None
-    if len(token) < 16:
-        raise LatencyError(f"{flag} {path}: the token must be at least 16 characters (e.g. "
-                           f"python -c 'import secrets; print(secrets.token_hex(16))' > {path})")
-    return token
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,8 +22,7 @@ from nas.data import DataError
 from nas.interleaved import REFERENCE_ATTR
 from nas.interrupts import run_tool
 from nas.latency import LatencyError
-from nas.latency_client import LatencyClient
-from nas.latency_server import read_token
+from nas.latency_client import connect
 from nas.remeasure import RunLatency, calibration_for, check_same_target, remeasure_front
 from nas.results import BaselinesError, write_results
 from nas.run_folder import RunFolderError, load_run_study
@@ -56,8 +55,7 @@ def plot(args: argparse.Namespace) -> list[Path]:
     if not (math.isfinite(args.latency_time) and args.latency_time > 0):
         raise RunFolderError(f"--latency-time {args.latency_time:g}: must be a finite number "
                              f"> 0")
-    if bool(args.latency_server) != bool(args.latency_token_file):
-        raise RunFolderError("--latency-server and --latency-token-file go together")
+    connect(args.latency_server, args.latency_token_file)  # the pair and the token, first
     if args.latency_server and not args.remeasure:
         raise RunFolderError("--latency-server measures: add --remeasure")
     study, meta = load_run_study(Path(args.run), args.storage)
@@ -79,10 +77,7 @@ def remeasure(study: optuna.Study, meta: dict[str, Any], args: argparse.Namespac
     if missing:
         raise RunFolderError(f"{Path(args.run) / 'run.json'}: settings lack "
                              f"{', '.join(missing)}; cannot --remeasure")
-    remote = None
-    if args.latency_server:
-        remote = LatencyClient(args.latency_server,
-                               read_token(args.latency_token_file, "--latency-token-file"))
+    remote = connect(args.latency_server, args.latency_token_file)
     check_same_target(settings, remote, otherwise=(
         "run nas.plot --remeasure there, or pass --latency-server on that device"))
     measure = RunLatency(settings, int(meta.get("num_classes") or 10), args.latency_time,

@@ -26,7 +26,7 @@ from nas.cli import (
 )
 from nas.host import available_cpus
 from nas.latency import LatencyError
-from nas.latency_server import read_token
+from nas.latency_client import connect
 from nas.proxy import ProxyBudget
 from nas.reward import MODES, exponents
 from nas.runtimes import DEFAULT_RUNTIME, PRECISIONS, RUNTIME_NAMES
@@ -275,8 +275,9 @@ def check(c: SearchConfig) -> None:
     if c.population < 2:
         raise UsageError(f"--population {c.population}: NSGA-II and evolution need at least 2")
     if c.objective == "pareto" and c.sampler == "evolution":
-        raise UsageError("--sampler evolution is single-objective: use --objective reward, or "
-                         "nsga2, tpe or random for --objective pareto")
+        others = ", ".join(s for s in SAMPLERS if s != "evolution")
+        raise UsageError(f"--sampler evolution is single-objective: use --objective reward, "
+                         f"or one of {others} for --objective pareto")
     if not 0 <= c.seed <= MAX_SEED:
         raise UsageError(f"--seed {c.seed}: must be from 0 to {MAX_SEED} (numpy's seeds)")
     if c.input_size < 32:
@@ -285,13 +286,10 @@ def check(c: SearchConfig) -> None:
         value = getattr(c, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {value}: must be >= 1")
-    if bool(c.latency_server) != bool(c.latency_token_file):
-        raise UsageError("--latency-server and --latency-token-file go together")
-    if c.latency_token_file:
-        try:
-            read_token(c.latency_token_file, "--latency-token-file")
-        except LatencyError as e:
-            raise UsageError(str(e)) from None
+    try:
+        connect(c.latency_server, c.latency_token_file)
+    except LatencyError as e:
+        raise UsageError(str(e)) from None
     if c.threads is not None and c.threads > available_cpus() and not c.latency_server:
         raise UsageError(f"--threads {c.threads}: this process may use only "
                          f"{available_cpus()} CPU(s)")

@@ -26,8 +26,7 @@ from nas.files import make_folders, remove_if_empty
 from nas.interleaved import REFERENCE_ATTR, calibrated_reference_ms, protocol_name
 from nas.interrupts import INTERRUPTED, was_interrupted
 from nas.latency import DEFAULT_THREADS, LatencyCache, LatencyError, latency_context
-from nas.latency_client import LatencyClient
-from nas.latency_server import read_token
+from nas.latency_client import connect
 from nas.proxy import CandidateFailed
 from nas.results import BaselinesError, load_baselines, write_results
 from nas.run_folder import LATENCY_CACHE, write_run_meta
@@ -59,10 +58,8 @@ def prepare(config: SearchConfig) -> tuple[Context, Path, dict[str, Any]]:
     the data and its split, the latency target; returns the trials' context, the run folder
     and the settings a resume must match."""
     alpha, beta = config.exponents
-    remote = None
-    if config.latency_server:
-        remote = LatencyClient(config.latency_server,
-                               read_token(config.latency_token_file, "--latency-token-file"))
+    remote = connect(config.latency_server, config.latency_token_file)
+    if remote is not None:
         try:
             lat_ctx = remote.context(input_size=config.input_size, device=config.device,
                                      threads=config.threads, runtime=config.runtime,
