@@ -7,9 +7,14 @@ with every budget in --budgets and with the --reference budget, all scored on th
 validation split, then prints accuracy per budget, seconds per candidate, and Kendall tau /
 Spearman of each budget against the reference. Budgets are named by what they do, so results
 stay comparable when the default proxy changes: `fm2 4000x2 b64` is final map 2, 4,000 train
-images x 2 epochs, batch 64 (omitted tokens take the ProxyBudget default; `lr0.003` sets the
-peak learning rate). Partial results live in --state (JSON), so an interrupted run resumes;
-short budgets run for every architecture before the reference.
+images x 2 epochs, batch 64 (omitted tokens take the fixed BASE below; `lr0.003` sets the peak
+learning rate, `wd` the weight decay, `sgd` trains with nas.train's optimizer and its lr 0.1 and
+weight decay 5e-4 unless lr/wd tokens say otherwise). `train e20` is not a proxy but what nas.confirm trains: nas.train's recipe
+(SGD, 50,000 images, test split) for 20 epochs on the proxy's network form, the reference that
+says whether the proxy ranks as the confirmation will (issue #18, item 5). Partial results live
+in --state (JSON), so an interrupted run resumes (a `train` reference mid-training too, from its
+checkpoint beside the state); short budgets run for every architecture before the reference.
+--reference-networks adds named networks (references, `name@width`) after the sampled ones.
 """
 
 from __future__ import annotations
@@ -31,31 +36,45 @@ import optuna
 import torch
 from scipy import stats
 
-from nas.arch import Architecture
+from nas.arch import Architecture, load_architecture
 from nas.data import load_data
 from nas.host import cpu_name
-from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
+from nas.proxy import OPTIMIZER_DEFAULTS, CandidateFailed, ProxyBudget, proxy_train
 from nas.space import load_space
+from nas.train import TrainConfig, train
 
 _TOKEN = re.compile(r"^(?:fm(?P<fm>\d+)|(?P<n>\d+)x(?P<ep>\d+)|b(?P<b>\d+)|g(?P<g>\d+)"
-                    r"|lr(?P<lr>[\d.e-]+)|@(?P<tag>\w+))$")
+                    r"|lr(?P<lr>[\d.e-]+)|wd(?P<wd>[\d.e-]+)|(?P<opt>sgd|adamw)|@(?P<tag>\w+))$")
 # what a name leaves out, fixed: stored results keep their meaning when nas.proxy's defaults change
-BASE = ProxyBudget(train_images=8000, epochs=2, batch_size=64, ghost_batches=1, lr=2e-3,
-                   warmup=0.2, weight_decay=0.05, label_smoothing=0.1, val_images=5000,
+BASE = ProxyBudget(train_images=8000, epochs=2, batch_size=64, ghost_batches=1, optimizer="adamw",
+                   lr=2e-3, warmup=0.2, weight_decay=0.05, label_smoothing=0.1, val_images=5000,
                    final_map=1, bn_momentum=0.1, bn_recalibrate=8, channels_last=True, bf16=False,
                    report_every=1)
 
 
-def parse_budget(name: str) -> ProxyBudget:
-    """'fm1 16000x2 b128 g2 lr0.003' -> BASE with those fields replaced (g: ghost batches).
+_TRAIN = re.compile(r"^train e(?P<epochs>\d+)$")
+
+
+def parse_budget(name: str) -> ProxyBudget | TrainConfig:
+    """'fm1 16000x2 b128 g2 lr0.003' -> BASE with those fields replaced (g: ghost batches);
+    'train e20' -> nas.train's recipe for 20 epochs on the proxy's network form (final map 1).
 
     A trailing '@tag' only labels results merged from another run (--merge FILE@tag)."""
+    if m := _TRAIN.match(name.split(" @")[0]):
+        return TrainConfig(epochs=int(m["epochs"]), final_map=BASE.final_map, seed=0)
     changes: dict = {}
+    matches = []
     for token in name.split():
         m = _TOKEN.match(token)
         if not m:
             raise SystemExit(f"budget {name!r}: token {token!r} is not one of fm<final map>, "
-                             "<images>x<epochs>, b<batch>, g<ghost batches>, lr<peak lr>, @<tag>")
+                             "<images>x<epochs>, b<batch>, g<ghost batches>, lr<peak lr>, "
+                             "wd<weight decay>, sgd, adamw, @<tag>")
+        matches.append(m)
+    for m in matches:  # the optimizer first: its lr and weight decay unless lr/wd tokens say
+        if m["opt"] and m["opt"] != BASE.optimizer:
+            changes.update(optimizer=m["opt"], **OPTIMIZER_DEFAULTS[m["opt"]])
+    for m in matches:
         if m["fm"]:
             changes["final_map"] = int(m["fm"])
         if m["n"]:
@@ -66,6 +85,8 @@ def parse_budget(name: str) -> ProxyBudget:
             changes["ghost_batches"] = int(m["g"])
         if m["lr"]:
             changes["lr"] = float(m["lr"])
+        if m["wd"]:
+            changes["weight_decay"] = float(m["wd"])
     return dataclasses.replace(BASE, **changes)
 
 
@@ -84,17 +105,27 @@ def state_archs(state: dict, args: argparse.Namespace, where: str) -> list[Archi
         if state:
             raise SystemExit(f"{where}: results without the architectures they belong to; add "
                              "them as 'archs' (Architecture.to_dict) or use another --state")
-        return sample_archs(args.space, args.archs, args.seed)
+        named = [load_architecture(n) for n in filter(None, args.reference_networks.split(","))]
+        return sample_archs(args.space, args.archs, args.seed) + named
     archs = [Architecture.from_dict(d, f"{where}: archs[{i}]")
              for i, d in enumerate(state["archs"])]
     if args.archs > len(archs):
         raise SystemExit(f"--archs {args.archs}: {where} holds {len(archs)} architectures; pass "
                          f"--archs {len(archs)} or use another --state")
-    return archs[:args.archs]
+    named = len(list(filter(None, args.reference_networks.split(","))))
+    return archs[:args.archs + named]
 
 
-def run_one(arch: Architecture, data, budget: ProxyBudget) -> dict:
+def run_one(arch: Architecture, data, budget: ProxyBudget | TrainConfig,
+            run_dir: Path) -> dict:
+    """Validation accuracy of a proxy budget, or test accuracy of a nas.train reference (resumed
+    from its checkpoint in run_dir; seconds then count only this process's epochs)."""
     t0 = time.perf_counter()
+    if isinstance(budget, TrainConfig):
+        metrics = train(arch, run_dir, budget, data=data, progress=False)
+        return {"accuracy": metrics["test_accuracy"], "seconds": time.perf_counter() - t0,
+                "history": [h["test_accuracy"] for h in metrics["history"]],
+                "epoch_seconds": [round(h["seconds"], 1) for h in metrics["history"]]}
     try:
         r = proxy_train(arch, data, budget, seed=0)
         acc = r.accuracy
@@ -210,6 +241,9 @@ def main() -> int:
                    help="the long training whose ranking the budgets should reproduce (default: "
                         "the default proxy's network on 20x its image-passes, 2,100 s per "
                         "architecture on a Cascade Lake core)")
+    p.add_argument("--reference-networks", default="",
+                   help="comma-separated named networks (mobilenet_v3_small, mobilenet_v2@0.75, "
+                        "an architecture file) ranked after the sampled ones, when --state is new")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/proxy_fidelity.txt")
     p.add_argument("--state", default="benchmarks/results/proxy_fidelity.json")
@@ -249,7 +283,10 @@ def main() -> int:
             raise SystemExit(f"budget {k!r}: tagged budgets come from --merge FILE@tag, and "
                              f"{key!r} is not in it")
         print(f"arch {i} budget {k}: {archs[i].to_str()}", flush=True)
-        state[key] = run_one(archs[i], data, ladder[k])
+        run_dir = state_path.with_suffix("") / f"{i}-{k.replace(' ', '-')}"
+        if isinstance(ladder[k], TrainConfig):
+            run_dir.mkdir(parents=True, exist_ok=True)
+        state[key] = run_one(archs[i], data, ladder[k], run_dir)
         print(f"  acc {state[key]['accuracy']:.4f} in {state[key]['seconds']:.1f}s", flush=True)
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))

@@ -43,6 +43,12 @@ from nas.host import failed_allocation, is_out_of_memory, pin_malloc_thresholds
 from nas.model import build_model
 
 
+# the proxy's optimizers, each with its peak learning rate and decoupled/L2 weight decay
+# defaults: AdamW as tuned by proxy_fidelity; SGD as nas.train trains (Nesterov, momentum 0.9)
+OPTIMIZER_DEFAULTS = {"adamw": {"lr": 3e-3, "weight_decay": 0.05},
+                      "sgd": {"lr": 0.1, "weight_decay": 5e-4}}
+
+
 @dataclass(frozen=True)
 class ProxyBudget:
     """Everything that decides how much a candidate is trained. Defaults from proxy_fidelity."""
@@ -65,6 +71,7 @@ class ProxyBudget:
     # many ran at once while the share is below 2 x parts (train_step)
     lr: float = 3e-3  # peak AdamW learning rate, linear warm-up then linear decay (make_optimizer);
     # 2e-3 at batch 64 before, scaled by sqrt(2) and rounded for batch 128
+    optimizer: str = "adamw"  # or "sgd" (OPTIMIZER_DEFAULTS; lr and weight_decay are its own)
     warmup: float = 0.2  # fraction of all steps spent warming up
     weight_decay: float = 0.05  # decoupled (AdamW), on conv/linear weights only, not BN or biases
     label_smoothing: float = 0.1
@@ -111,6 +118,11 @@ class ProxyBudget:
                              "(batch norm needs 2)")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"proxy budget: warmup={self.warmup} must be in [0, 1)")
+        if self.optimizer not in OPTIMIZER_DEFAULTS:
+            raise ValueError(f"proxy budget: optimizer={self.optimizer!r} must be one of "
+                             f"{', '.join(OPTIMIZER_DEFAULTS)}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"proxy budget: weight_decay={self.weight_decay} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -222,7 +234,7 @@ def _train(model: nn.Module, trained: Architecture, data: DataSplits, budget: Pr
 
 
 def make_optimizer(model: nn.Module, budget: ProxyBudget, total_steps: int):
-    """AdamW without decay on BN and biases, linear warm-up then linear decay.
+    """AdamW (or SGD) without decay on BN and biases, linear warm-up then linear decay.
 
     The peak is held for two steps and the last step runs at peak / (decay steps), not 0: the
     fidelity benchmark chose the default budget with exactly this schedule."""
@@ -233,9 +245,13 @@ def make_optimizer(model: nn.Module, budget: ProxyBudget, total_steps: int):
     # fused: one kernel for all parameters; on this CPU the step fell from ~14 ms to ~3 ms of a
     # ~185 ms training step (mnasnet_a1, batch 64, 1 thread)
     fused = decay[0].device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": budget.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=budget.lr, fused=fused)
+    groups = [{"params": decay, "weight_decay": budget.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if budget.optimizer == "sgd":  # nas.train's optimizer, so the proxy ranks as it trains
+        optimizer = torch.optim.SGD(groups, lr=budget.lr, momentum=0.9, nesterov=True,
+                                    fused=fused)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=budget.lr, fused=fused)
     warm = max(1, int(budget.warmup * total_steps))
 
     def factor(step: int) -> float:

@@ -36,6 +36,7 @@ from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.reward import MODES, reward
 from nas.runtimes import DEFAULT_RUNTIME
 from nas.search import SearchConfig, main
+from nas.search.config import config_from_argv
 from nas.search.baselines import run_baselines
 from nas.search.cpu_share import ThreadShare, train_threads, training_threads
 from nas.search.liveness import (
@@ -243,6 +244,28 @@ def test_a_study_of_the_default_before_ghost_batches_is_told_the_flags_that_resu
             "pick") in msg  # as the README says
 
 
+def test_a_study_of_the_adamw_proxy_is_told_the_flags_that_resume_it():
+    from nas.search.study import with_later_fields
+
+    before = dataclasses.asdict(ProxyBudget())
+    del before["optimizer"]  # stored before the field existed: every such study used AdamW
+    sgd = dataclasses.asdict(ProxyBudget(optimizer="sgd", lr=0.1, weight_decay=5e-4))
+    msg = refusal("s", "budget", with_later_fields(before), sgd)
+    assert ("resume with --proxy-optimizer adamw --proxy-lr 0.003 --proxy-weight-decay 0.05 "
+            "or pick") in msg
+
+
+def test_the_proxy_optimizer_brings_its_own_learning_rate_and_weight_decay():
+    from nas.proxy import OPTIMIZER_DEFAULTS
+
+    for name, own in OPTIMIZER_DEFAULTS.items():
+        b = config_from_argv(["--proxy-optimizer", name]).budget()
+        assert (b.optimizer, b.lr, b.weight_decay) == (name, own["lr"], own["weight_decay"])
+    b = config_from_argv(["--proxy-optimizer", "sgd", "--proxy-lr", "0.05",
+                          "--proxy-weight-decay", "0"]).budget()
+    assert (b.optimizer, b.lr, b.weight_decay) == ("sgd", 0.05, 0.0)
+
+
 def test_every_differing_budget_field_is_named_and_flags_only_if_they_restore_it():
     default = dataclasses.asdict(ProxyBudget())
     was = dataclasses.asdict(ProxyBudget(train_images=16000, lr=1e-3, val_images=1000))
@@ -385,6 +408,8 @@ def test_failing_candidate_fails_its_trial_and_the_search_goes_on(image_folder, 
     ("--target-ms", "-3", "--target-ms -3: must be a finite number > 0"),
     ("--target-ms", "nan", "--target-ms nan: must be a finite number > 0"),  # NaN <= 0 is False
     ("--proxy-lr", "nan", "--proxy-lr nan"),
+    ("--proxy-weight-decay", "-1", "--proxy-weight-decay -1: must be a finite number >= 0"),
+    ("--proxy-optimizer", "rmsprop", "invalid choice: 'rmsprop'"),
     ("--latency-time", "inf", "--latency-time inf"),
     ("--timeout", "-5", "--timeout -5"),
     ("--seed", "-1", "--seed -1: must be from 0 to 4294967295"),

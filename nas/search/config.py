@@ -27,7 +27,7 @@ from nas.cli import (
 from nas.host import available_cpus
 from nas.latency import LatencyError
 from nas.latency_client import connect
-from nas.proxy import ProxyBudget
+from nas.proxy import OPTIMIZER_DEFAULTS, ProxyBudget
 from nas.reward import MODES, exponents
 from nas.runtimes import DEFAULT_RUNTIME, PRECISIONS, RUNTIME_NAMES
 from nas.space import DEFAULT_SPACE
@@ -87,7 +87,9 @@ class SearchConfig:
     proxy_epochs: int = _BUDGET.epochs
     proxy_batch: int = _BUDGET.batch_size
     proxy_ghost_batches: int = _BUDGET.ghost_batches
-    proxy_lr: float = _BUDGET.lr
+    proxy_optimizer: str = _BUDGET.optimizer
+    proxy_lr: float | None = None  # None: the optimizer's (nas.proxy.OPTIMIZER_DEFAULTS)
+    proxy_weight_decay: float | None = None  # None: the optimizer's
     proxy_final_map: int = _BUDGET.final_map
     val_size: int = 5000
     name: str = "search"
@@ -107,10 +109,14 @@ class SearchConfig:
         return exponents(self.mode, self.alpha, self.beta)
 
     def budget(self) -> ProxyBudget:
+        own = OPTIMIZER_DEFAULTS[self.proxy_optimizer]
         return ProxyBudget(train_images=self.proxy_images, epochs=self.proxy_epochs,
                            batch_size=self.proxy_batch, ghost_batches=self.proxy_ghost_batches,
-                           lr=self.proxy_lr, val_images=self.val_size,
-                           final_map=self.proxy_final_map)
+                           optimizer=self.proxy_optimizer,
+                           lr=own["lr"] if self.proxy_lr is None else self.proxy_lr,
+                           weight_decay=(own["weight_decay"] if self.proxy_weight_decay is None
+                                         else self.proxy_weight_decay),
+                           val_images=self.val_size, final_map=self.proxy_final_map)
 
     def child(self, index: int) -> SearchConfig:
         """The configuration of the --workers process number `index` (1, 2, ...)."""
@@ -226,8 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "at once on their own CPU threads when this process's share has the "
                         "cores (weights do not depend on how many ran at once while the share "
                         "is below 2 x parts)")
-    g.add_argument("--proxy-lr", type=float, default=_default("proxy_lr"),
-                   help="peak learning rate")
+    g.add_argument("--proxy-optimizer", choices=tuple(OPTIMIZER_DEFAULTS),
+                   default=_default("proxy_optimizer"),
+                   help="the proxy's optimizer (sgd: nas.train's, Nesterov momentum 0.9)")
+    g.add_argument("--proxy-lr", type=float, default=None,
+                   help="peak learning rate (default: "
+                        + ", ".join(f"{k} {v['lr']:g}" for k, v in OPTIMIZER_DEFAULTS.items())
+                        + ")")
+    g.add_argument("--proxy-weight-decay", type=float, default=None,
+                   help="weight decay on convolution and linear weights (default: "
+                        + ", ".join(f"{k} {v['weight_decay']:g}"
+                                    for k, v in OPTIMIZER_DEFAULTS.items()) + ")")
     g.add_argument("--proxy-final-map", type=int, default=_default("proxy_final_map"),
                    help="the trained network's earliest strides are reduced until its last "
                         "feature map is at least this wide (1: train the deployed strides)")
@@ -268,6 +283,10 @@ def check(c: SearchConfig) -> None:
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"--{flag.replace('_', '-')} {value:g}: must be a finite number "
                              f"> 0")
+    if c.proxy_weight_decay is not None and not (math.isfinite(c.proxy_weight_decay)
+                                                  and c.proxy_weight_decay >= 0):
+        raise UsageError(f"--proxy-weight-decay {c.proxy_weight_decay:g}: must be a finite "
+                         "number >= 0")
     for flag in ("trials", "proxy_images", "proxy_epochs", "proxy_batch", "proxy_ghost_batches",
                  "proxy_final_map", "val_size", "startup_trials"):
         if getattr(c, flag) < 1:

@@ -33,9 +33,11 @@ SETTINGS_THAT_MUST_MATCH = ("target_ms", "alpha", "beta", "objective", "space", 
 # the flag that sets each ProxyBudget field, for the refusal to resume with another budget
 BUDGET_FLAGS = {"train_images": "--proxy-images", "epochs": "--proxy-epochs",
                 "batch_size": "--proxy-batch", "ghost_batches": "--proxy-ghost-batches",
-                "lr": "--proxy-lr", "final_map": "--proxy-final-map", "val_images": "--val-size"}
+                "optimizer": "--proxy-optimizer", "lr": "--proxy-lr",
+                "weight_decay": "--proxy-weight-decay", "final_map": "--proxy-final-map",
+                "val_images": "--val-size"}
 # budget fields newer than some studies, with the value those studies were trained with
-BUDGET_ADDED_LATER = {"ghost_batches": 1}
+BUDGET_ADDED_LATER = {"ghost_batches": 1, "optimizer": "adamw"}
 # latencies from another CPU or GPU model would mix two hardware targets in one reward;
 # studies saved before a setting existed are not refused for lacking it
 SETTINGS_ADDED_LATER = ("latency_device",)
