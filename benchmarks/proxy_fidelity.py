@@ -37,8 +37,10 @@ import torch
 from scipy import stats
 
 from nas.arch import Architecture, load_architecture
+from nas.cost import count_macs, count_params
 from nas.data import load_data
 from nas.host import cpu_name
+from nas.model import build_model
 from nas.proxy import OPTIMIZER_DEFAULTS, CandidateFailed, ProxyBudget, proxy_train
 from nas.space import load_space
 from nas.train import TrainConfig, train
@@ -140,7 +142,9 @@ def merged_state(spec: str, archs: list[dict]) -> dict:
     columns, so a run on another machine (or an older reference) ranks beside this one."""
     path, _, tag = spec.rpartition("@") if "@" in spec else (spec, "", "")
     state = json.loads(Path(path).read_text())
-    if state.pop("archs", [])[:len(archs)] != archs:
+    theirs = state.pop("archs", [])
+    shared = min(len(theirs), len(archs))  # a shorter list: the first architectures of ours
+    if not shared or theirs[:shared] != archs[:shared]:
         raise SystemExit(f"--merge {spec!r}: its results belong to other architectures than "
                          "this run's (or it does not list them)")
     if not tag:
@@ -203,8 +207,30 @@ def report(archs, ladder, state, args) -> str:
             corr = f"{'-':>12s} {'-':>14s} {'-':>9s}"
         med = f"{statistics.median(secs):14.1f}" if secs else f"{'-':>14s}"
         lines.append(f"{k:>{bw}s} {med} {corr} {len(pairs):3d}")
+    lines += cost_rankings(archs, state, long, bw)
     lines += twin_agreement(len(archs), names, state)
     return "\n".join(lines)
+
+
+def cost_rankings(archs: list[Architecture], state: dict, reference: str, width: int = 16
+                  ) -> list[str]:
+    """What a search could rank by without training: multiply-adds and parameters (of the
+    deployed network at 224x224, 10 classes) against the reference, as the budgets are."""
+    ref = {i: state[f"{i}|{reference}"]["accuracy"] for i in range(len(archs))
+           if f"{i}|{reference}" in state and state[f"{i}|{reference}"]["accuracy"] == state[
+               f"{i}|{reference}"]["accuracy"]}
+    if len(ref) < 3:
+        return []
+    lines = []
+    for label, count in (("multiply-adds", lambda m: count_macs(m, 224)),
+                         ("parameters", count_params)):
+        x = [count(build_model(archs[i], num_classes=10)) for i in ref]
+        y = list(ref.values())
+        lo, hi = tau_interval(x, y)
+        lines.append(f"{label:>{width}s} {'-':>14s} {stats.kendalltau(x, y).statistic:12.3f} "
+                     f"{f'{lo:.2f}..{hi:.2f}':>14s} {stats.spearmanr(x, y).statistic:9.3f} "
+                     f"{len(ref):3d}")
+    return lines
 
 
 def twin_agreement(n_archs: int, names: list[str], state: dict) -> list[str]:

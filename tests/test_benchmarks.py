@@ -42,6 +42,13 @@ def test_budget_names_replace_only_the_fields_they_name():
     assert fidelity.parse_budget("fm1 16000x2 @zen4") == fidelity.parse_budget("fm1 16000x2")
     with pytest.raises(SystemExit, match="token 'x2'"):
         fidelity.parse_budget("fm1 x2")
+    # sgd brings nas.train's optimizer with its learning rate and weight decay, wherever lr is
+    sgd = fidelity.parse_budget("lr0.05 fm1 8000x2 sgd")
+    assert (sgd.optimizer, sgd.lr, sgd.weight_decay) == ("sgd", 0.05, 5e-4)
+    assert fidelity.parse_budget("fm1 8000x2 adamw") == fidelity.parse_budget("fm1 8000x2")
+    # the confirmation's training as a reference: nas.train's recipe on the proxy's network form
+    ref = fidelity.parse_budget("train e20 @zen4")
+    assert (type(ref).__name__, ref.epochs, ref.final_map, ref.lr) == ("TrainConfig", 20, 1, 0.1)
 
 
 ARCHS = [load_architecture(n).to_dict() for n in ("mnasnet_a1", "mobilenet_v2")]
@@ -57,6 +64,8 @@ def test_a_tagged_merge_becomes_columns_beside_this_run(tmp_path):
     # results are keyed by index: another run's of other architectures must not pair up
     with pytest.raises(SystemExit, match="other architectures"):
         fidelity.merged_state(str(other), ARCHS[::-1])
+    # a run of our first architectures only (named networks were added after them) merges
+    assert fidelity.merged_state(str(other), ARCHS + ARCHS[:1]) == result
     other.write_text(json.dumps(result))  # a file that does not say which they were
     with pytest.raises(SystemExit, match="does not list them"):
         fidelity.merged_state(str(other), ARCHS)
