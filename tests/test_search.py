@@ -251,7 +251,7 @@ def test_a_study_of_the_adamw_proxy_is_told_the_flags_that_resume_it():
     del before["optimizer"]  # stored before the field existed: every such study used AdamW
     sgd = dataclasses.asdict(ProxyBudget(optimizer="sgd", lr=0.1, weight_decay=5e-4))
     msg = refusal("s", "budget", with_later_fields(before), sgd)
-    assert ("resume with --proxy-optimizer adamw --proxy-lr 0.003 --proxy-weight-decay 0.05 "
+    assert ("resume with --proxy-lr 0.003 --proxy-optimizer adamw --proxy-weight-decay 0.05 "
             "or pick") in msg
 
 
@@ -259,9 +259,9 @@ def test_the_proxy_optimizer_brings_its_own_learning_rate_and_weight_decay():
     from nas.proxy import OPTIMIZER_DEFAULTS
 
     for name, own in OPTIMIZER_DEFAULTS.items():
-        b = config_from_argv(["--proxy-optimizer", name]).budget()
+        b = config_from_argv(["--target-ms", "5", "--proxy-optimizer", name]).budget()
         assert (b.optimizer, b.lr, b.weight_decay) == (name, own["lr"], own["weight_decay"])
-    b = config_from_argv(["--proxy-optimizer", "sgd", "--proxy-lr", "0.05",
+    b = config_from_argv(["--target-ms", "5", "--proxy-optimizer", "sgd", "--proxy-lr", "0.05",
                           "--proxy-weight-decay", "0"]).budget()
     assert (b.optimizer, b.lr, b.weight_decay) == ("sgd", 0.05, 0.0)
 
@@ -393,6 +393,38 @@ def test_a_study_from_before_runtimes_resumes_only_as_eager(image_folder, tmp_pa
     assert len(study_of(tmp_path).trials) == 2
 
 
+def test_an_architecture_evaluated_before_gets_its_result_without_training(
+        image_folder, tmp_path, monkeypatch):
+    assert main(args(tmp_path, image_folder, "--trials", "1")) == 0
+    first = study_of(tmp_path).trials[0]
+    for _ in range(2):
+        study_of(tmp_path).enqueue_trial(first.params)
+
+    def no_training(*a, **k):
+        raise AssertionError("trained an architecture the study had evaluated")
+
+    monkeypatch.setattr("nas.search.objective.proxy_train", no_training)
+    assert main(args(tmp_path, image_folder, "--trials", "3")) == 0
+    trials = study_of(tmp_path).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    for t in trials[1:]:
+        assert t.user_attrs["reused_from"] == 0 and t.user_attrs["train_s"] == 0.0
+        assert t.value == first.value
+        assert t.user_attrs["accuracy"] == first.user_attrs["accuracy"]
+        assert t.user_attrs["arch_dict"] == first.user_attrs["arch_dict"]
+    df = pd.read_csv(tmp_path / "s" / "trials.csv")
+    assert df.reused_from.tolist()[1:] == [0, 0] and math.isnan(df.reused_from[0])
+    # another architecture is trained: here, with training refused, its trial fails
+    other = {k: v for k, v in first.params.items()}
+    key = next(k for k in other if k.endswith("kernel"))
+    other[key] = next(c for c in trials[0].distributions[key].choices if c != other[key])
+    study_of(tmp_path).enqueue_trial(other)
+    assert main(args(tmp_path, image_folder, "--trials", "4")) == 0
+    fourth = study_of(tmp_path).trials[3]  # failed, or pruned on latency before training
+    assert "reused_from" not in fourth.user_attrs
+    assert fourth.state != optuna.trial.TrialState.COMPLETE
+
+
 def test_failing_candidate_fails_its_trial_and_the_search_goes_on(image_folder, tmp_path):
     assert main(args(tmp_path, image_folder, "--trials", "2", "--proxy-lr", "1e30",
                      "--proxy-epochs", "3")) == 0
@@ -409,7 +441,6 @@ def test_failing_candidate_fails_its_trial_and_the_search_goes_on(image_folder, 
     ("--target-ms", "nan", "--target-ms nan: must be a finite number > 0"),  # NaN <= 0 is False
     ("--proxy-lr", "nan", "--proxy-lr nan"),
     ("--proxy-weight-decay", "-1", "--proxy-weight-decay -1: must be a finite number >= 0"),
-    ("--proxy-optimizer", "rmsprop", "invalid choice: 'rmsprop'"),
     ("--latency-time", "inf", "--latency-time inf"),
     ("--timeout", "-5", "--timeout -5"),
     ("--seed", "-1", "--seed -1: must be from 0 to 4294967295"),

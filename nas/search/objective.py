@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -188,14 +189,45 @@ def _set_attrs(trial: Any, record: dict[str, Any]) -> None:
             trial.set_user_attr(key, value)
 
 
+# what a trial that reuses an earlier one's result copies from it (the time it took is its own)
+REUSED_ATTRS = ("arch", "arch_dict", "params", "macs", "latency_ms", "latency_p10_ms",
+                "latency_p90_ms", "latency_cv", "latency_raw_ms", "accuracy", "trained_arch",
+                "val_curve", "reward")
+REUSED_FROM_ATTR = "reused_from"
+
+
+def evaluated_before(trial: optuna.Trial, arch: Architecture) -> optuna.trial.FrozenTrial | None:
+    """The first complete trial of the study that evaluated this very architecture.
+
+    The proxy trains with the study's seed, so evaluating it again would train the same weights
+    to the same accuracy (and the latency cache answers its latency): samplers propose a
+    duplicate in 2-5% of trials late in a search (sampler_efficiency_zen4.txt)."""
+    want = json.loads(json.dumps(arch.to_dict()))  # as the storage returns it
+    for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.number != trial.number and t.user_attrs.get("arch_dict") == want:
+            return t
+    return None
+
+
+def reuse(trial: optuna.Trial, earlier: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """Record the earlier trial's result on this one, and which trial it came from."""
+    rec = {k: earlier.user_attrs[k] for k in REUSED_ATTRS if k in earlier.user_attrs}
+    rec.update({REUSED_FROM_ATTR: earlier.number, "train_s": 0.0, "latency_s": 0.0})
+    _set_attrs(trial, rec)
+    return rec
+
+
 def make_objective(ctx: Context):
-    """The Optuna objective: a failing candidate fails its trial with the reason recorded."""
+    """The Optuna objective: a failing candidate fails its trial with the reason recorded; an
+    architecture the study already evaluated gets its earlier result (Optuna's FAQ way)."""
 
     def score(trial: optuna.Trial):
         trial.set_user_attr("worker", worker_id())  # stamped at creation by StampedStorage
         try:
             arch = ctx.space.sample(trial)
-            rec = evaluate_architecture(arch, ctx, trial)
+            earlier = evaluated_before(trial, arch)
+            rec = (reuse(trial, earlier) if earlier is not None
+                   else evaluate_architecture(arch, ctx, trial))
         except optuna.TrialPruned as e:
             set_end(trial, TrialEnd.PRUNED,
                     str(e) if str(e).startswith("pruned") else f"pruned: {e}")
