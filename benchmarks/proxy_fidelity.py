@@ -260,13 +260,14 @@ def main() -> int:
     p.add_argument("--space", default="mnasnet")
     p.add_argument("--archs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budgets", default="fm1 4000x2,fm1 8000x2,fm1 16000x2",
-                   help="comma-separated budgets to rank against the reference (the default "
-                        "proxy and cheaper ones: the trade-off curve)")
-    p.add_argument("--reference", default="fm1 40000x8",
+    p.add_argument("--budgets", default="fm1 8000x2 b128 g2 sgd,fm1 8000x2 b128 g2 lr0.003",
+                   help="comma-separated budgets to rank against the reference (default: the "
+                        "default proxy and the AdamW one before it)")
+    p.add_argument("--reference", default="train e20",
                    help="the long training whose ranking the budgets should reproduce (default: "
-                        "the default proxy's network on 20x its image-passes, 2,100 s per "
-                        "architecture on a Cascade Lake core)")
+                        "what nas.confirm trains, nas.train's recipe for 20 epochs: 7-25 min per "
+                        "architecture on a Zen 4 core; 'fm1 40000x8', the reference until "
+                        "2026-12-05, was a longer AdamW proxy)")
     p.add_argument("--reference-networks", default="",
                    help="comma-separated named networks (mobilenet_v3_small, mobilenet_v2@0.75, "
                         "an architecture file) ranked after the sampled ones, when --state is new")

@@ -35,7 +35,7 @@ def test_budget_names_replace_only_the_fields_they_name():
     b = fidelity.parse_budget("fm2 4000x3 b128 g2 lr0.003")
     assert (b.final_map, b.train_images, b.epochs, b.batch_size, b.ghost_batches, b.lr) == (
         2, 4000, 3, 128, 2, 0.003)
-    assert b.weight_decay == ProxyBudget().weight_decay
+    assert (b.optimizer, b.weight_decay) == ("adamw", 0.05)  # BASE's, not today's default
     # a name means what it meant when its results were stored, whatever the defaults are now
     plain = fidelity.parse_budget("fm1 40000x8")
     assert (plain.batch_size, plain.ghost_batches, plain.lr) == (64, 1, 2e-3)
@@ -74,9 +74,12 @@ def test_a_tagged_merge_becomes_columns_beside_this_run(tmp_path):
 def test_a_state_keeps_the_architectures_its_results_belong_to():
     import argparse
 
-    args = argparse.Namespace(space="tiny", archs=2, seed=0)
+    args = argparse.Namespace(space="tiny", archs=2, seed=0, reference_networks="")
     sampled = fidelity.state_archs({}, args, "s.json")  # a new state: sampled from the space
     assert len(sampled) == 2
+    named = fidelity.state_archs({}, argparse.Namespace(
+        space="tiny", archs=2, seed=0, reference_networks="mobilenet_v2"), "s.json")
+    assert named[:2] == sampled and named[2] == load_architecture("mobilenet_v2")
     stored = {"archs": ARCHS, "0|fm1 8000x2": {"accuracy": 0.3, "seconds": 20.0}}
     kept = fidelity.state_archs(stored, args, "s.json")  # not sampled again: the space may
     assert [a.to_dict() for a in kept] == ARCHS  # have changed since the results were stored
@@ -89,7 +92,8 @@ def test_a_state_keeps_the_architectures_its_results_belong_to():
 
 @pytest.mark.parametrize("name", ["proxy_fidelity", "proxy_fidelity_cascadelake",
                                   "proxy_fidelity_cascadelake_clean",
-                                  "proxy_fidelity_ghost_cascadelake"])
+                                  "proxy_fidelity_ghost_cascadelake",
+                                  "proxy_fidelity_train_zen4"])
 def test_committed_fidelity_results_list_the_architectures_of_their_tables(name):
     results = Path(__file__).parent.parent / "benchmarks" / "results"
     state = json.loads((results / f"{name}.json").read_text())

@@ -37,7 +37,8 @@ SLOW_BN = Architecture(
                                                   se_ratio=0.25, repeats=2),
             BlockSpec("mbconv", 5, 24, stride=2, expansion=3)),
     stem=Stem(filters=8), settings=Settings(bn_momentum=0.0003))
-FAST = ProxyBudget(train_images=256, epochs=2, batch_size=32, lr=5e-3, val_images=96,
+FAST = ProxyBudget(train_images=256, epochs=2, batch_size=32, optimizer="adamw", lr=5e-3,
+                   weight_decay=0.05, val_images=96,
                    final_map=2, bn_recalibrate=4)
 
 

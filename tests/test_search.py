@@ -237,20 +237,19 @@ def test_a_study_of_the_default_before_ghost_batches_is_told_the_flags_that_resu
     from nas.search.study import with_later_fields
 
     before = dataclasses.asdict(ProxyBudget(train_images=8000, batch_size=64, ghost_batches=1,
-                                            lr=2e-3))
-    del before["ghost_batches"]  # stored before the field existed
+                                            lr=2e-3, optimizer="adamw", weight_decay=0.05))
+    del before["ghost_batches"], before["optimizer"]  # stored before the fields existed
     msg = refusal("s", "budget", with_later_fields(before), dataclasses.asdict(ProxyBudget()))
-    assert ("resume with --proxy-batch 64 --proxy-ghost-batches 1 --proxy-lr 0.002 or "
-            "pick") in msg  # as the README says
+    assert ("resume with --proxy-batch 64 --proxy-ghost-batches 1 --proxy-lr 0.002 "
+            "--proxy-optimizer adamw --proxy-weight-decay 0.05 or pick") in msg  # as docs say
 
 
 def test_a_study_of_the_adamw_proxy_is_told_the_flags_that_resume_it():
     from nas.search.study import with_later_fields
 
-    before = dataclasses.asdict(ProxyBudget())
+    before = dataclasses.asdict(ProxyBudget(optimizer="adamw", lr=3e-3, weight_decay=0.05))
     del before["optimizer"]  # stored before the field existed: every such study used AdamW
-    sgd = dataclasses.asdict(ProxyBudget(optimizer="sgd", lr=0.1, weight_decay=5e-4))
-    msg = refusal("s", "budget", with_later_fields(before), sgd)
+    msg = refusal("s", "budget", with_later_fields(before), dataclasses.asdict(ProxyBudget()))
     assert ("resume with --proxy-lr 0.003 --proxy-optimizer adamw --proxy-weight-decay 0.05 "
             "or pick") in msg
 
