@@ -237,7 +237,7 @@ def _train(model: nn.Module, trained: Architecture, data: DataSplits, budget: Pr
 
 
 def make_optimizer(model: nn.Module, budget: ProxyBudget, total_steps: int):
-    """AdamW (or SGD) without decay on BN and biases, linear warm-up then linear decay.
+    """SGD (or AdamW) without decay on BN and biases, linear warm-up then linear decay.
 
     The peak is held for two steps and the last step runs at peak / (decay steps), not 0: the
     fidelity benchmark chose the default budget with exactly this schedule."""
