@@ -117,8 +117,9 @@ def test_the_sgd_proxy_trains_with_nas_trains_optimizer(monkeypatch):
     real = nas.proxy.make_optimizer
 
     def spy(model, budget, total_steps):
-        made.append(real(model, budget, total_steps)[0])
-        return made[-1], real(model, budget, total_steps)[1]
+        optimizer, scheduler = real(model, budget, total_steps)
+        made.append(optimizer)
+        return optimizer, scheduler
 
     monkeypatch.setattr(nas.proxy, "make_optimizer", spy)
     data = synthetic_splits()
