@@ -9,9 +9,10 @@ Spearman of each budget against the reference. Budgets are named by what they do
 stay comparable when the default proxy changes: `fm2 4000x2 b64` is final map 2, 4,000 train
 images x 2 epochs, batch 64 (omitted tokens take the fixed BASE below; `lr0.003` sets the peak
 learning rate, `wd` the weight decay, `sgd` trains with nas.train's optimizer and its lr 0.1 and
-weight decay 5e-4 unless lr/wd tokens say otherwise). `train e20` is not a proxy but what nas.confirm trains: nas.train's recipe
-(SGD, 50,000 images, test split) for 20 epochs on the proxy's network form, the reference that
-says whether the proxy ranks as the confirmation will (issue #18, item 5). Partial results live
+weight decay 5e-4 unless lr/wd tokens say otherwise). `train e20` is not a proxy but what
+nas.confirm trains: nas.train's recipe (SGD, 50,000 images, test split) for 20 epochs on the
+proxy's network form, the reference that says whether the proxy ranks as the confirmation will
+(issue #18, item 5). Partial results live
 in --state (JSON), so an interrupted run resumes (a `train` reference mid-training too, from its
 checkpoint beside the state); short budgets run for every architecture before the reference.
 --reference-networks adds named networks (references, `name@width`) after the sampled ones.
@@ -99,6 +100,10 @@ def sample_archs(space_name: str, n: int, seed: int) -> list[Architecture]:
     return [space.sample(study.ask()) for _ in range(n)]
 
 
+def reference_networks(args: argparse.Namespace) -> list[str]:
+    return [n.strip() for n in args.reference_networks.split(",") if n.strip()]
+
+
 def state_archs(state: dict, args: argparse.Namespace, where: str) -> list[Architecture]:
     """The architectures a state's results belong to. Results are keyed by index, so a state
     keeps its list: sampling again after the search space or Optuna changed would draw others
@@ -107,15 +112,14 @@ def state_archs(state: dict, args: argparse.Namespace, where: str) -> list[Archi
         if state:
             raise SystemExit(f"{where}: results without the architectures they belong to; add "
                              "them as 'archs' (Architecture.to_dict) or use another --state")
-        named = [load_architecture(n) for n in filter(None, args.reference_networks.split(","))]
-        return sample_archs(args.space, args.archs, args.seed) + named
+        return (sample_archs(args.space, args.archs, args.seed)
+                + [load_architecture(n) for n in reference_networks(args)])
     archs = [Architecture.from_dict(d, f"{where}: archs[{i}]")
              for i, d in enumerate(state["archs"])]
     if args.archs > len(archs):
         raise SystemExit(f"--archs {args.archs}: {where} holds {len(archs)} architectures; pass "
                          f"--archs {len(archs)} or use another --state")
-    named = len(list(filter(None, args.reference_networks.split(","))))
-    return archs[:args.archs + named]
+    return archs[:args.archs + len(reference_networks(args))]
 
 
 def run_one(arch: Architecture, data, budget: ProxyBudget | TrainConfig,
@@ -124,6 +128,7 @@ def run_one(arch: Architecture, data, budget: ProxyBudget | TrainConfig,
     from its checkpoint in run_dir; seconds then count only this process's epochs)."""
     t0 = time.perf_counter()
     if isinstance(budget, TrainConfig):
+        run_dir.mkdir(parents=True, exist_ok=True)
         metrics = train(arch, run_dir, budget, data=data, progress=False)
         return {"accuracy": metrics["test_accuracy"], "seconds": time.perf_counter() - t0,
                 "history": [h["test_accuracy"] for h in metrics["history"]],
@@ -199,10 +204,7 @@ def report(archs, ladder, state, args) -> str:
         secs = [state[f"{i}|{k}"]["seconds"] for i in range(len(archs)) if f"{i}|{k}" in state]
         pairs = accuracy_pairs(state, len(archs), k, long)
         if len(pairs) >= 3 and k != long:
-            x, y = zip(*pairs, strict=True)
-            tau, sp = stats.kendalltau(x, y).statistic, stats.spearmanr(x, y).statistic
-            lo, hi = tau_interval(x, y)
-            corr = f"{tau:12.3f} {f'{lo:.2f}..{hi:.2f}':>14s} {sp:9.3f}"
+            corr = correlation_cells(*zip(*pairs, strict=True))
         else:
             corr = f"{'-':>12s} {'-':>14s} {'-':>9s}"
         med = f"{statistics.median(secs):14.1f}" if secs else f"{'-':>14s}"
@@ -216,21 +218,23 @@ def cost_rankings(archs: list[Architecture], state: dict, reference: str, width:
                   ) -> list[str]:
     """What a search could rank by without training: multiply-adds and parameters (of the
     deployed network at 224x224, 10 classes) against the reference, as the budgets are."""
-    ref = {i: state[f"{i}|{reference}"]["accuracy"] for i in range(len(archs))
-           if f"{i}|{reference}" in state and state[f"{i}|{reference}"]["accuracy"] == state[
-               f"{i}|{reference}"]["accuracy"]}
+    ref = {i: r["accuracy"] for i in range(len(archs))
+           if (r := state.get(f"{i}|{reference}")) and r["accuracy"] == r["accuracy"]}  # no NaN
     if len(ref) < 3:
         return []
-    lines = []
-    for label, count in (("multiply-adds", lambda m: count_macs(m, 224)),
-                         ("parameters", count_params)):
-        x = [count(build_model(archs[i], num_classes=10)) for i in ref]
-        y = list(ref.values())
-        lo, hi = tau_interval(x, y)
-        lines.append(f"{label:>{width}s} {'-':>14s} {stats.kendalltau(x, y).statistic:12.3f} "
-                     f"{f'{lo:.2f}..{hi:.2f}':>14s} {stats.spearmanr(x, y).statistic:9.3f} "
-                     f"{len(ref):3d}")
-    return lines
+    models = {i: build_model(archs[i], num_classes=10) for i in ref}
+    return [f"{label:>{width}s} {'-':>14s} "
+            f"{correlation_cells([count(m) for m in models.values()], list(ref.values()))} "
+            f"{len(ref):3d}"
+            for label, count in (("multiply-adds", lambda m: count_macs(m, 224)),
+                                 ("parameters", count_params))]
+
+
+def correlation_cells(x, y) -> str:
+    """Kendall tau, its bootstrap interval and Spearman, as the report's columns."""
+    lo, hi = tau_interval(x, y)
+    return (f"{stats.kendalltau(x, y).statistic:12.3f} {f'{lo:.2f}..{hi:.2f}':>14s} "
+            f"{stats.spearmanr(x, y).statistic:9.3f}")
 
 
 def twin_agreement(n_archs: int, names: list[str], state: dict) -> list[str]:
@@ -311,8 +315,6 @@ def main() -> int:
                              f"{key!r} is not in it")
         print(f"arch {i} budget {k}: {archs[i].to_str()}", flush=True)
         run_dir = state_path.with_suffix("") / f"{i}-{k.replace(' ', '-')}"
-        if isinstance(ladder[k], TrainConfig):
-            run_dir.mkdir(parents=True, exist_ok=True)
         state[key] = run_one(archs[i], data, ladder[k], run_dir)
         print(f"  acc {state[key]['accuracy']:.4f} in {state[key]['seconds']:.1f}s", flush=True)
         tmp = state_path.with_suffix(".tmp")

@@ -42,7 +42,6 @@ from nas.fastconv import matmul_convs
 from nas.host import failed_allocation, is_out_of_memory, pin_malloc_thresholds
 from nas.model import build_model
 
-
 # the proxy's optimizers, each with its peak learning rate and decoupled/L2 weight decay
 # defaults: AdamW as tuned by proxy_fidelity; SGD as nas.train trains (Nesterov, momentum 0.9)
 OPTIMIZER_DEFAULTS = {"adamw": {"lr": 3e-3, "weight_decay": 0.05},

@@ -36,8 +36,8 @@ from nas.proxy import CandidateFailed, ProxyBudget, proxy_train
 from nas.reward import MODES, reward
 from nas.runtimes import DEFAULT_RUNTIME
 from nas.search import SearchConfig, main
-from nas.search.config import config_from_argv
 from nas.search.baselines import run_baselines
+from nas.search.config import config_from_argv
 from nas.search.cpu_share import ThreadShare, train_threads, training_threads
 from nas.search.liveness import (
     BASELINES_ATTR,

@@ -204,7 +204,7 @@ def evaluated_before(trial: optuna.Trial, arch: Architecture) -> optuna.trial.Fr
     duplicate in 2-5% of trials late in a search (sampler_efficiency_zen4.txt)."""
     want = json.loads(json.dumps(arch.to_dict()))  # as the storage returns it
     for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if t.number != trial.number and t.user_attrs.get("arch_dict") == want:
+        if t.user_attrs.get("arch_dict") == want:  # the running trial is not COMPLETE
             return t
     return None
 
