@@ -336,3 +336,14 @@ def test_the_real_sampler_table_says_when_a_search_never_reached_the_bar():
     text = real.summarise(curves, {k: "x" for k in curves}, 3, "random")
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[2:]}
     assert rows["evolution"][3] == ">3" and rows["random"][3] == "2"
+
+
+def test_cost_rankings_rank_multiply_adds_and_parameters_against_the_reference():
+    archs = [load_architecture(n) for n in ("mobilenet_v3_small", "mobilenet_v2", "mnasnet_a1")]
+    # multiply-adds at 224: mobilenet_v3_small < mobilenet_v2 < mnasnet_a1, as the accuracies
+    state = {f"{i}|ref": {"accuracy": acc} for i, acc in enumerate((0.1, 0.2, 0.3))}
+    macs, params = fidelity.cost_rankings(archs, state, "ref")
+    assert macs.split()[:3] == ["multiply-adds", "-", "1.000"] and macs.split()[-1] == "3"
+    assert params.split()[0] == "parameters"
+    state["1|ref"] = {"accuracy": float("nan")}  # a failed reference leaves too few to rank
+    assert fidelity.cost_rankings(archs, state, "ref") == []
