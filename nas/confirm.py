@@ -179,6 +179,27 @@ def matched_baselines(families: list[Network], nets: list[Network],
 # --------------------------------------------------------------------------- training
 
 
+def training_order(nets: list[Network], cands: list[Network], seeds: int
+                   ) -> list[tuple[Network, int]]:
+    """(network, seed) in the order that answers the question soonest: each candidate with the
+    baselines matched to it, seed by seed (the top candidate first), then the baselines at
+    their published width. The top candidate and every baseline get every seed, the other
+    candidates one; a confirmation stopped for time has the top candidate's verdict first."""
+    def n_seeds(net: Network) -> int:
+        return seeds if (net.kind != "candidate" or net is cands[0]) else 1
+
+    order: list[tuple[Network, int]] = []
+    placed: set[str] = set()
+    for cand in cands:
+        group = [cand] + [n for n in nets if n.kind == "matched" and n.name not in placed
+                          and f"{cand.name} (" in n.matched_to]
+        placed.update(n.name for n in group)
+        order += [(n, s) for s in range(seeds) for n in group if s < n_seeds(n)]
+    rest = [n for n in nets if n.name not in placed]
+    order += [(n, s) for n in rest for s in range(n_seeds(n))]
+    return order
+
+
 def train_folder(run: Path, net: Network, cfg: TrainConfig) -> Path:
     """confirm/<network>/<recipe>/seed<s>: another recipe is another experiment, not a resume."""
     recipe = f"e{cfg.epochs}-b{cfg.batch_size}-lr{cfg.lr:g}-fm{cfg.final_map}"
@@ -343,13 +364,10 @@ def confirm(config: ConfirmConfig) -> pd.DataFrame:
     cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                       final_map=final_map)
     try:
-        for net in nets:
-            # the top candidate and every baseline get every seed; the other candidates one
-            seeds = config.seeds if (net.kind != "candidate" or net is cands[0]) else 1
-            for seed in range(seeds):
-                c = dataclasses.replace(cfg, seed=seed)
-                results.setdefault(net.name, []).append(
-                    train_one(net, train_folder(config.run, net, c), c, data, config))
+        for net, seed in training_order(nets, cands, config.seeds):
+            c = dataclasses.replace(cfg, seed=seed)
+            results.setdefault(net.name, []).append(
+                train_one(net, train_folder(config.run, net, c), c, data, config))
     finally:  # after an interrupt too: the finished trainings are in the table
         df = table(nets, results, settings, data, cfg)
         write_outputs(config.run, df, nets, settings, meta)

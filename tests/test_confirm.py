@@ -212,3 +212,19 @@ def test_latency_is_re_measured_on_a_latency_server(run, tmp_path, capsys):
     assert len(df) == 2 and len(measured) == 2 and all(v > 0 for v in measured.values())
     served = [line for line in "".join(log).splitlines() if "/measure" in line and " 200" in line]
     assert len(served) == 2, log
+
+
+def test_the_training_order_puts_the_top_candidates_verdict_first():
+    arch = load_architecture("mobilenet_v3_small")
+    c1, c2 = confirm.Network("trial-3", "candidate", arch), confirm.Network("trial-7",
+                                                                            "candidate", arch)
+    base = confirm.Network("mobilenet_v2", "baseline", arch)
+    m1 = confirm.Network("mobilenet_v2@0.5", "matched", arch,
+                         matched_to="trial-3 (+1.0%), trial-7 (-2.0%)")
+    m2 = confirm.Network("mobilenet_v2@0.75", "matched", arch, matched_to="trial-7 (+0.5%)")
+    order = [(n.name, s) for n, s in
+             confirm.training_order([c1, c2, base, m1, m2], [c1, c2], seeds=2)]
+    assert order == [("trial-3", 0), ("mobilenet_v2@0.5", 0), ("trial-3", 1),
+                     ("mobilenet_v2@0.5", 1),
+                     ("trial-7", 0), ("mobilenet_v2@0.75", 0), ("mobilenet_v2@0.75", 1),
+                     ("mobilenet_v2", 0), ("mobilenet_v2", 1)]
