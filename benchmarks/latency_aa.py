@@ -9,6 +9,11 @@ mean), the largest per-network drift of the median ((max - min) / median over th
 and the seconds of measuring per network (conversion excluded). Targets: Spearman >= 0.98 and
 drift <= 3% under load, <= 4 s per measurement. Run it on an otherwise idle machine: the load
 is the benchmark's own.
+
+The interleaved rows come three ways from the same passes: as the protocol stands (the ratio
+times the median of the machine's reference sittings so far, nas.machine_calibration, from a
+store that starts empty with the benchmark), with each process's own sitting alone (the
+protocol before the store), and the ratio alone (where the store tends as sittings accumulate).
 """
 
 from __future__ import annotations
@@ -65,8 +70,20 @@ def pass_worker(specs: list[str], protocol: str, runtime: str, input_size: int,
             out[spec] = {"ms": r.median_ms, "seconds": r.seconds}
         else:
             r = measure_interleaved(model, input_size, runtime=runtime)
-            out[spec] = {"ms": r.latency_ms, "raw_ms": r.raw_ms, "seconds": r.seconds}
+            out[spec] = {"ms": r.latency_ms, "raw_ms": r.raw_ms, "seconds": r.seconds,
+                         "ratio": r.ratio, "reference_ms": r.reference_ms,
+                         "own_sitting_ms": own_sitting(r.context, runtime, input_size)}
     return out
+
+
+def own_sitting(context, runtime: str, input_size: int) -> float:
+    """This process's own sitting of the reference (the machine's store keeps it last)."""
+    import dataclasses
+
+    from nas.interleaved import REFERENCE
+    from nas.machine_calibration import sittings
+
+    return sittings(dataclasses.replace(context, protocol="single"), REFERENCE, 1000)[-1]
 
 
 def load_worker() -> None:
@@ -87,11 +104,27 @@ def load_worker() -> None:
 
 
 def run_pass(specs_file: Path, protocol: str, runtime: str, input_size: int, seed: int) -> dict:
+    """A fresh process; its reference sittings go to a store beside specs_file that starts
+    empty with the benchmark (the quiet passes' sittings are there for the loaded ones)."""
     out = subprocess.run(
         [sys.executable, str(HERE), "--pass-worker", str(specs_file), "--protocol", protocol,
          "--runtime", runtime, "--input-size", str(input_size), "--seed", str(seed)],
-        capture_output=True, text=True, check=True)
+        capture_output=True, text=True, check=True,
+        env={**os.environ, "NAS_CACHE": str(specs_file.parent / "cache")})
     return json.loads(out.stdout.splitlines()[-1])
+
+
+def variants(passes: list[dict], protocol: str) -> dict[str, list[dict]]:
+    """The interleaved passes three ways: the protocol as it stands (the ratio times the median
+    of the machine's sittings so far), the ratio times the process's own sitting alone (before
+    the machine's store), and the ratio alone (where the store tends as sittings accumulate)."""
+    if protocol != "interleaved":
+        return {protocol: passes}
+    def scaled(key):
+        return [{s: {**m, "ms": m["ratio"] * (m[key] if key else 1.0)} for s, m in p.items()}
+                for p in passes]
+    return {"interleaved": passes, "  own sitting": scaled("own_sitting_ms"),
+            "  ratio only": scaled(None)}
 
 
 def summarize(passes: list[dict]) -> dict:
@@ -184,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         specs_file = Path(tmp) / "specs.json"
         specs_file.write_text(json.dumps(specs))
         parts = args.parts.split(",")
-        header = (f"{'condition':<8} {'protocol':<12} {'Spearman min':>12} {'mean':>6} "
+        header = (f"{'condition':<8} {'protocol':<14} {'Spearman min':>12} {'mean':>6} "
                   f"{'drift max':>9} {'(network)':<22} {'drift median':>12} {'s/measure':>9}")
         if "aa" in parts:
             lines += [header, "-" * len(header)]
@@ -196,13 +229,19 @@ def main(argv: list[str] | None = None) -> int:
                 for protocol in PROTOCOLS:
                     passes = [run_pass(specs_file, protocol, args.runtime, args.input_size,
                                        seed) for seed in range(args.passes)]
-                    s = summarize(passes)
-                    lines.append(
-                        f"{condition:<8} {protocol:<12} {s['spearman_min']:>12.3f} "
-                        f"{s['spearman_mean']:>6.3f} {s['drift_max']:>9.1%} "
-                        f"{Path(s['drift_worst']).stem[:22]:<22} {s['drift_median']:>12.1%} "
-                        f"{s['seconds']:>9.2f}")
-                    print(lines[-1], flush=True)
+                    for name, variant in variants(passes, protocol).items():
+                        s = summarize(variant)
+                        lines.append(
+                            f"{condition:<8} {name:<14} {s['spearman_min']:>12.3f} "
+                            f"{s['spearman_mean']:>6.3f} {s['drift_max']:>9.1%} "
+                            f"{Path(s['drift_worst']).stem[:22]:<22} "
+                            f"{s['drift_median']:>12.1%} {s['seconds']:>9.2f}")
+                        print(lines[-1], flush=True)
+                    if protocol == "interleaved":
+                        lines.append(f"{'':<9}reference sittings, ms: " + ", ".join(
+                            f"{next(iter(p.values()))['own_sitting_ms']:.2f}" for p in passes)
+                            + "; machine median used: " + ", ".join(
+                            f"{next(iter(p.values()))['reference_ms']:.2f}" for p in passes))
             finally:
                 if load:
                     load.kill()

@@ -228,6 +228,20 @@ def test_the_aa_summary_measures_rank_agreement_and_the_largest_drift():
     assert s["seconds"] == pytest.approx(8 / 6)
 
 
+def test_the_aa_interleaved_rows_rescale_the_same_ratios_three_ways():
+    aa = _benchmark("latency_aa")
+    passes = [{"a": {"ms": 2.0, "seconds": 1, "ratio": 0.5, "reference_ms": 4.0,
+                     "own_sitting_ms": 4.0}},
+              {"a": {"ms": 2.1, "seconds": 1, "ratio": 0.5, "reference_ms": 4.2,
+                     "own_sitting_ms": 4.4}}]
+    v = aa.variants(passes, "interleaved")
+    assert [p["a"]["ms"] for p in v["interleaved"]] == [2.0, 2.1]  # as measured
+    assert [p["a"]["ms"] for p in v["  own sitting"]] == [2.0, 2.2]
+    assert [p["a"]["ms"] for p in v["  ratio only"]] == [0.5, 0.5]
+    assert aa.summarize(v["  ratio only"])["drift_max"] == 0.0
+    assert aa.variants(passes, "current") == {"current": passes}
+
+
 def _random_archs(n, seed):
     import optuna
 
