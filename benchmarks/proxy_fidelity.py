@@ -116,10 +116,20 @@ def state_archs(state: dict, args: argparse.Namespace, where: str) -> list[Archi
                 + [load_architecture(n) for n in reference_networks(args)])
     archs = [Architecture.from_dict(d, f"{where}: archs[{i}]")
              for i, d in enumerate(state["archs"])]
-    if args.archs > len(archs):
-        raise SystemExit(f"--archs {args.archs}: {where} holds {len(archs)} architectures; pass "
-                         f"--archs {len(archs)} or use another --state")
-    return archs[:args.archs + len(reference_networks(args))]
+    given = reference_networks(args)
+    named = state.get("named", len(given))  # states from before it was kept: as given
+    if "named" in state and given and len(given) != named:
+        raise SystemExit(f"--reference-networks: {where} holds {named} named networks ("
+                         f"{', '.join(a.name or '?' for a in archs[len(archs) - named:])}); "
+                         "leave the flag out to keep them, or use another --state")
+    sampled = len(archs) - named
+    if args.archs > sampled:
+        raise SystemExit(f"--archs {args.archs}: {where} holds {sampled} architectures; pass "
+                         f"--archs {sampled} or use another --state")
+    if args.archs < sampled and named:  # results are keyed by position in the list
+        raise SystemExit(f"--archs {args.archs}: {where} holds {sampled} sampled architectures "
+                         f"before its named ones; pass --archs {sampled}")
+    return archs[:args.archs] + archs[sampled:sampled + named]
 
 
 def run_one(arch: Architecture, data, budget: ProxyBudget | TrainConfig,
@@ -148,6 +158,7 @@ def merged_state(spec: str, archs: list[dict]) -> dict:
     path, _, tag = spec.rpartition("@") if "@" in spec else (spec, "", "")
     state = json.loads(Path(path).read_text())
     theirs = state.pop("archs", [])
+    state.pop("named", None)  # ours says where our named networks start
     shared = min(len(theirs), len(archs))  # a shorter list: the first architectures of ours
     if not shared or theirs[:shared] != archs[:shared]:
         raise SystemExit(f"--merge {spec!r}: its results belong to other architectures than "
@@ -274,7 +285,8 @@ def main() -> int:
                         "2026-12-05, was a longer AdamW proxy)")
     p.add_argument("--reference-networks", default="",
                    help="comma-separated named networks (mobilenet_v3_small, mobilenet_v2@0.75, "
-                        "an architecture file) ranked after the sampled ones, when --state is new")
+                        "an architecture file) ranked after the sampled ones, when --state is "
+                        "new (a state keeps them: leave it out to resume)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/proxy_fidelity.txt")
     p.add_argument("--state", default="benchmarks/results/proxy_fidelity.json")
@@ -293,6 +305,7 @@ def main() -> int:
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     archs = state_archs(state, args, args.state)
     listed = state.setdefault("archs", [a.to_dict() for a in archs])[:len(archs)]
+    state.setdefault("named", len(reference_networks(args)))
     for extra in filter(None, (args.merge or "").split(",")):
         state.update(merged_state(extra, listed))
     data = load_data(args.data)

@@ -90,6 +90,26 @@ def test_a_state_keeps_the_architectures_its_results_belong_to():
         fidelity.state_archs({"0|fm1 8000x2": {"accuracy": 0.3}}, args, "s.json")
 
 
+def test_a_state_keeps_its_named_networks_after_the_sampled_ones(tmp_path):
+    import argparse
+
+    v2 = load_architecture("mobilenet_v2").to_dict()
+    stored = {"archs": [*ARCHS, v2], "named": 1}
+    resume = argparse.Namespace(space="tiny", archs=2, seed=0, reference_networks="")
+    kept = fidelity.state_archs(stored, resume, "s.json")  # no flag needed to keep them
+    assert [a.to_dict() for a in kept] == [*ARCHS, v2]
+    with pytest.raises(SystemExit, match="holds 1 named networks"):
+        fidelity.state_archs(stored, argparse.Namespace(
+            space="tiny", archs=2, seed=0, reference_networks="mobilenet_v2,mnasnet_a1"),
+            "s.json")
+    resume.archs = 1  # results are keyed by position: the named one's index would move
+    with pytest.raises(SystemExit, match="pass --archs 2"):
+        fidelity.state_archs(stored, resume, "s.json")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"archs": ARCHS, "named": 0, "0|x": {"accuracy": 0.5}}))
+    assert "named" not in fidelity.merged_state(str(other), [*ARCHS, v2])
+
+
 @pytest.mark.parametrize("name", ["proxy_fidelity", "proxy_fidelity_cascadelake",
                                   "proxy_fidelity_cascadelake_clean",
                                   "proxy_fidelity_ghost_cascadelake",
