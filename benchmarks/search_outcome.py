@@ -19,21 +19,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import shlex
 import sys
+from pathlib import Path
 
 import pandas as pd
 
 from nas.arch import load_architecture
 from nas.confirm import ConfirmConfig, confirm
 from nas.data import load_data
-from nas.files import save_table
+from nas.files import save_table, write_atomic
 from nas.host import cpu_name
 from nas.latency import measure_latency
 from nas.model import build_model
+from nas.run_folder import CONFIRM_CSV
 from nas.search import run as search
 from nas.search.config import config_from_argv
+
+OUTCOME_JSON = "outcome.json"  # in the run folder: T and the reference latencies it came from
 
 
 def bracketing_target(input_size: int, num_classes: int, runtime: str
@@ -93,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="more nas.search flags, e.g. \"--proxy-images 4000\" (the tests: a tiny "
                         "proxy)")
     p.add_argument("--out", default=None)
+    p.add_argument("--report-only", action="store_true",
+                   help="no search, no training: the table from the run's confirm.csv as it "
+                        "stands (a confirmation stopped for time)")
     args = p.parse_args(argv)
+    if args.report_only:
+        return report_only(args, argv)
     data = load_data(args.data, val_size=0)
     flags = ["--data", args.data, "--trials", str(args.trials), "--space", args.space,
              "--name", args.name, "--runs-dir", args.runs_dir, *shlex.split(args.search_flags)]
@@ -105,24 +115,52 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = draft.run_dir
     if (run_dir / "run.json").exists():
         print(f"resuming {run_dir}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / OUTCOME_JSON, json.dumps({"reference_ms": refs, "target_ms": target}))
     status = search(dataclasses.replace(draft, target_ms=target, baselines=families))
     if status != 0:
         return status
     df = confirm(ConfirmConfig(run_dir, top=args.top, epochs=args.epochs, seeds=args.seeds,
                                baselines=families, match_latency=True, device=args.device,
                                batch_size=args.batch_size, progress=False))
+    write(args, argv, df, refs, target, draft.runtime, draft.input_size, run_dir)
+    return 0
+
+
+def write(args: argparse.Namespace, argv: list[str] | None, df: pd.DataFrame, refs: dict,
+          target: float, runtime: str, input_size: int, run_dir: Path,
+          note: str | None = None) -> None:
     header = [f"# benchmarks/search_outcome.py on {cpu_name()}",
               f"# command: python benchmarks/search_outcome.py {' '.join(argv or sys.argv[1:])}",
-              f"# reference latency ({draft.runtime}, {draft.input_size}x{draft.input_size}, "
-              f"1 thread): "
-              + ", ".join(f"{k} {v:.2f} ms" for k, v in refs.items()),
+              f"# reference latency ({runtime}, {input_size}x{input_size}, 1 thread): "
+              + (", ".join(f"{k} {v:.2f} ms" for k, v in refs.items()) or "not recorded"),
               f"# T = {target:.2f} ms; search {args.trials} trials in {args.space}; "
               f"confirmation: top {args.top}, {args.epochs} epochs, {args.seeds} seeds for the "
-              f"top candidate and every baseline; run folder {run_dir}"]
+              f"top candidate and every baseline; run folder {run_dir}",
+              *([f"# {note}"] if note else [])]
     text = "\n".join([*header, "", *format_table(df), "", *verdict(df)]) + "\n"
     print(text)
     if args.out:
         save_table(text, args.out)
+
+
+def report_only(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The table of a confirmation as it stands, from the run folder alone."""
+    run_dir = Path(args.runs_dir) / args.name
+    if not (run_dir / CONFIRM_CSV).exists():
+        print(f"--report-only: {run_dir / CONFIRM_CSV} does not exist (no confirmation yet)",
+              file=sys.stderr)
+        return 2
+    df = pd.read_csv(run_dir / CONFIRM_CSV)
+    settings = json.loads((run_dir / "run.json").read_text())["settings"]
+    saved = (json.loads((run_dir / OUTCOME_JSON).read_text())
+             if (run_dir / OUTCOME_JSON).exists() else {})
+    wanted = sum(args.seeds if (k != "candidate" or i == 0) else 1
+                 for i, k in enumerate(df.kind))
+    note = (f"report of {CONFIRM_CSV} as it stood: {int(df.seeds.sum())} of {wanted} "
+            f"trainings finished")
+    write(args, argv, df, saved.get("reference_ms", {}), settings["target_ms"],
+          settings.get("runtime", "eager"), settings["input_size"], run_dir, note)
     return 0
 
 

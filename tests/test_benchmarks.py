@@ -234,6 +234,16 @@ def test_the_search_outcome_benchmark_confirms_a_real_search_against_matched_bas
     b = matched.iloc[0]
     gap = 100 * (cand.test_accuracy_mean - b.test_accuracy_mean)
     assert f"vs {b.network} " in verdicts[0] and f"{gap:+.2f} points" in verdicts[0]
+    # the same table from the run folder alone (a confirmation stopped for time)
+    again = tmp_path / "again.txt"
+    assert outcome.main(["--report-only", "--data", str(image_folder), "--top", "1", "--seeds",
+                         "1", "--space", "tiny", "--runs-dir", str(tmp_path),
+                         "--out", str(again)]) == 0
+    body = again.read_text().split("\n\n", 1)
+    assert body[1] == text.split("\n\n", 1)[1]
+    assert "trainings finished" in body[0] and "mobilenet_v2 " in body[0]  # refs kept
+    assert outcome.main(["--report-only", "--data", str(image_folder), "--name", "none",
+                         "--runs-dir", str(tmp_path)]) == 2
 
 
 def test_the_aa_summary_measures_rank_agreement_and_the_largest_drift():
