@@ -43,8 +43,10 @@ def test_a_measurement_waits_for_the_step_in_flight_and_then_goes_first(tmp_path
     measurer = FORK.Process(target=_measure, args=(tmp_path, started, done))
     measurer.start()
     assert not started.wait(0.5)  # not beside the step in flight
+    before = gate.waited_s
     gate.step()  # the next step: the queued measurement goes first
     assert started.is_set() and done.is_set()
+    assert gate.waited_s - before >= 0.49  # held back for the whole 0.5 s measurement
     gate.done()
     measurer.join(30)
 

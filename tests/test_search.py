@@ -1402,6 +1402,7 @@ def test_the_default_interleaved_protocol_calibrates_the_reference_once_per_stud
     for t in study.trials:
         ua = t.user_attrs
         assert ua["latency_raw_ms"] > 0 and ua["latency_ms"] > 0
+        assert 0 <= ua["gate_wait_s"] <= ua["train_s"]  # what the core gate held it back
     cache = json.loads((tmp_path / "s" / "latency_cache.json").read_text())
     assert {e["result"]["protocol"] for e in cache["entries"]} == {"interleaved:mnasnet_a1"}
     assert {e["result"]["reference_ms"] for e in cache["entries"]} == {reference}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class CoreGate:
         self.folder = folder
         self._fds: dict[str, int] = {}
         self._stepping = False
+        self.waited_s = 0.0  # what the gate cost this process's trainings: seconds held back
 
     def _fd(self, name: str) -> int:
         if name not in self._fds:
@@ -51,9 +53,11 @@ class CoreGate:
         if self._stepping:
             fcntl.flock(cores, fcntl.LOCK_UN)
             self._stepping = False
+        start = time.perf_counter()
         fcntl.flock(turnstile, fcntl.LOCK_SH)  # waits while a measurement holds it
         fcntl.flock(turnstile, fcntl.LOCK_UN)
         fcntl.flock(cores, fcntl.LOCK_SH)
+        self.waited_s += time.perf_counter() - start
         self._stepping = True
 
     def done(self) -> None:

@@ -98,6 +98,7 @@ def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None,
     # Intermediate scores cost a validation pass each: only when a pruner will read them.
     use_trial = trial if (c.objective == "reward" and c.pruner != "none") else None
     steps = threads or training_threads(c, trial.study if trial is not None else None)
+    waited = ctx.gate.waited_s if ctx.gate is not None else 0.0
     if ctx.gate is not None:
         steps = ctx.gate.gated(steps)
     try:
@@ -106,6 +107,8 @@ def evaluate_architecture(arch: Architecture, ctx: Context, trial: Any = None,
     finally:
         if ctx.gate is not None:
             ctx.gate.done()
+    if ctx.gate is not None:  # held back for another process's measurement: part of train_s
+        record["gate_wait_s"] = ctx.gate.waited_s - waited
     record.update(accuracy=result.accuracy, train_s=result.train_seconds,
                   train_threads=list(result.threads),
                   eval_s=result.eval_seconds, images_per_s=result.images_per_second,
