@@ -14,8 +14,6 @@ The interleaved rows come three ways from the same passes: as the protocol stand
 times the median of the machine's reference sittings so far, nas.machine_calibration, from a
 store that starts empty with the benchmark), with each process's own sitting alone (the
 protocol before the store), and the ratio alone (where the store tends as sittings accumulate).
-"fixed, ratio" is the interleaved ratio with the candidate's blocks as many runs as the
-reference's (before balanced blocks): compare it with "ratio only".
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ HERE = Path(__file__).resolve()
 REFERENCES = ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small",
               "mnasnet_a1", "mnasnet_b1", "torchvision:resnet18"]
 SAMPLED = 5
-PROTOCOLS = ("current", "interleaved", "interleaved-fixed")
+PROTOCOLS = ("current", "interleaved")
 
 
 def sampled_specs(folder: Path, n: int = SAMPLED, seed: int = 0) -> list[str]:
@@ -70,9 +68,8 @@ def pass_worker(specs: list[str], protocol: str, runtime: str, input_size: int,
             r = measure_latency(model, input_size, runtime=runtime, min_time_s=1.0,
                                 max_time_s=2.0)
             out[spec] = {"ms": r.median_ms, "seconds": r.seconds}
-        else:  # interleaved-fixed: the candidate's blocks as many runs as the reference's
-            r = measure_interleaved(model, input_size, runtime=runtime,
-                                    balance=protocol == "interleaved")
+        else:
+            r = measure_interleaved(model, input_size, runtime=runtime)
             out[spec] = {"ms": r.latency_ms, "raw_ms": r.raw_ms, "seconds": r.seconds,
                          "ratio": r.ratio, "reference_ms": r.reference_ms,
                          "own_sitting_ms": own_sitting(r.context, runtime, input_size)}
@@ -121,9 +118,6 @@ def variants(passes: list[dict], protocol: str) -> dict[str, list[dict]]:
     """The interleaved passes three ways: the protocol as it stands (the ratio times the median
     of the machine's sittings so far), the ratio times the process's own sitting alone (before
     the machine's store), and the ratio alone (where the store tends as sittings accumulate)."""
-    if protocol == "interleaved-fixed":
-        return {"  fixed, ratio": [{s: {**m, "ms": m["ratio"]} for s, m in p.items()}
-                                   for p in passes]}
     if protocol != "interleaved":
         return {protocol: passes}
     def scaled(key):
@@ -243,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{Path(s['drift_worst']).stem[:22]:<22} "
                             f"{s['drift_median']:>12.1%} {s['seconds']:>9.2f}")
                         print(lines[-1], flush=True)
-                    if protocol == "interleaved" and passes:
+                    if protocol == "interleaved":
                         lines.append(f"{'':<9}reference sittings, ms: " + ", ".join(
                             f"{next(iter(p.values()))['own_sitting_ms']:.2f}" for p in passes)
                             + "; machine median used: " + ", ".join(

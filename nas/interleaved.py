@@ -6,8 +6,7 @@ A core whose speed swings (frequency, a neighbour's job, a noisy VM) slows the c
 the reference that ran just before and after it alike, so their ratio holds where raw
 milliseconds drift. Each round times a block of the reference, one of the candidate and one of
 the reference again (the candidate's pair of neighbours), or the mirror order; which of the two
-each round takes is shuffled with a fixed seed, so the order is no confound. A candidate faster
-than the reference runs more times per block, so both blocks last about as long. The raw
+each round takes is shuffled with a fixed seed, so the order is no confound. The raw
 milliseconds are kept beside the estimate. benchmarks/latency_aa.py compares both protocols.
 """
 
@@ -39,8 +38,7 @@ from nas.model import build_model
 REFERENCE = "mnasnet_a1"  # the yardstick: the default space's own kind of network
 REFERENCE_ATTR = "reference_ms"  # study attribute: the reference's latency a study measures by
 ROUNDS = 12
-RUNS_PER_BLOCK = 4  # the reference's; a faster candidate's block is balanced to its length
-MAX_CANDIDATE_RUNS = 32
+RUNS_PER_BLOCK = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,17 +66,6 @@ class InterleavedResult:
             context=self.context, raw_ms=self.raw_ms, reference_ms=ref)
 
 
-def balanced_runs(runs_per_block: int, cand_ms: float, ref_ms: float) -> int:
-    """The candidate's runs per block: as many as make its block about as long as the
-    reference's (at least runs_per_block, at most MAX_CANDIDATE_RUNS), so a network 4x faster
-    than the reference is not judged on a block a quarter as long: the fastest networks drifted
-    most between processes (benchmarks/results/latency_aa_zen4.txt)."""
-    if not (cand_ms > 0 and ref_ms > 0):
-        return runs_per_block
-    return int(min(MAX_CANDIDATE_RUNS, max(runs_per_block,
-                                           round(runs_per_block * ref_ms / cand_ms))))
-
-
 def protocol_name(reference: str = REFERENCE) -> str:
     return f"interleaved:{reference}"
 
@@ -104,14 +91,12 @@ def measure_interleaved(model: nn.Module, input_size: int = 224, *, device: str 
                         num_classes: int = 1000, rounds: int = ROUNDS,
                         runs_per_block: int = RUNS_PER_BLOCK, reference_ms: float | None = None,
                         calibration: torch.Tensor | None = None, seed: int = 0,
-                        balance: bool = True,
                         quiet: Callable[[], contextlib.AbstractContextManager] | None = None
                         ) -> InterleavedResult:
     """The candidate's latency from interleaved rounds with `reference` (a reference name or
     architecture file), in the same context; `reference_ms`: its calibrated latency (default:
-    measured once per process by calibrated_reference_ms). `balance`: the candidate's blocks as
-    long as the reference's (balanced_runs); False: runs_per_block for both. `quiet`: a context
-    held while timing, not while converting (nas.search's CoreGate)."""
+    measured once per process by calibrated_reference_ms). `quiet`: a context held while
+    timing, not while converting (nas.search's CoreGate)."""
     context = latency_context(input_size, device=device, threads=threads, runtime=runtime,
                               precision=precision)
     if reference_ms is None:
@@ -123,17 +108,14 @@ def measure_interleaved(model: nn.Module, input_size: int = 224, *, device: str 
         if quiet is not None:
             stack.enter_context(quiet())
         start = time.perf_counter()  # measuring, not converting (as LatencyResult.seconds)
-        warm = [_warm_up(run, until=time.perf_counter() + 1.0, stop_above_ms=None)[0]
-                for run in (cand, ref)]
-        cand_runs = (balanced_runs(runs_per_block, *(float(np.median(w[-5:])) for w in warm))
-                     if balance else runs_per_block)
+        for run in (cand, ref):
+            _warm_up(run, until=time.perf_counter() + 1.0, stop_above_ms=None)
         order = random.Random(seed)
         ratios, raw = [], []
         for _ in range(rounds):
             mirror = order.random() < 0.5  # ref-cand-ref, or cand-ref-cand
             blocks = (cand, ref, cand) if mirror else (ref, cand, ref)
-            times = [[run() for _ in range(cand_runs if run is cand else runs_per_block)]
-                     for run in blocks]
+            times = [[run() for _ in range(runs_per_block)] for run in blocks]
             medians = [float(np.median(t)) for t in times]
             if mirror:
                 c, r = (medians[0] + medians[2]) / 2, medians[1]
