@@ -42,7 +42,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from nas.files import write_atomic
+from nas.files import cache_root, write_atomic
 
 try:  # deprecated in torchvision 0.29 (moving to TorchCodec); PIL decodes when it is gone
     from torchvision.io import ImageReadMode, decode_image
@@ -123,7 +123,7 @@ def load_data(source: str | os.PathLike | None = None, *, val_size: int = 5000,
     """Load (decoding only on a cache miss) and split a data set into train, val and test."""
     source = default_data_source() if source is None else source
     source = "cifar10" if source is None else source
-    cache = _cache_root(cache_dir)
+    cache = cache_root(cache_dir)
     if isinstance(source, str) and source.lower() == "cifar10":
         train, test, classes, mean, std = _load_cifar10(cache / "cifar10", download=download)
         name, fingerprint = "cifar10", f"torchvision:{cache / 'cifar10'}"
@@ -278,13 +278,6 @@ def _concat(a: ImageDataset, b: ImageDataset) -> ImageDataset:
 # --- sources ---
 
 _Loaded = tuple[ImageDataset, ImageDataset, tuple[str, ...], tuple[float, ...], tuple[float, ...]]
-
-
-def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    """The cache: the argument, else $NAS_CACHE, else ~/.cache/nas."""
-    if cache_dir is None:
-        cache_dir = os.environ.get("NAS_CACHE") or Path.home() / ".cache" / "nas"
-    return Path(os.path.abspath(Path(cache_dir).expanduser()))
 
 
 def _load_cifar10(root: Path, *, download: bool) -> _Loaded:

@@ -1,6 +1,7 @@
 """Atomic, durable files: an interrupted, concurrent or power-cut write never leaves half a file;
 run folders that a refused or failed start leaves behind no trace of; the URL of a run
-folder's SQLite study, whatever its path holds; a benchmark's table kept as its results file."""
+folder's SQLite study, whatever its path holds; a benchmark's table kept as its results file;
+where nas keeps its per-user cache."""
 
 from __future__ import annotations
 
@@ -59,3 +60,11 @@ def sqlite_url(path: str | os.PathLike) -> str:
 
     url = URL.create("sqlite", database=str(Path(path).resolve()))
     return url.render_as_string(hide_password=False)
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """nas's cache (decoded datasets, the machine's latency calibration): the argument, else
+    $NAS_CACHE, else ~/.cache/nas."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("NAS_CACHE") or Path.home() / ".cache" / "nas"
+    return Path(os.path.abspath(Path(cache_dir).expanduser()))

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from nas.files import write_atomic
+from nas.files import cache_root, write_atomic
 from nas.latency import LatencyContext
 
 FILE = "reference_latency.json"
@@ -34,8 +34,7 @@ SITTINGS = 9  # the median of the last 9: one odd sitting (a neighbour's burst) 
 
 
 def store_path() -> Path:
-    root = os.environ.get("NAS_CACHE") or Path.home() / ".cache" / "nas"
-    return Path(os.path.abspath(Path(root).expanduser())) / FILE
+    return cache_root() / FILE
 
 
 def context_key(context: LatencyContext, reference: str, num_classes: int) -> str:
