@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -201,9 +202,12 @@ def training_order(nets: list[Network], cands: list[Network], seeds: int
 
 
 def train_folder(run: Path, net: Network, cfg: TrainConfig) -> Path:
-    """confirm/<network>/<recipe>/seed<s>: another recipe is another experiment, not a resume."""
+    """confirm/<network>/<recipe>/seed<s>: another recipe is another experiment, not a resume.
+    A baseline matched at width 1 (`mobilenet_v3_small@1`) is the baseline itself: one folder,
+    trained once."""
     recipe = f"e{cfg.epochs}-b{cfg.batch_size}-lr{cfg.lr:g}-fm{cfg.final_map}"
-    return run / CONFIRM_DIR / net.name / recipe / f"seed{cfg.seed}"
+    name = re.sub(r"@1(\.0*)?$", "", net.name)
+    return run / CONFIRM_DIR / name / recipe / f"seed{cfg.seed}"
 
 
 def train_one(net: Network, folder: Path, cfg: TrainConfig, data: DataSplits,

@@ -228,3 +228,16 @@ def test_the_training_order_puts_the_top_candidates_verdict_first():
                      ("mobilenet_v2@0.5", 1),
                      ("trial-7", 0), ("mobilenet_v2@0.75", 0), ("mobilenet_v2@0.75", 1),
                      ("mobilenet_v2", 0), ("mobilenet_v2", 1)]
+
+
+def test_a_baseline_matched_at_width_1_shares_the_baselines_training(tmp_path):
+    from nas.train import TrainConfig
+    arch = load_architecture("mobilenet_v3_small")
+    cfg = TrainConfig(epochs=20, seed=1)
+    folder = confirm.train_folder(tmp_path, confirm.Network("mobilenet_v3_small", "baseline",
+                                                            arch), cfg)
+    assert confirm.train_folder(tmp_path, confirm.Network("mobilenet_v3_small@1", "matched",
+                                                          arch), cfg) == folder
+    assert confirm.train_folder(tmp_path, confirm.Network("mobilenet_v3_small@1.05", "matched",
+                                                          arch), cfg) != folder
+    assert folder.parts[-1] == "seed1" and folder.parts[-3] == "mobilenet_v3_small"
