@@ -72,11 +72,11 @@ def pass_worker(specs: list[str], protocol: str, runtime: str, input_size: int,
             r = measure_interleaved(model, input_size, runtime=runtime)
             out[spec] = {"ms": r.latency_ms, "raw_ms": r.raw_ms, "seconds": r.seconds,
                          "ratio": r.ratio, "reference_ms": r.reference_ms,
-                         "own_sitting_ms": own_sitting(r.context, runtime, input_size)}
+                         "own_sitting_ms": own_sitting(r.context)}
     return out
 
 
-def own_sitting(context, runtime: str, input_size: int) -> float:
+def own_sitting(context) -> float:
     """This process's own sitting of the reference (the machine's store keeps it last)."""
     import dataclasses
 

@@ -59,9 +59,7 @@ def _locked(path: Path) -> Iterator[None]:
 def _read(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError):  # a cache: an unreadable one is started again
+    except (OSError, ValueError):  # missing, or a cache unreadable: started again
         return {}
     return data if isinstance(data, dict) else {}
 

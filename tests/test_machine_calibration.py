@@ -1,5 +1,6 @@
 """The interleaved protocol's yardstick is the median of this machine's recent sittings."""
 
+import dataclasses
 import json
 import multiprocessing
 
@@ -44,7 +45,7 @@ def test_another_context_reference_or_head_keeps_its_own_sittings(cache):
     assert machine_calibration.add_sitting(base, "mobilenet_v2", 10, lambda: 3.0) == 3.0
     assert machine_calibration.add_sitting(base, "mnasnet_a1", 1000, lambda: 9.0) == 9.0
     # the interleaved protocol's name is not part of the reference's own context
-    interleaved_ctx = base.__class__(**{**base.__dict__, "protocol": "interleaved:mnasnet_a1"})
+    interleaved_ctx = dataclasses.replace(base, protocol="interleaved:mnasnet_a1")
     assert machine_calibration.add_sitting(interleaved_ctx, "mnasnet_a1", 10,
                                            lambda: 8.0) == 7.5
     assert len(json.loads(cache.read_text())) == 4
