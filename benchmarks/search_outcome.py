@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from nas.arch import load_architecture
-from nas.confirm import ConfirmConfig, confirm
+from nas.confirm import ConfirmConfig, confirm, training_name
 from nas.data import load_data
 from nas.files import save_table, write_atomic
 from nas.host import cpu_name
@@ -144,6 +144,18 @@ def write(args: argparse.Namespace, argv: list[str] | None, df: pd.DataFrame, re
         save_table(text, args.out)
 
 
+def trainings(df: pd.DataFrame, seeds: int) -> tuple[int, int]:
+    """(finished, wanted) trainings of a confirm.csv, counted per folder: a baseline matched at
+    width 1 shares the baseline's; the top candidate and every baseline want every seed."""
+    wanted: dict[str, int] = {}
+    done: dict[str, int] = {}
+    for i, row in enumerate(df.itertuples()):
+        name = training_name(row.network)
+        wanted[name] = seeds if (row.kind != "candidate" or i == 0) else 1
+        done[name] = max(done.get(name, 0), int(row.seeds))
+    return sum(done.values()), sum(wanted.values())
+
+
 def report_only(args: argparse.Namespace, argv: list[str] | None) -> int:
     """The table of a confirmation as it stands, from the run folder alone."""
     run_dir = Path(args.runs_dir) / args.name
@@ -155,10 +167,8 @@ def report_only(args: argparse.Namespace, argv: list[str] | None) -> int:
     settings = json.loads((run_dir / "run.json").read_text())["settings"]
     saved = (json.loads((run_dir / OUTCOME_JSON).read_text())
              if (run_dir / OUTCOME_JSON).exists() else {})
-    wanted = sum(args.seeds if (k != "candidate" or i == 0) else 1
-                 for i, k in enumerate(df.kind))
-    note = (f"report of {CONFIRM_CSV} as it stood: {int(df.seeds.sum())} of {wanted} "
-            f"trainings finished")
+    done, wanted = trainings(df, args.seeds)
+    note = f"report of {CONFIRM_CSV} as it stood: {done} of {wanted} trainings finished"
     write(args, argv, df, saved.get("reference_ms", {}), settings["target_ms"],
           settings.get("runtime", "eager"), settings["input_size"], run_dir, note)
     return 0

@@ -201,13 +201,16 @@ def training_order(nets: list[Network], cands: list[Network], seeds: int
     return order
 
 
+def training_name(name: str) -> str:
+    """A baseline matched at width 1 (`mobilenet_v3_small@1`) is the baseline itself: one
+    training, under the baseline's name."""
+    return re.sub(r"@1(\.0*)?$", "", name)
+
+
 def train_folder(run: Path, net: Network, cfg: TrainConfig) -> Path:
-    """confirm/<network>/<recipe>/seed<s>: another recipe is another experiment, not a resume.
-    A baseline matched at width 1 (`mobilenet_v3_small@1`) is the baseline itself: one folder,
-    trained once."""
+    """confirm/<network>/<recipe>/seed<s>: another recipe is another experiment, not a resume."""
     recipe = f"e{cfg.epochs}-b{cfg.batch_size}-lr{cfg.lr:g}-fm{cfg.final_map}"
-    name = re.sub(r"@1(\.0*)?$", "", net.name)
-    return run / CONFIRM_DIR / name / recipe / f"seed{cfg.seed}"
+    return run / CONFIRM_DIR / training_name(net.name) / recipe / f"seed{cfg.seed}"
 
 
 def train_one(net: Network, folder: Path, cfg: TrainConfig, data: DataSplits,

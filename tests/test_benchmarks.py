@@ -246,6 +246,15 @@ def test_the_search_outcome_benchmark_confirms_a_real_search_against_matched_bas
                          "--runs-dir", str(tmp_path)]) == 2
 
 
+def test_the_outcome_report_counts_a_width_1_match_and_its_baseline_as_one_training():
+    outcome = _benchmark("search_outcome")
+    df = pd.DataFrame({"network": ["trial-3", "trial-7", "mobilenet_v3_small",
+                                   "mobilenet_v3_small@1", "mobilenet_v2@0.5"],
+                       "kind": ["candidate", "candidate", "baseline", "matched", "matched"],
+                       "seeds": [2, 0, 0, 2, 1]})
+    assert outcome.trainings(df, seeds=2) == (5, 2 + 1 + 2 + 2)
+
+
 def test_the_aa_summary_measures_rank_agreement_and_the_largest_drift():
     aa = _benchmark("latency_aa")
     passes = [{"a": {"ms": 1.0, "seconds": 1}, "b": {"ms": 2.0, "seconds": 1},
