@@ -83,7 +83,12 @@ def finished_run(image_folder, tmp_path_factory):
 def test_results_files_hold_what_the_trials_measured(finished_run):
     trials = pd.read_csv(finished_run / "trials.csv")
     done = trials[trials.state == "COMPLETE"]
-    assert len(trials) == 4 and len(done) >= 3
+    assert len(trials) == 4 and len(done) >= 2
+    # a trial may be pruned only as slower than a best whose reward it could not beat (on 30
+    # validation images a candidate can score 1.0, and then every slower one is pruned)
+    pruned = trials[trials.state != "COMPLETE"]
+    assert (pruned.state == "PRUNED").all()
+    assert all("even at accuracy 1" in str(r) for r in pruned.fail_reason)
     for _, row in done.iterrows():
         arch = Architecture.from_dict(json.loads(row.arch_dict))
         assert arch.to_str() == row.arch
