@@ -108,15 +108,25 @@ def main(argv: list[str] | None = None) -> int:
     flags = ["--data", args.data, "--trials", str(args.trials), "--space", args.space,
              "--name", args.name, "--runs-dir", args.runs_dir, *shlex.split(args.search_flags)]
     draft = config_from_argv(["--target-ms", "1", *flags])
-    target, v3, refs = bracketing_target(draft.input_size, data.num_classes, draft.runtime)
-    if args.target_ms is not None:
-        target = args.target_ms
-    families = ("mobilenet_v2", "mnasnet_a1", v3)
     run_dir = draft.run_dir
+    saved = run_dir / OUTCOME_JSON
     if (run_dir / "run.json").exists():
-        print(f"resuming {run_dir}", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / OUTCOME_JSON, json.dumps({"reference_ms": refs, "target_ms": target}))
+        # A resume keeps the T the study started with (re-measuring the references moves it by
+        # a few percent, and the study refuses another target) and the references it came from.
+        target = json.loads((run_dir / "run.json").read_text())["settings"]["target_ms"]
+        kept = json.loads(saved.read_text()) if saved.exists() else {}
+        refs = kept.get("reference_ms", {}) if kept.get("target_ms") == target else {}
+        v3 = kept.get("v3", "mobilenet_v3_small")
+        print(f"resuming {run_dir} (T = {target:.2f} ms as it started)", flush=True)
+        if args.target_ms is not None:
+            target = args.target_ms  # another T is refused by the study, in one line
+    else:
+        target, v3, refs = bracketing_target(draft.input_size, data.num_classes, draft.runtime)
+        if args.target_ms is not None:
+            target = args.target_ms
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(saved, json.dumps({"reference_ms": refs, "target_ms": target, "v3": v3}))
+    families = ("mobilenet_v2", "mnasnet_a1", v3)
     status = search(dataclasses.replace(draft, target_ms=target, baselines=families))
     if status != 0:
         return status

@@ -512,3 +512,18 @@ def test_real_cifar10_archive(tmp_path):
     assert s.train.images.shape[1:] == (3, 32, 32)
     assert torch.bincount(s.val.labels).tolist() == [500] * 10
     assert s.mean == pytest.approx(CIFAR10_MEAN, abs=0.005)
+
+
+def test_archive_fingerprint_is_its_content_not_its_path_or_mtime(tree, tmp_path, cache):
+    """A study records the fingerprint: a copied or re-provisioned archive must still resume it,
+    and a changed one must not."""
+    archive = _tar(tree, tmp_path / "d.tar")
+    first = load_data(archive, val_size=0, cache_dir=cache)
+    copy = tmp_path / "elsewhere" / "d.tar"
+    copy.parent.mkdir()
+    copy.write_bytes(archive.read_bytes())
+    _touch_later(copy)
+    assert load_data(copy, val_size=0, cache_dir=cache).fingerprint == first.fingerprint
+    Image.new("RGB", (SIZE, SIZE), (201, 0, 255)).save(tree / "test" / "cat" / "000.png")
+    _tar(tree, copy)
+    assert load_data(copy, val_size=0, cache_dir=cache).fingerprint != first.fingerprint

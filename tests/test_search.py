@@ -295,6 +295,40 @@ def test_resume_on_another_cpu_model_is_refused_but_an_older_study_is_not(
     assert len(study_of(tmp_path).trials) == 2
 
 
+def test_a_study_on_an_archive_resumes_from_a_copy_and_from_its_former_fingerprint(
+        image_folder, tmp_path, capsys):
+    """The data's fingerprint is the archive's bytes: a re-provisioned copy (new mtime) resumes;
+    a study recorded with the former path-and-mtime fingerprint resumes and is upgraded; other
+    data is still refused."""
+    import tarfile
+
+    from nas import data as data_module
+
+    archive = tmp_path / "d.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(image_folder, arcname="d")
+    assert main(args(tmp_path, archive, "--trials", "1")) == 0
+    content_fp = study_of(tmp_path).user_attrs["settings"]["data_fingerprint"]
+    st = archive.stat()
+    former = data_module._digest(str(archive), str(st.st_size), str(st.st_mtime_ns))
+    study = study_of(tmp_path)
+    study.set_user_attr("settings", {**study.user_attrs["settings"], "data_fingerprint": former})
+    assert main(args(tmp_path, archive, "--trials", "2")) == 0
+    assert study_of(tmp_path).user_attrs["settings"]["data_fingerprint"] == content_fp
+    archive.write_bytes(archive.read_bytes())  # re-provisioned: same bytes, a new mtime
+    os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert main(args(tmp_path, archive, "--trials", "3")) == 0
+    assert len(study_of(tmp_path).trials) == 3
+    with tarfile.open(archive, "w") as tar:  # other data: refused in one line
+        tar.add(image_folder / "train", arcname="d/train")
+        tar.add(image_folder / "test", arcname="d/test")
+        tar.add(image_folder / "test" / "class0", arcname="d/train/class0/more")
+    capsys.readouterr()
+    assert main(args(tmp_path, archive, "--trials", "4")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data_fingerprint=" in err[0]
+
+
 def test_a_search_measures_in_the_default_runtime_and_records_it(image_folder, tmp_path):
     argv = args(tmp_path, image_folder, "--trials", "2", "--sampler", "random")
     argv.remove("--runtime"), argv.remove("eager")

@@ -149,7 +149,7 @@ def run(config: SearchConfig, write: bool = True, ready=None, stop=None) -> int:
     ctx.gate = CoreGate(run_dir)
     try:
         storage = open_storage(config, run_dir)
-        study = open_study(config, storage, settings, ctx.space)
+        study = open_study(config, storage, settings, ctx.space, ctx.data.former_fingerprints)
     except BaseException as e:  # refused (another study's settings, a bad --storage): no trace
         remove_if_empty(created)
         if isinstance(e, optuna.exceptions.StorageInternalError):  # e.g. a read-only study.db

@@ -192,7 +192,8 @@ def sampler_seed(seed: int, existing_trials: int, worker: int = 0, created: bool
 
 
 def open_study(config: SearchConfig, storage: optuna.storages.BaseStorage,
-               settings: dict[str, Any], space: SearchSpace) -> optuna.Study:
+               settings: dict[str, Any], space: SearchSpace,
+               former_fingerprints: tuple[str, ...] = ()) -> optuna.Study:
     """Create or resume; refuse, before writing to it, a study made with other settings or
     whose trials asked the space's parameters from other choices."""
     directions = ["maximize", "minimize"] if config.objective == "pareto" else ["maximize"]
@@ -212,6 +213,11 @@ def open_study(config: SearchConfig, storage: optuna.storages.BaseStorage,
         saved = {**saved, "budget": with_later_fields(saved["budget"])}
     if saved is not None:
         saved = {**SETTINGS_OF_OLDER_STUDIES, **saved}
+    if saved is not None and saved.get("data_fingerprint") in former_fingerprints:
+        # the same archive, recorded by its path and mtime before fingerprints were its content
+        saved = {**saved, "data_fingerprint": settings["data_fingerprint"]}
+        study.set_user_attr("settings", {**study.user_attrs["settings"],
+                                         "data_fingerprint": settings["data_fingerprint"]})
     if saved is None:
         study.set_user_attr("settings", settings)
     else:
