@@ -142,15 +142,17 @@ def summarize(passes: list[dict]) -> dict:
 
 def server_agreement(specs: list[str], runtime: str, input_size: int) -> list[str]:
     """The architectures measured here and by a latency server on the loopback address, back
-    to back per network (the current protocol both ways), on a quiet machine."""
+    to back per network, on a quiet machine: by the single protocol, and by the interleaved
+    one (a search's default) at the same reference_ms, so only the ratio can differ."""
     import secrets
 
     from nas.arch import load_architecture
+    from nas.interleaved import measure_interleaved
     from nas.latency import measure_latency, network_builder
     from nas.latency_client import LatencyClient
 
     archs = [s for s in specs if not s.startswith("torchvision:")]
-    rows = []
+    rows: dict[str, list[tuple[str, float, float]]] = {"single": [], "interleaved": []}
     with tempfile.TemporaryDirectory() as tmp:
         token = secrets.token_hex(16)
         (Path(tmp) / "t").write_text(token)
@@ -166,18 +168,29 @@ def server_agreement(specs: list[str], runtime: str, input_size: int) -> list[st
                 there = client.measure(load_architecture(spec), num_classes=1000,
                                        input_size=input_size, runtime=runtime, min_time_s=1.0,
                                        max_time_s=2.0).median_ms
-                rows.append((Path(spec).stem, here, there))
+                rows["single"].append((Path(spec).stem, here, there))
+                local = measure_interleaved(network_builder(spec)(), input_size,
+                                            runtime=runtime)
+                remote = client.measure(load_architecture(spec), num_classes=1000,
+                                        input_size=input_size, runtime=runtime,
+                                        protocol="interleaved",
+                                        reference_ms=local.reference_ms).median_ms
+                rows["interleaved"].append((Path(spec).stem, local.latency_ms, remote))
         finally:
             proc.terminate()
             proc.wait(10)
-    ratios = np.array([there / here for _, here, there in rows])
-    worst = rows[int(np.abs(ratios - 1).argmax())][0]
-    return [f"server on loopback vs here, back to back per network (current protocol, quiet), "
-            f"{len(rows)} architectures: median ratio {np.median(ratios):.3f}, largest "
-            f"deviation {np.abs(ratios - 1).max():.1%} ({worst}), Spearman "
-            f"{spearmanr([r[1] for r in rows], [r[2] for r in rows]).statistic:.3f}",
-            *(f"  {name:<22} here {here:7.2f} ms  server {there:7.2f} ms" for name, here, there
-              in rows)]
+    lines = []
+    for protocol, got in rows.items():
+        ratios = np.array([there / here for _, here, there in got])
+        worst = got[int(np.abs(ratios - 1).argmax())][0]
+        lines += [f"server on loopback vs here, back to back per network ({protocol} protocol, "
+                  f"quiet), {len(got)} architectures: median ratio {np.median(ratios):.3f}, "
+                  f"largest deviation {np.abs(ratios - 1).max():.1%} ({worst}), median "
+                  f"deviation {np.median(np.abs(ratios - 1)):.1%}, Spearman "
+                  f"{spearmanr([r[1] for r in got], [r[2] for r in got]).statistic:.3f}",
+                  *(f"  {name:<22} here {here:7.2f} ms  server {there:7.2f} ms"
+                    for name, here, there in got)]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,26 @@ class InterleavedResult:
             context=self.context, raw_ms=self.raw_ms, reference_ms=ref)
 
 
+def interleaved_rounds(cand: Callable[[], float], ref: Callable[[], float], *, rounds: int,
+                       runs_per_block: int, seed: int) -> tuple[list[float], list[float]]:
+    """(candidate/reference ratio per round, the candidate's raw ms) from warmed-up runners."""
+    order = random.Random(seed)
+    ratios, raw = [], []
+    for _ in range(rounds):
+        mirror = order.random() < 0.5  # ref-cand-ref, or cand-ref-cand
+        blocks = (cand, ref, cand) if mirror else (ref, cand, ref)
+        times = [[run() for _ in range(runs_per_block)] for run in blocks]
+        medians = [float(np.median(t)) for t in times]
+        if mirror:
+            c, r = (medians[0] + medians[2]) / 2, medians[1]
+            raw += times[0] + times[2]
+        else:
+            c, r = medians[1], (medians[0] + medians[2]) / 2
+            raw += times[1]
+        ratios.append(c / r)
+    return ratios, raw
+
+
 def protocol_name(reference: str = REFERENCE) -> str:
     return f"interleaved:{reference}"
 
@@ -110,20 +130,8 @@ def measure_interleaved(model: nn.Module, input_size: int = 224, *, device: str 
         start = time.perf_counter()  # measuring, not converting (as LatencyResult.seconds)
         for run in (cand, ref):
             _warm_up(run, until=time.perf_counter() + 1.0, stop_above_ms=None)
-        order = random.Random(seed)
-        ratios, raw = [], []
-        for _ in range(rounds):
-            mirror = order.random() < 0.5  # ref-cand-ref, or cand-ref-cand
-            blocks = (cand, ref, cand) if mirror else (ref, cand, ref)
-            times = [[run() for _ in range(runs_per_block)] for run in blocks]
-            medians = [float(np.median(t)) for t in times]
-            if mirror:
-                c, r = (medians[0] + medians[2]) / 2, medians[1]
-                raw += times[0] + times[2]
-            else:
-                c, r = medians[1], (medians[0] + medians[2]) / 2
-                raw += times[1]
-            ratios.append(c / r)
+        ratios, raw = interleaved_rounds(cand, ref, rounds=rounds,
+                                         runs_per_block=runs_per_block, seed=seed)
     p10, q25, ratio, q75, p90 = np.percentile(ratios, [10, 25, 50, 75, 90]).tolist()
     return InterleavedResult(
         latency_ms=ratio * reference_ms, ratio=ratio, ratio_iqr=q75 - q25,
