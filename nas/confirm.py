@@ -57,6 +57,7 @@ from nas.train import TrainConfig, train
 from nas.width_match import match_width
 
 LATENCY_FILE = "latency.json"  # under confirm/: the one sitting's measurements
+MATCHES_FILE = "matches.json"  # under confirm/: the width each family matched each candidate at
 
 
 class ConfirmError(ValueError):
@@ -157,23 +158,33 @@ def measure_all(nets: list[Network], measure: RunLatency, folder: Path) -> None:
         n.latency_ms, n.latency_cv = saved["ms"][n.arch.to_str()], saved["cv"][n.arch.to_str()]
 
 
-def matched_baselines(families: list[Network], nets: list[Network],
-                      measure: RunLatency) -> list[Network]:
+def matched_baselines(families: list[Network], nets: list[Network], measure: RunLatency,
+                      folder: Path) -> list[Network]:
     """For each baseline family and each candidate, the width multiplier (multiples of 0.05)
-    whose latency on this target is nearest the candidate's."""
+    whose latency on this target is nearest the candidate's. Kept in confirm/matches.json: a
+    resumed confirmation keeps its matches (matching again would pick a neighbouring width
+    as often as not, and train it) and matches only the pairs that are new."""
+    path = folder / MATCHES_FILE
+    kept = json.loads(path.read_text()) if path.exists() else {}
     out: dict[str, Network] = {}
     for fam in families:
         spec = fam.name.split("@")[0]
         for cand in (n for n in nets if n.kind == "candidate"):
-            m = match_width(spec, cand.latency_ms, lambda s: measure(load_architecture(s))[0])
-            how = f"{cand.name} ({m.gap:+.1%})"
-            if m.spec_at in out:
-                out[m.spec_at].matched_to += f", {how}"
+            key = f"{spec} | {cand.name}"
+            if key not in kept:
+                m = match_width(spec, cand.latency_ms,
+                                lambda s: measure(load_architecture(s))[0])
+                kept[key] = {"mult": m.mult, "latency_ms": m.latency_ms, "gap": m.gap}
+                write_atomic(path, json.dumps(kept, indent=1))
+                print(f"{spec}: x{m.mult:g} runs at {m.latency_ms:.2f} ms, nearest "
+                      f"{cand.name}'s {cand.latency_ms:.2f} ms ({m.gap:+.1%})", flush=True)
+            mult, gap = kept[key]["mult"], kept[key]["gap"]
+            spec_at, how = f"{spec}@{mult:g}", f"{cand.name} ({gap:+.1%})"
+            if spec_at in out:
+                out[spec_at].matched_to += f", {how}"
             else:
-                out[m.spec_at] = Network(m.spec_at, "matched", load_architecture(m.spec_at),
-                                         matched_to=how)
-            print(f"{spec}: x{m.mult:g} runs at {m.latency_ms:.2f} ms, nearest {cand.name}'s "
-                  f"{cand.latency_ms:.2f} ms ({m.gap:+.1%})", flush=True)
+                out[spec_at] = Network(spec_at, "matched", load_architecture(spec_at),
+                                       matched_to=how)
     return list(out.values())
 
 
@@ -364,7 +375,7 @@ def confirm(config: ConfirmConfig) -> pd.DataFrame:
                              calibration_for(settings, data))
         measure_all(nets, measure, folder)
         if config.match_latency:
-            nets += [m for m in matched_baselines(bases, nets, measure)
+            nets += [m for m in matched_baselines(bases, nets, measure, folder)
                      if m.name not in {n.name for n in nets}]
             measure_all(nets, measure, folder)
     results: dict[str, list[dict]] = {}

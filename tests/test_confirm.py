@@ -145,6 +145,23 @@ def test_match_latency_adds_width_scaled_baselines_nearest_each_candidate(run):
     assert matched.seeds.iloc[0] == 1
 
 
+def test_a_resumed_confirmation_keeps_its_matches(run, monkeypatch):
+    """Matching again would pick a neighbouring width as often as not (noise of a few percent)
+    and train it: a second call keeps the widths it matched and trains nothing new."""
+    argv = [str(run), "--top", "1", "--seeds", "1", "--match-latency", *FAST]
+    assert confirm.main(argv) == 0
+    first = pd.read_csv(run / "confirm.csv")
+    kept = json.loads((run / "confirm" / confirm.MATCHES_FILE).read_text())
+    assert list(kept) == [f"mobilenet_v3_small | {first.network[0]}"]
+    trained = []
+    monkeypatch.setattr(confirm, "train", lambda *a, **kw: trained.append(a) or {})
+    monkeypatch.setattr(confirm, "match_width", lambda *a, **kw: pytest.fail("matched again"))
+    assert confirm.main(argv) == 0
+    assert trained == []
+    again = pd.read_csv(run / "confirm.csv")
+    assert list(again.network) == list(first.network)
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--top", "0"], "--top 0: must be >= 1"),
     (["--baselines", "mobilenet_v2@abc"], "--baselines"),
