@@ -37,7 +37,7 @@ def process_worker(networks: list[str], repeats: int, seed: int, reference: str)
     from nas.model import build_model
 
     context = latency_context(224, runtime="onnxruntime")
-    torch.manual_seed(seed)
+    torch.manual_seed(0)  # the same weights in every process; `seed` orders the rounds
     out: dict = {}
     ref_model = build_model(load_architecture(reference), num_classes=1000)
     with prepared_runner(ref_model, context) as (ref, _):
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.processes < 2 or args.repeats < 2:
+        p.error("--processes and --repeats: at least 2 (a spread needs two)")
     networks = args.networks.split(",")
     if args.worker is not None:
         print(json.dumps(process_worker(networks, args.repeats, args.worker, args.reference)))

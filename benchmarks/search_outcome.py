@@ -5,7 +5,7 @@
         --trials 60 --top 3 --epochs 20 --seeds 2 --out benchmarks/results/search_outcome_X.txt
 
 1. T between mobilenet_v3_small's and mobilenet_v2's latency on this machine, in the default
-   runtime (their geometric mean), unless --target-ms is given.
+   runtime (their geometric mean), unless --target-ms is given; a resume keeps the run's T.
 2. A real search (nas.search's defaults; baselines mobilenet_v2, mnasnet_a1 and the
    MobileNetV3 that brackets T) into runs/<name>/; resumed if it is there.
 3. nas.confirm --match-latency on it: the top candidates and each baseline family at the
@@ -34,6 +34,7 @@ from nas.files import save_table, write_atomic
 from nas.host import cpu_name
 from nas.latency import measure_latency
 from nas.model import build_model
+from nas.results import load_baselines
 from nas.run_folder import CONFIRM_CSV
 from nas.search import run as search
 from nas.search.config import config_from_argv
@@ -50,6 +51,18 @@ def bracketing_target(input_size: int, num_classes: int, runtime: str
     target = math.sqrt(ms["mobilenet_v3_small"] * ms["mobilenet_v2"])
     v3 = min(("mobilenet_v3_small", "mobilenet_v3_large"), key=lambda n: abs(ms[n] - target))
     return target, v3, ms
+
+
+def resumed_v3(run_dir: Path) -> str:
+    """The MobileNetV3 a run started with (outcome.json from before it named it): the one among
+    the search's baselines."""
+    names = {json.loads(d).get("name") for d in load_baselines(run_dir).get("arch_dict", [])}
+    found = [n for n in ("mobilenet_v3_small", "mobilenet_v3_large") if n in names]
+    if len(found) != 1:
+        print(f"{run_dir}: cannot tell which MobileNetV3 the run started with (baselines: "
+              f"{sorted(n for n in names if n)}); start a new --name", file=sys.stderr)
+        raise SystemExit(2)
+    return found[0]
 
 
 def verdict(df: pd.DataFrame) -> list[str]:
@@ -111,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = draft.run_dir
     saved = run_dir / OUTCOME_JSON
     if (run_dir / "run.json").exists():
-        # A resume keeps the T the study started with (re-measuring the references moves it by
-        # a few percent, and the study refuses another target) and the references it came from.
+        # A resume keeps the T the study started with (re-measuring the references moved it by
+        # 0.3%, and the study refuses another target) and the references it came from.
         target = json.loads((run_dir / "run.json").read_text())["settings"]["target_ms"]
         kept = json.loads(saved.read_text()) if saved.exists() else {}
         refs = kept.get("reference_ms", {}) if kept.get("target_ms") == target else {}
-        v3 = kept.get("v3", "mobilenet_v3_small")
+        v3 = kept.get("v3") or resumed_v3(run_dir)
         print(f"resuming {run_dir} (T = {target:.2f} ms as it started)", flush=True)
         if args.target_ms is not None:
             target = args.target_ms  # another T is refused by the study, in one line

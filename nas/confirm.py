@@ -158,28 +158,56 @@ def measure_all(nets: list[Network], measure: RunLatency, folder: Path) -> None:
         n.latency_ms, n.latency_cv = saved["ms"][n.arch.to_str()], saved["cv"][n.arch.to_str()]
 
 
+def kept_matches(folder: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """{family: {candidate: {mult, latency_ms, gap, arch}}} from confirm/matches.json, or for a
+    confirmation from before that file, the matched rows of its confirm.csv (without `arch`)."""
+    path = folder / MATCHES_FILE
+    if path.exists():
+        try:
+            kept = json.loads(path.read_text())
+            if not isinstance(kept, dict):
+                raise ValueError("not an object")
+            return kept
+        except ValueError as e:
+            raise ConfirmError(f"{path}: unreadable ({e}); delete it to match the widths "
+                               f"again") from None
+    table_path = folder.parent / CONFIRM_CSV
+    if not table_path.exists():
+        return {}
+    kept: dict[str, dict[str, dict[str, Any]]] = {}
+    rows = pd.read_csv(table_path)
+    for _, row in rows[rows.kind == "matched"].iterrows():
+        spec, _, mult = str(row.network).partition("@")
+        for cand, gap in re.findall(r"(\S+) \(([+-]?[\d.]+)%\)", str(row.matched_to)):
+            kept.setdefault(spec, {})[cand] = {"mult": float(mult), "gap": float(gap) / 100}
+    return kept
+
+
 def matched_baselines(families: list[Network], nets: list[Network], measure: RunLatency,
                       folder: Path) -> list[Network]:
     """For each baseline family and each candidate, the width multiplier (multiples of 0.05)
     whose latency on this target is nearest the candidate's. Kept in confirm/matches.json: a
-    resumed confirmation keeps its matches (matching again would pick a neighbouring width
-    as often as not, and train it) and matches only the pairs that are new."""
-    path = folder / MATCHES_FILE
-    kept = json.loads(path.read_text()) if path.exists() else {}
+    resumed confirmation keeps its matches (matching again picks a neighbouring width as often
+    as not, and trains it) and matches only new pairs, or a candidate whose network changed."""
+    kept = kept_matches(folder)
     out: dict[str, Network] = {}
     for fam in families:
         spec = fam.name.split("@")[0]
         for cand in (n for n in nets if n.kind == "candidate"):
-            key = f"{spec} | {cand.name}"
-            if key not in kept:
+            old = kept.get(spec, {}).get(cand.name)
+            if old is not None and old.get("arch", cand.arch.to_str()) == cand.arch.to_str():
+                print(f"{spec}: x{old['mult']:g} matched to {cand.name} before "
+                      f"({old['gap']:+.1%}), kept", flush=True)
+            else:
                 m = match_width(spec, cand.latency_ms,
                                 lambda s: measure(load_architecture(s))[0])
-                kept[key] = {"mult": m.mult, "latency_ms": m.latency_ms, "gap": m.gap}
-                write_atomic(path, json.dumps(kept, indent=1))
+                old = {"mult": m.mult, "latency_ms": m.latency_ms, "gap": m.gap,
+                       "arch": cand.arch.to_str()}
+                kept.setdefault(spec, {})[cand.name] = old
+                write_atomic(folder / MATCHES_FILE, json.dumps(kept, indent=1))
                 print(f"{spec}: x{m.mult:g} runs at {m.latency_ms:.2f} ms, nearest "
                       f"{cand.name}'s {cand.latency_ms:.2f} ms ({m.gap:+.1%})", flush=True)
-            mult, gap = kept[key]["mult"], kept[key]["gap"]
-            spec_at, how = f"{spec}@{mult:g}", f"{cand.name} ({gap:+.1%})"
+            spec_at, how = f"{spec}@{old['mult']:g}", f"{cand.name} ({old['gap']:+.1%})"
             if spec_at in out:
                 out[spec_at].matched_to += f", {how}"
             else:

@@ -212,7 +212,7 @@ def test_a_benchmark_table_is_printed_and_kept_whole_in_a_folder_made_for_it(tmp
 
 
 def test_the_search_outcome_benchmark_confirms_a_real_search_against_matched_baselines(
-        image_folder, tmp_path, capsys):
+        image_folder, tmp_path, capsys, monkeypatch):
     outcome = _benchmark("search_outcome")
     out = tmp_path / "table.txt"
     tiny = ("--space tiny --val-size 30 --proxy-images 64 --proxy-batch 32 --input-size 32 "
@@ -244,6 +244,14 @@ def test_the_search_outcome_benchmark_confirms_a_real_search_against_matched_bas
     assert "trainings finished" in body[0] and "mobilenet_v2 " in body[0]  # refs kept
     assert outcome.main(["--report-only", "--data", str(image_folder), "--name", "none",
                          "--runs-dir", str(tmp_path)]) == 2
+    # the same command again resumes with the run's T: the references are not measured again
+    # (that moved T and the study refused it), and nothing is trained again
+    monkeypatch.setattr(outcome, "bracketing_target", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(outcome, "OUTCOME_JSON", "lost.json")  # an outcome.json without "v3"
+    assert outcome.main(["--data", str(image_folder), "--trials", "2", "--top", "1",
+                         "--epochs", "1", "--seeds", "1", "--space", "tiny", "--batch-size", "32",
+                         "--runs-dir", str(tmp_path), "--search-flags", tiny]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "outcome" / "confirm.csv"), confirmed)
 
 
 def test_the_outcome_report_counts_a_width_1_match_and_its_baseline_as_one_training():

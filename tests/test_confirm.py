@@ -152,7 +152,8 @@ def test_a_resumed_confirmation_keeps_its_matches(run, monkeypatch):
     assert confirm.main(argv) == 0
     first = pd.read_csv(run / "confirm.csv")
     kept = json.loads((run / "confirm" / confirm.MATCHES_FILE).read_text())
-    assert list(kept) == [f"mobilenet_v3_small | {first.network[0]}"]
+    assert list(kept) == ["mobilenet_v3_small"] and list(kept["mobilenet_v3_small"]) == [
+        first.network[0]]
     trained = []
     monkeypatch.setattr(confirm, "train", lambda *a, **kw: trained.append(a) or {})
     monkeypatch.setattr(confirm, "match_width", lambda *a, **kw: pytest.fail("matched again"))
@@ -160,6 +161,13 @@ def test_a_resumed_confirmation_keeps_its_matches(run, monkeypatch):
     assert trained == []
     again = pd.read_csv(run / "confirm.csv")
     assert list(again.network) == list(first.network)
+    # a confirmation from before matches.json: its matches come from its confirm.csv
+    (run / "confirm" / confirm.MATCHES_FILE).unlink()
+    assert confirm.main(argv) == 0 and trained == []
+    assert list(pd.read_csv(run / "confirm.csv").network) == list(first.network)
+    (run / "confirm" / confirm.MATCHES_FILE).write_text("{not json")
+    with pytest.raises(confirm.ConfirmError, match="matches.json: unreadable"):
+        confirm.confirm(confirm.config_from_argv(argv))
 
 
 @pytest.mark.parametrize("flags, fragment", [

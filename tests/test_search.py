@@ -300,9 +300,8 @@ def test_a_study_on_an_archive_resumes_from_a_copy_and_from_its_former_fingerpri
     """The data's fingerprint is the archive's bytes: a re-provisioned copy (new mtime) resumes;
     a study recorded with the former path-and-mtime fingerprint resumes and is upgraded; other
     data is still refused."""
+    import hashlib
     import tarfile
-
-    from nas import data as data_module
 
     archive = tmp_path / "d.tar"
     with tarfile.open(archive, "w") as tar:
@@ -310,9 +309,13 @@ def test_a_study_on_an_archive_resumes_from_a_copy_and_from_its_former_fingerpri
     assert main(args(tmp_path, archive, "--trials", "1")) == 0
     content_fp = study_of(tmp_path).user_attrs["settings"]["data_fingerprint"]
     st = archive.stat()
-    former = data_module._digest(str(archive), str(st.st_size), str(st.st_mtime_ns))
+    former = hashlib.sha256(f"v1\n{archive}\n{st.st_size}\n{st.st_mtime_ns}".encode()).hexdigest()
     study = study_of(tmp_path)
     study.set_user_attr("settings", {**study.user_attrs["settings"], "data_fingerprint": former})
+    refused = args(tmp_path, archive, "--trials", "2")
+    refused[refused.index("--target-ms") + 1] = "2"
+    assert main(refused) == 2  # refused for its target: nothing upgraded, nothing written
+    assert study_of(tmp_path).user_attrs["settings"]["data_fingerprint"] == former
     assert main(args(tmp_path, archive, "--trials", "2")) == 0
     assert study_of(tmp_path).user_attrs["settings"]["data_fingerprint"] == content_fp
     archive.write_bytes(archive.read_bytes())  # re-provisioned: same bytes, a new mtime

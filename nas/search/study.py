@@ -213,11 +213,9 @@ def open_study(config: SearchConfig, storage: optuna.storages.BaseStorage,
         saved = {**saved, "budget": with_later_fields(saved["budget"])}
     if saved is not None:
         saved = {**SETTINGS_OF_OLDER_STUDIES, **saved}
-    if saved is not None and saved.get("data_fingerprint") in former_fingerprints:
-        # the same archive, recorded by its path and mtime before fingerprints were its content
+    upgrade = saved is not None and saved.get("data_fingerprint") in former_fingerprints
+    if upgrade:  # the same archive, recorded by its path and mtime before it was its content
         saved = {**saved, "data_fingerprint": settings["data_fingerprint"]}
-        study.set_user_attr("settings", {**study.user_attrs["settings"],
-                                         "data_fingerprint": settings["data_fingerprint"]})
     if saved is None:
         study.set_user_attr("settings", settings)
     else:
@@ -227,6 +225,9 @@ def open_study(config: SearchConfig, storage: optuna.storages.BaseStorage,
             raise UsageError(refusal(config.name, diff[0], saved.get(diff[0]),
                                      settings.get(diff[0])))
     check_stored_params(study, space, config.name)
+    if upgrade:  # written only once nothing refuses the resume
+        study.set_user_attr("settings", {**study.user_attrs["settings"],
+                                         "data_fingerprint": settings["data_fingerprint"]})
     names = ["accuracy", "latency_ms"] if config.objective == "pareto" else ["reward"]
     if study.metric_names is None and len(study.directions) == len(names):
         with warnings.catch_warnings():  # optuna-dashboard and Optuna's plots label them so
