@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve()
 REFERENCES = ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small",
               "mnasnet_a1", "mnasnet_b1", "torchvision:resnet18"]
 SAMPLED = 5
-PROTOCOLS = ("current", "interleaved")
+PROTOCOLS = ("current", "interleaved", "ladder")
 
 
 def sampled_specs(folder: Path, n: int = SAMPLED, seed: int = 0) -> list[str]:
@@ -68,6 +68,11 @@ def pass_worker(specs: list[str], protocol: str, runtime: str, input_size: int,
             r = measure_latency(model, input_size, runtime=runtime, min_time_s=1.0,
                                 max_time_s=2.0)
             out[spec] = {"ms": r.median_ms, "seconds": r.seconds}
+        elif protocol == "ladder":
+            r = measure_interleaved(model, input_size, runtime=runtime, ladder=True)
+            out[spec] = {"ms": r.latency_ms, "raw_ms": r.raw_ms, "seconds": r.seconds,
+                         "ratio": r.ratio, "reference_ms": r.reference_ms,
+                         "reference": r.reference}
         else:
             r = measure_interleaved(model, input_size, runtime=runtime)
             out[spec] = {"ms": r.latency_ms, "raw_ms": r.raw_ms, "seconds": r.seconds,
@@ -125,6 +130,15 @@ def variants(passes: list[dict], protocol: str) -> dict[str, list[dict]]:
                 for p in passes]
     return {"interleaved": passes, "  own sitting": scaled("own_sitting_ms"),
             "  ratio only": scaled(None)}
+
+
+def rungs_used(passes: list[dict]) -> str:
+    """Which of the ladder's widths each network was timed against, over the passes."""
+    def width(rung: str) -> str:
+        return rung.rsplit("@", 1)[1] if "@" in rung else "1"
+
+    used = {spec: sorted({width(p[spec]["reference"]) for p in passes}) for spec in passes[0]}
+    return ", ".join(f"{Path(spec).stem} {'/'.join(used[spec])}" for spec in sorted(used))
 
 
 def summarize(passes: list[dict]) -> dict:
@@ -204,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", choices=PROTOCOLS, default="current", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--networks", default=None, help="comma-separated specs (default: 12)")
+    p.add_argument("--protocols", default=",".join(PROTOCOLS),
+                   help=f"comma-separated, of {', '.join(PROTOCOLS)} (ladder: interleaved "
+                        f"against the nearest of the reference's widths)")
     p.add_argument("--parts", default="aa,server",
                    help="aa: the A/A table; server: loopback server against local")
     args = p.parse_args(argv)
@@ -239,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                     if condition == "loaded" else None)
             try:
                 time.sleep(2 if load else 0)
-                for protocol in PROTOCOLS:
+                for protocol in args.protocols.split(","):
                     passes = [run_pass(specs_file, protocol, args.runtime, args.input_size,
                                        seed) for seed in range(args.passes)]
                     for name, variant in variants(passes, protocol).items():
@@ -250,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                             f"{Path(s['drift_worst']).stem[:22]:<22} "
                             f"{s['drift_median']:>12.1%} {s['seconds']:>9.2f}")
                         print(lines[-1], flush=True)
+                    if protocol == "ladder":
+                        lines.append(f"{'':<9}rungs (widths) per network over the passes: "
+                                     + rungs_used(passes))
                     if protocol == "interleaved":
                         lines.append(f"{'':<9}reference sittings, ms: " + ", ".join(
                             f"{next(iter(p.values()))['own_sitting_ms']:.2f}" for p in passes)

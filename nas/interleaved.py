@@ -39,6 +39,12 @@ REFERENCE = "mnasnet_a1"  # the yardstick: the default space's own kind of netwo
 REFERENCE_ATTR = "reference_ms"  # study attribute: the reference's latency a study measures by
 ROUNDS = 12
 RUNS_PER_BLOCK = 4
+# The ladder: the reference's family at widths about 1.5x apart in latency (mnasnet_a1 from
+# ~2 ms to ~25 ms on a Zen 4 core, ONNX Runtime 224x224). The ratio's drift between processes
+# grows with the gap between candidate and reference (<= 1.1% near it, 4.5-9% at 3.3-4x:
+# benchmarks/results/latency_ratio_noise_zen4.txt), so each candidate is timed against the
+# rung nearest its latency.
+LADDER_WIDTHS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +61,7 @@ class InterleavedResult:
     context: LatencyContext  # its protocol: "interleaved:<reference>"
     ratio_p10: float = 0.0
     ratio_p90: float = 0.0
+    reference: str = REFERENCE  # the network it was timed against (a ladder's rung)
 
     def as_result(self) -> LatencyResult:
         """In LatencyResult's shape: what a cache, a study and a table hold."""
@@ -86,8 +93,26 @@ def interleaved_rounds(cand: Callable[[], float], ref: Callable[[], float], *, r
     return ratios, raw
 
 
-def protocol_name(reference: str = REFERENCE) -> str:
-    return f"interleaved:{reference}"
+def protocol_name(reference: str = REFERENCE, ladder: bool = False) -> str:
+    return f"interleaved-ladder:{reference}" if ladder else f"interleaved:{reference}"
+
+
+def ladder_rungs(reference: str = REFERENCE) -> list[str]:
+    """The ladder's networks, narrowest first; width 1 is the reference itself (so it shares
+    the machine's kept sittings of the single reference)."""
+    return [reference if w == 1.0 else f"{reference}@{w:g}" for w in LADDER_WIDTHS]
+
+
+def calibrated_ladder_ms(context: LatencyContext, reference: str = REFERENCE,
+                         num_classes: int = 1000) -> dict[str, float]:
+    """Every rung's calibrated latency (each as calibrated_reference_ms)."""
+    return {rung: calibrated_reference_ms(context, rung, num_classes)
+            for rung in ladder_rungs(reference)}
+
+
+def nearest_rung(candidate_ms: float, rungs_ms: dict[str, float]) -> str:
+    """The rung whose latency is nearest the candidate's, in ratio."""
+    return min(rungs_ms, key=lambda r: (abs(np.log(candidate_ms / rungs_ms[r])), r))
 
 
 @functools.lru_cache(maxsize=8)
@@ -109,34 +134,50 @@ def measure_interleaved(model: nn.Module, input_size: int = 224, *, device: str 
                         threads: int | None = None, runtime: str = "eager",
                         precision: str = "fp32", reference: str = REFERENCE,
                         num_classes: int = 1000, rounds: int = ROUNDS,
-                        runs_per_block: int = RUNS_PER_BLOCK, reference_ms: float | None = None,
+                        runs_per_block: int = RUNS_PER_BLOCK,
+                        reference_ms: float | dict[str, float] | None = None,
                         calibration: torch.Tensor | None = None, seed: int = 0,
+                        ladder: bool = False,
                         quiet: Callable[[], contextlib.AbstractContextManager] | None = None
                         ) -> InterleavedResult:
     """The candidate's latency from interleaved rounds with `reference` (a reference name or
     architecture file), in the same context; `reference_ms`: its calibrated latency (default:
-    measured once per process by calibrated_reference_ms). `quiet`: a context held while
-    timing, not while converting (nas.search's CoreGate)."""
+    measured once per process by calibrated_reference_ms). `ladder`: against the rung of the
+    reference's ladder nearest the candidate's latency (by its warm-up), `reference_ms` then
+    {rung: ms} (default: calibrated_ladder_ms). `quiet`: a context held while timing, not
+    while converting (nas.search's CoreGate)."""
     context = latency_context(input_size, device=device, threads=threads, runtime=runtime,
                               precision=precision)
-    if reference_ms is None:
+    if ladder:
+        rungs_ms = (reference_ms if isinstance(reference_ms, dict)
+                    else calibrated_ladder_ms(context, reference, num_classes))
+    elif reference_ms is None:
         reference_ms = calibrated_reference_ms(context, reference, num_classes)
-    ref_model = build_model(load_architecture(reference), num_classes=num_classes)
     with contextlib.ExitStack() as stack:
         cand, _ = stack.enter_context(prepared_runner(model, context, calibration=calibration))
-        ref, _ = stack.enter_context(prepared_runner(ref_model, context))
+        against = reference
+        if not ladder:  # converted before the quiet, as the candidate
+            ref, _ = stack.enter_context(prepared_runner(
+                build_model(load_architecture(reference), num_classes=num_classes), context))
         if quiet is not None:
             stack.enter_context(quiet())
         start = time.perf_counter()  # measuring, not converting (as LatencyResult.seconds)
-        for run in (cand, ref):
-            _warm_up(run, until=time.perf_counter() + 1.0, stop_above_ms=None)
+        warm, _ = _warm_up(cand, until=time.perf_counter() + 1.0, stop_above_ms=None)
+        if ladder:  # the rung is known only once the candidate has run
+            against = nearest_rung(float(np.median(warm[-5:])), rungs_ms)
+            before = time.perf_counter()
+            ref, _ = stack.enter_context(prepared_runner(
+                build_model(load_architecture(against), num_classes=num_classes), context))
+            start += time.perf_counter() - before  # converting the rung is not measuring
+        _warm_up(ref, until=time.perf_counter() + 1.0, stop_above_ms=None)
         ratios, raw = interleaved_rounds(cand, ref, rounds=rounds,
                                          runs_per_block=runs_per_block, seed=seed)
+    ref_ms = rungs_ms[against] if ladder else float(reference_ms)
     p10, q25, ratio, q75, p90 = np.percentile(ratios, [10, 25, 50, 75, 90]).tolist()
     return InterleavedResult(
-        latency_ms=ratio * reference_ms, ratio=ratio, ratio_iqr=q75 - q25,
-        reference_ms=reference_ms, raw_ms=float(np.median(raw)), rounds=rounds,
+        latency_ms=ratio * ref_ms, ratio=ratio, ratio_iqr=q75 - q25,
+        reference_ms=ref_ms, raw_ms=float(np.median(raw)), rounds=rounds,
         seconds=time.perf_counter() - start,
-        context=dataclasses.replace(context, protocol=protocol_name(reference)),
-        ratio_p10=p10, ratio_p90=p90)
+        context=dataclasses.replace(context, protocol=protocol_name(reference, ladder)),
+        ratio_p10=p10, ratio_p90=p90, reference=against)
 

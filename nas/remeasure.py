@@ -37,7 +37,7 @@ class RunLatency:
 
     def __init__(self, settings: dict[str, Any], num_classes: int, seconds: float = 2.0,
                  remote: LatencyClient | None = None, calibration: torch.Tensor | None = None,
-                 reference_ms: float | None = None) -> None:
+                 reference_ms: float | dict[str, float] | None = None) -> None:
         self.settings, self.num_classes, self.seconds = settings, num_classes, seconds
         self.remote, self.calibration, self.reference_ms = remote, calibration, reference_ms
 
@@ -45,7 +45,9 @@ class RunLatency:
         s = self.settings
         options = dict(device=s["device"], threads=s["threads"],
                        runtime=s.get("runtime", "eager"), precision=s.get("precision", "fp32"))
-        interleaved = s.get("latency_protocol", "single").startswith("interleaved")
+        protocol = s.get("latency_protocol", "single")
+        interleaved = protocol.startswith("interleaved")
+        ladder = protocol.startswith("interleaved-ladder")
         if self.remote is not None:
             lat = self.remote.measure(
                 arch, num_classes=self.num_classes, input_size=s["input_size"], **options,
@@ -57,7 +59,7 @@ class RunLatency:
         model = build_model(arch, num_classes=self.num_classes)
         if interleaved:
             return measure_interleaved(model, s["input_size"], num_classes=self.num_classes,
-                                       reference_ms=self.reference_ms,
+                                       reference_ms=self.reference_ms, ladder=ladder,
                                        calibration=self.calibration, **options).as_result()
         return measure_latency(model, s["input_size"], min_time_s=self.seconds / 2,
                                max_time_s=self.seconds, calibration=self.calibration, **options)
@@ -86,6 +88,9 @@ def check_same_target(settings: dict[str, Any], remote: LatencyClient | None = N
                    threads=settings["threads"], runtime=settings.get("runtime", "eager"),
                    precision=settings.get("precision", "fp32"))
     if remote is not None:
+        if settings.get("latency_protocol", "").startswith("interleaved-ladder"):
+            raise LatencyError("the run measured latency by the ladder protocol, which a "
+                               "latency server does not measure yet; " + otherwise)
         here = remote.context(**options).device_name
         where = f"the latency server {remote.url} is"
     else:

@@ -28,3 +28,26 @@ def test_the_ratio_to_the_reference_is_measured(candidate, expected):
     assert r.ratio == pytest.approx(expected, rel=0.15)
     assert r.latency_ms == pytest.approx(10.0 * r.ratio)  # times the calibrated reference
     assert r.raw_ms > 0 and r.rounds == 8 and r.context.input_size == 64
+
+
+def test_the_ladder_times_a_candidate_against_the_rung_nearest_its_latency():
+    """A rung "calibrated" at the candidate's own speed is picked over rungs 4x away, and
+    the estimate is the ratio times that rung's latency."""
+    from nas.interleaved import ladder_rungs, nearest_rung
+
+    rungs = ladder_rungs("mobilenet_v3_small")
+    assert rungs[0] == "mobilenet_v3_small@0.35" and "mobilenet_v3_small" in rungs
+    assert nearest_rung(2.1, {"a": 1.0, "b": 2.0, "c": 4.0}) == "b"
+    assert nearest_rung(2.9, {"a": 1.0, "b": 2.0, "c": 4.0}) == "c"  # by ratio: 1.38 < 1.45
+    model = build_model(load_architecture("mobilenet_v3_small"), num_classes=10)
+    probe = measure_interleaved(model, 64, reference="mobilenet_v3_small", num_classes=10,
+                                rounds=2, runs_per_block=2, reference_ms=1.0)
+    own = probe.raw_ms
+    ms = {"mobilenet_v3_small@0.5": own / 4, "mobilenet_v3_small": own,
+          "mobilenet_v3_small@2": own * 4}
+    r = measure_interleaved(model, 64, reference="mobilenet_v3_small", num_classes=10,
+                            rounds=8, runs_per_block=3, reference_ms=ms, ladder=True)
+    assert r.reference == "mobilenet_v3_small" and r.reference_ms == own
+    assert r.ratio == pytest.approx(1.0, rel=0.15)
+    assert r.latency_ms == pytest.approx(own * r.ratio)
+    assert r.context.protocol == "interleaved-ladder:mobilenet_v3_small"

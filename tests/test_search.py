@@ -1464,6 +1464,42 @@ def test_the_default_interleaved_protocol_calibrates_the_reference_once_per_stud
                    "interleaved or pick a new --name"]
 
 
+def test_the_ladder_protocol_keeps_every_rungs_calibration_in_the_study(
+        image_folder, tmp_path, capsys, monkeypatch):
+    """--latency-protocol ladder: each candidate timed against the nearest rung of
+    mnasnet_a1's widths; the study keeps {rung: ms} and a resume reuses it; a server is refused
+    for now, in one line."""
+    import nas.search.runner
+    from nas.interleaved import ladder_rungs
+
+    def ladder(*extra):
+        argv = args(tmp_path, image_folder, *extra)
+        argv[argv.index("--latency-protocol") + 1] = "ladder"
+        return argv
+
+    assert main(ladder("--trials", "2", "--sampler", "random")) == 0
+    study = study_of(tmp_path)
+    assert study.user_attrs["settings"]["latency_protocol"] == "interleaved-ladder:mnasnet_a1"
+    rungs = study.user_attrs["reference_ms"]
+    assert sorted(rungs) == sorted(ladder_rungs()) and all(v > 0 for v in rungs.values())
+    cache = json.loads((tmp_path / "s" / "latency_cache.json").read_text())
+    assert cache["entries"] and all(e["result"]["reference_ms"] in rungs.values()
+                                    for e in cache["entries"])
+    monkeypatch.setattr(nas.search.runner, "calibrated_ladder_ms",
+                        lambda *a, **kw: pytest.fail("the study's rungs are reused"))
+    assert main(ladder("--trials", "3", "--sampler", "random")) == 0
+    assert study_of(tmp_path).user_attrs["reference_ms"] == rungs
+    capsys.readouterr()
+    assert main(args(tmp_path, image_folder, "--trials", "4")) == 2
+    assert "resume with --latency-protocol ladder" in capsys.readouterr().err
+    token = tmp_path / "token"
+    token.write_text("x" * 32)
+    assert main(ladder("--name", "remote", "--latency-server", "http://127.0.0.1:9",
+                       "--latency-token-file", str(token))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--latency-protocol ladder: measured here only" in err[0]
+
+
 def test_the_front_and_the_baselines_are_re_measured_together_at_the_end(finished_run):
     final = pd.read_csv(finished_run / "front_latency.csv")
     front = pd.read_csv(finished_run / "pareto.csv")

@@ -39,7 +39,7 @@ SAMPLERS = ("tpe", "gp", "nsga2", "evolution", "random")
 DEFAULT_SAMPLER = "tpe"
 OBJECTIVES = ("reward", "pareto")
 PRUNERS = ("none", "median")
-LATENCY_PROTOCOLS = ("interleaved", "single")
+LATENCY_PROTOCOLS = ("interleaved", "ladder", "single")
 
 
 class UsageError(ValueError):
@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(mnasnet_a1), as the median ratio times the reference's latency, which "
                         "ranked 12 networks with Spearman 0.986 between fresh processes against "
                         "0.86-0.89 for single (benchmarks/results/latency_aa_zen4.txt); single: "
-                        "the candidate timed alone, as before")
+                        "the candidate timed alone, as before; ladder: interleaved against the "
+                        "nearest of mnasnet_a1 at 7 widths, for candidates far from its latency "
+                        "(benchmarks/results/latency_ratio_noise_zen4.txt); measured here only")
     g.add_argument("--latency-server", default=None, metavar="URL",
                    help="measure latency on the device running `python -m nas.latency serve` "
                         "(training stays here); the study records that device")
@@ -309,6 +311,9 @@ def check(c: SearchConfig) -> None:
         connect(c.latency_server, c.latency_token_file)
     except LatencyError as e:
         raise UsageError(str(e)) from None
+    if c.latency_protocol == "ladder" and c.latency_server:
+        raise UsageError("--latency-protocol ladder: measured here only for now; with "
+                         "--latency-server use interleaved or single")
     if c.threads is not None and c.threads > available_cpus() and not c.latency_server:
         raise UsageError(f"--threads {c.threads}: this process may use only "
                          f"{available_cpus()} CPU(s)")

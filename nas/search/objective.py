@@ -52,7 +52,8 @@ class Context:
     remote: LatencyClient | None = None  # --latency-server
     # what latency is measured in (None: the cache asks nas.latency, for local single timing)
     latency_context: LatencyContext | None = None
-    reference_ms: float | None = None  # interleaved: the study's calibrated reference
+    # interleaved: the study's calibrated reference; ladder: {rung: ms}
+    reference_ms: float | dict[str, float] | None = None
     gate: CoreGate | None = None  # no measurement beside a training on this machine
 
     @property
@@ -138,13 +139,13 @@ def candidate_latency(arch: Architecture, deployed: torch.nn.Module, ctx: Contex
                                            reference_ms=ctx.reference_ms, **options))
     quiet = ctx.gate.measuring if ctx.gate is not None else None  # timing only: converting
     # beside a training disturbs nothing, and a cache hit measures nothing
-    if c.latency_protocol == "interleaved":
+    if c.latency_protocol in ("interleaved", "ladder"):
         def measure() -> LatencyResult:
             return measure_interleaved(
                 deployed, c.input_size, device=c.device, threads=c.threads, runtime=c.runtime,
                 precision=c.precision, num_classes=ctx.data.num_classes,
                 reference_ms=ctx.reference_ms, calibration=calibration,
-                quiet=quiet).as_result()
+                ladder=c.latency_protocol == "ladder", quiet=quiet).as_result()
     else:
         def measure() -> LatencyResult:
             return measure_latency(deployed, calibration=calibration, quiet=quiet, **options)

@@ -23,7 +23,12 @@ from nas.arch import ArchError
 from nas.cli import oserror_line
 from nas.data import SPLIT_SEED, DataError, load_data, split_train_val
 from nas.files import make_folders, remove_if_empty
-from nas.interleaved import REFERENCE_ATTR, calibrated_reference_ms, protocol_name
+from nas.interleaved import (
+    REFERENCE_ATTR,
+    calibrated_ladder_ms,
+    calibrated_reference_ms,
+    protocol_name,
+)
 from nas.interrupts import INTERRUPTED, was_interrupted
 from nas.latency import DEFAULT_THREADS, LatencyCache, LatencyError, latency_context
 from nas.latency_client import connect
@@ -72,8 +77,9 @@ def prepare(config: SearchConfig) -> tuple[Context, Path, dict[str, Any]]:
         lat_ctx = latency_context(config.input_size, device=config.device,
                                   threads=config.threads, runtime=config.runtime,
                                   precision=config.precision)
-        if config.latency_protocol == "interleaved":
-            lat_ctx = dataclasses.replace(lat_ctx, protocol=protocol_name())
+        if config.latency_protocol in ("interleaved", "ladder"):
+            lat_ctx = dataclasses.replace(
+                lat_ctx, protocol=protocol_name(ladder=config.latency_protocol == "ladder"))
     space = load_space(config.space)
     budget = config.budget()
     data = load_data(config.data, val_size=0)
@@ -103,17 +109,20 @@ def prepare(config: SearchConfig) -> tuple[Context, Path, dict[str, Any]]:
     return ctx, run_dir, settings
 
 
-def reference_latency(study: optuna.Study, ctx: Context) -> float | None:
+def reference_latency(study: optuna.Study, ctx: Context) -> float | dict[str, float] | None:
     """Interleaved: the reference's latency the study measures against, calibrated once and
     kept in the study, so every process and resume multiplies the same number (a latency
-    server calibrates its own on the first measurement: then it is kept from there)."""
-    if ctx.config.latency_protocol != "interleaved":
+    server calibrates its own on the first measurement: then it is kept from there). Ladder:
+    {rung: ms}, every rung calibrated and kept the same way."""
+    if ctx.config.latency_protocol not in ("interleaved", "ladder"):
         return None
     saved = study.user_attrs.get(REFERENCE_ATTR)
     if saved is not None or ctx.remote is not None:
         return saved
     single = dataclasses.replace(ctx.latency_context, protocol="single")
-    ms = calibrated_reference_ms(single, num_classes=ctx.data.num_classes)
+    ms = (calibrated_ladder_ms(single, num_classes=ctx.data.num_classes)
+          if ctx.config.latency_protocol == "ladder"
+          else calibrated_reference_ms(single, num_classes=ctx.data.num_classes))
     study.set_user_attr(REFERENCE_ATTR, ms)
     return ms
 

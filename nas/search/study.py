@@ -273,7 +273,8 @@ def refusal(name: str, key: str, was: Any, now: Any) -> str:
         return (f"study {name!r} was created with the proxy's {differ} (not every one has a "
                 f"flag: a default of another nas version); pick a new --name")
     if key in SETTING_FLAGS:
-        flag_value = str(was).split(":")[0]  # interleaved:<reference> is --latency-protocol's
+        # interleaved:<reference> is --latency-protocol interleaved, interleaved-ladder:... ladder
+        flag_value = str(was).split(":")[0].removeprefix("interleaved-")
         return (f"study {name!r} measured latency with {key} {was!r}, not {now!r}; resume with "
                 f"{SETTING_FLAGS[key]} {flag_value} or pick a new --name")
     detail = f"{key}={was!r}, not {now!r}" if len(repr(was)) < 80 else f"another {key}"
