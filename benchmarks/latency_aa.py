@@ -123,6 +123,15 @@ def variants(passes: list[dict], protocol: str) -> dict[str, list[dict]]:
     """The interleaved passes three ways: the protocol as it stands (the ratio times the median
     of the machine's sittings so far), the ratio times the process's own sitting alone (before
     the machine's store), and the ratio alone (where the store tends as sittings accumulate)."""
+    if protocol == "ladder":  # and each rung at one calibration: the ratios' own drift
+        rung_ms: dict[str, list[float]] = {}
+        for p in passes:
+            for m in p.values():
+                rung_ms.setdefault(m["reference"], []).append(m["reference_ms"])
+        fixed = {rung: float(np.median(v)) for rung, v in rung_ms.items()}
+        return {"ladder": passes, "  rungs fixed": [
+            {s: {**m, "ms": m["ratio"] * fixed[m["reference"]]} for s, m in p.items()}
+            for p in passes]}
     if protocol != "interleaved":
         return {protocol: passes}
     def scaled(key):

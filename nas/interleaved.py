@@ -43,7 +43,8 @@ RUNS_PER_BLOCK = 4
 # ~2 ms to ~25 ms on a Zen 4 core, ONNX Runtime 224x224). The ratio's drift between processes
 # grows with the gap between candidate and reference (<= 1.1% near it, 4.5-9% at 3.3-4x:
 # benchmarks/results/latency_ratio_noise_zen4.txt), so each candidate is timed against the
-# rung nearest its latency.
+# rung nearest its latency. In the A/A it was no better than one reference (largest drift
+# 5.5-10.7% against 5.5-5.9%: benchmarks/results/latency_aa_ladder_zen4.txt): opt-in only.
 LADDER_WIDTHS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8)
 
 

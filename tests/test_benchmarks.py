@@ -287,6 +287,15 @@ def test_the_aa_interleaved_rows_rescale_the_same_ratios_three_ways():
     assert [p["a"]["ms"] for p in v["  ratio only"]] == [0.5, 0.5]
     assert aa.summarize(v["  ratio only"])["drift_max"] == 0.0
     assert aa.variants(passes, "current") == {"current": passes}
+    ladder = [{"a": {"ms": 2.0, "seconds": 1, "ratio": 0.5, "reference_ms": 4.0,
+                     "reference": "r@0.5"}},
+              {"a": {"ms": 2.4, "seconds": 1, "ratio": 0.5, "reference_ms": 4.8,
+                     "reference": "r@0.5"}},
+              {"a": {"ms": 2.2, "seconds": 1, "ratio": 0.55, "reference_ms": 4.0,
+                     "reference": "r@0.5"}}]
+    v = aa.variants(ladder, "ladder")
+    assert [p["a"]["ms"] for p in v["ladder"]] == [2.0, 2.4, 2.2]
+    assert [p["a"]["ms"] for p in v["  rungs fixed"]] == pytest.approx([2.0, 2.0, 2.2])
 
 
 def _random_archs(n, seed):

@@ -201,9 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(mnasnet_a1), as the median ratio times the reference's latency, which "
                         "ranked 12 networks with Spearman 0.986 between fresh processes against "
                         "0.86-0.89 for single (benchmarks/results/latency_aa_zen4.txt); single: "
-                        "the candidate timed alone, as before; ladder: interleaved against the "
-                        "nearest of mnasnet_a1 at 7 widths, for candidates far from its latency "
-                        "(benchmarks/results/latency_ratio_noise_zen4.txt); measured here only")
+                        "the candidate timed alone, as before; ladder (experimental, measured "
+                        "here only): interleaved against the nearest of mnasnet_a1 at 7 widths, "
+                        "no better than interleaved in the A/A "
+                        "(benchmarks/results/latency_aa_ladder_zen4.txt)")
     g.add_argument("--latency-server", default=None, metavar="URL",
                    help="measure latency on the device running `python -m nas.latency serve` "
                         "(training stays here); the study records that device")
