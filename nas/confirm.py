@@ -409,12 +409,21 @@ def confirm(config: ConfirmConfig) -> pd.DataFrame:
     results: dict[str, list[dict]] = {}
     cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                       final_map=final_map)
+    order = training_order(nets, cands, config.seeds)
+    done: set[tuple[str, int]] = set()
     try:
-        for net, seed in training_order(nets, cands, config.seeds):
+        for net, seed in order:
             c = dataclasses.replace(cfg, seed=seed)
             results.setdefault(net.name, []).append(
                 train_one(net, train_folder(config.run, net, c), c, data, config))
-    finally:  # after an interrupt too: the finished trainings are in the table
+            done.add((net.name, seed))
+    finally:  # after an interrupt too: every finished training is in the table, also those
+        # later in the order that an earlier call finished
+        for net, seed in order:
+            finished = train_folder(config.run, net, dataclasses.replace(cfg, seed=seed))
+            if (net.name, seed) not in done and (finished / "metrics.json").exists():
+                results.setdefault(net.name, []).append(
+                    json.loads((finished / "metrics.json").read_text()))
         df = table(nets, results, settings, data, cfg)
         write_outputs(config.run, df, nets, settings, meta)
     return df

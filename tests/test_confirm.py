@@ -113,6 +113,13 @@ def test_an_interrupt_keeps_the_finished_trainings_and_the_same_command_resumes(
     assert confirm.main([str(run), "--top", "1", "--seeds", "2", *FAST]) == 0
     assert [c.parts[-1] for c in calls] == ["seed1", "seed0", "seed1"]  # not the first again
     assert list(pd.read_csv(run / "confirm.csv").seeds) == [2, 2]
+    # stopped at the candidate's third seed: the baseline's finished seeds, later in the
+    # order, are in the table all the same
+    monkeypatch.setattr(confirm, "train", lambda *a, **kw: (_ for _ in ()).throw(
+        KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        confirm.main([str(run), "--top", "1", "--seeds", "3", *FAST])
+    assert list(pd.read_csv(run / "confirm.csv").seeds) == [2, 2]
 
 
 def test_a_failed_training_is_recorded_and_the_others_go_on(run, monkeypatch):
