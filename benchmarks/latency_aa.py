@@ -290,10 +290,11 @@ def main(argv: list[str] | None = None) -> int:
                     load.wait()
         if "server" in parts:
             lines += ["", *server_agreement(specs, args.runtime, args.input_size)]
-    text = "\n".join(lines) + "\n"
-    print(text)
+    text = "\n".join(lines)
     if args.out:
-        save_table(text, args.out)
+        save_table(text, args.out)  # prints it too
+    else:
+        print(text)
     return 0
 
 

@@ -104,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"{name:<20} {rounds:>6} {within:>9.2%} "
                          f"{within / np.sqrt(args.repeats):>10.2%} {between:>13.2%}  "
                          f"{' '.join(f'{m:.4f}' for m in meds):<30} {secs:>9.2f}")
-    text = "\n".join(lines) + "\n"
-    print(text)
+    text = "\n".join(lines)
     if args.out:
-        save_table(text, args.out)
+        save_table(text, args.out)  # prints it too
+    else:
+        print(text)
     return 0
 
 

@@ -161,10 +161,11 @@ def write(args: argparse.Namespace, argv: list[str] | None, df: pd.DataFrame, re
               f"confirmation: top {args.top}, {args.epochs} epochs, {args.seeds} seeds for the "
               f"top candidate and every baseline; run folder {run_dir}",
               *([f"# {note}"] if note else [])]
-    text = "\n".join([*header, "", *format_table(df), "", *verdict(df)]) + "\n"
-    print(text)
+    text = "\n".join([*header, "", *format_table(df), "", *verdict(df)])
     if args.out:
-        save_table(text, args.out)
+        save_table(text, args.out)  # prints it too
+    else:
+        print(text)
 
 
 def trainings(df: pd.DataFrame, seeds: int) -> tuple[int, int]:
