@@ -32,6 +32,7 @@ from nas.confirm import ConfirmConfig, confirm, training_name
 from nas.data import load_data
 from nas.files import save_table, write_atomic
 from nas.host import cpu_name
+from nas.interrupts import run_tool
 from nas.latency import measure_latency
 from nas.model import build_model
 from nas.results import load_baselines
@@ -199,4 +200,6 @@ def report_only(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Ctrl-C or SIGTERM (a scheduler's time limit, `kill`): one line and 130/143; the
+    # confirmation's table keeps every training finished so far, and the same command resumes
+    run_tool(main, "search_outcome.py")

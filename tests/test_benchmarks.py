@@ -3,8 +3,12 @@ merging, and the variants the fastconv and throughput benchmarks compare."""
 
 import importlib.util
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +256,38 @@ def test_the_search_outcome_benchmark_confirms_a_real_search_against_matched_bas
                          "--epochs", "1", "--seeds", "1", "--space", "tiny", "--batch-size", "32",
                          "--runs-dir", str(tmp_path), "--search-flags", tiny]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "outcome" / "confirm.csv"), confirmed)
+
+
+def test_sigterm_stops_the_search_outcome_in_one_line_and_keeps_the_confirmation_table(
+        image_folder, tmp_path):
+    # the benchmark runs for hours: a scheduler's time limit (SIGTERM) used to kill it without
+    # writing confirm.csv; now the table is written and the status is the shell's 143
+    tiny = ("--space tiny --val-size 30 --proxy-images 64 --proxy-batch 32 --input-size 32 "
+            "--latency-time 0.1 --proxy-epochs 1 --runtime eager --latency-protocol single")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "search_outcome.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--data", str(image_folder), "--trials", "2", "--top",
+         "1", "--epochs", "500", "--seeds", "1", "--space", "tiny", "--batch-size", "32",
+         "--runs-dir", str(tmp_path), "--search-flags", tiny],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    confirm_dir = tmp_path / "outcome" / "confirm"
+    try:
+        end = time.time() + 300
+        while (not list(confirm_dir.glob("*/*/seed0/checkpoint.pt")) and proc.poll() is None
+               and time.time() < end):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, (out, err)
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "search_outcome.py: interrupted (SIGTERM)"
+    confirmed = pd.read_csv(tmp_path / "outcome" / "confirm.csv")
+    assert "candidate" in set(confirmed.kind) and confirmed.seeds.max() == 0  # none finished
 
 
 def test_the_outcome_report_counts_a_width_1_match_and_its_baseline_as_one_training():
