@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nas.files import save_table
 from nas.host import cpu_name, pin_malloc_thresholds
 from nas.latency import resolve_network
 
@@ -127,10 +128,8 @@ def main(argv: list[str] | None = None) -> int:
               f"pinned to CPU {args.cpu}, 1 thread, thread CPU time; host steal time during the "
               f"run: {steal} jiffies; load average {os.getloadavg()[0]:.2f} after", ""]
     text = "\n".join(header + report(s, args.network)) + "\n"
-    print(text)
-    out = args.out or RESULTS / f"cpu_speed_{started:%Y%m%d_%H%M}.txt"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    out = save_table(text.rstrip("\n"),  # prints it too
+                     args.out or RESULTS / f"cpu_speed_{started:%Y%m%d_%H%M}.txt")
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

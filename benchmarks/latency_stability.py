@@ -252,10 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     details = format_details(ours, naive)
     text = ("\n".join(header) + report + "\n\nEach measurement, in the order it ran (load: "
             "1-minute load average as it finished):\n" + details + "\n")
-    print(text)
-    out = args.out or RESULTS / f"latency_stability_{started:%Y%m%d_%H%M}.txt"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    from nas.files import save_table
+
+    out = save_table(text.rstrip("\n"),  # prints it too
+                     args.out or RESULTS / f"latency_stability_{started:%Y%m%d_%H%M}.txt")
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

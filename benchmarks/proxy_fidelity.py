@@ -40,6 +40,7 @@ from scipy import stats
 from nas.arch import Architecture, load_architecture
 from nas.cost import count_macs, count_params
 from nas.data import load_data
+from nas.files import save_table, write_atomic
 from nas.host import cpu_name
 from nas.model import build_model
 from nas.proxy import OPTIMIZER_DEFAULTS, CandidateFailed, ProxyBudget, proxy_train
@@ -333,10 +334,8 @@ def main() -> int:
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, state_path)
-        Path(args.out).write_text(report(archs, ladder, state, args) + "\n")
-    text = report(archs, ladder, state, args)
-    print(text)
-    Path(args.out).write_text(text + "\n")
+        write_atomic(args.out, report(archs, ladder, state, args) + "\n")  # so far
+    save_table(report(archs, ladder, state, args), args.out)
     return 0
 
 

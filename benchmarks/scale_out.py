@@ -152,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"small proxy, or {default:.3f} of the default one, so one server feeds about "
                   f"{best / machine:.0f} machines of the small proxy, or {best / default:.0f} "
                   f"of the default one, before the storage limits throughput"]
-    text = "\n".join(lines) + "\n"
-    print(text)
+    text = "\n".join(lines)
     if args.out:
-        save_table(text, args.out)
+        save_table(text, args.out)  # prints it too
+    else:
+        print(text)
     return 0
 
 
