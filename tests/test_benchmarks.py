@@ -299,6 +299,23 @@ def test_the_outcome_report_counts_a_width_1_match_and_its_baseline_as_one_train
     assert outcome.trainings(df, seeds=2) == (5, 2 + 1 + 2 + 2)
 
 
+def test_the_ratio_noise_table_splits_the_spread_within_and_between_processes():
+    noise = _benchmark("latency_ratio_noise")
+    # two processes that agree within themselves and differ from each other by 10%
+    runs = [{"a": {"12": {"medians": [1.0, 1.0, 1.0], "seconds": 2.0}}},
+            {"a": {"12": {"medians": [1.1, 1.1, 1.1], "seconds": 4.0}}}]
+    row = noise.spread(runs, "a", "12", repeats=3)
+    assert row["within"] == 0.0 and row["sd_of_mean"] == 0.0
+    assert row["between"] == pytest.approx(0.1 / 1.05) and row["medians"] == [1.0, 1.1]
+    assert row["seconds"] == 3.0
+    # one process that wanders: the within-process sd is pooled over processes, of the mean
+    runs[1]["a"]["12"]["medians"] = [0.9, 1.1, 1.3]
+    row = noise.spread(runs, "a", "12", repeats=3)
+    assert row["within"] == pytest.approx(np.sqrt(0.04 / 2) / (6.3 / 6))
+    assert row["sd_of_mean"] == pytest.approx(row["within"] / np.sqrt(3))
+    assert row["between"] == pytest.approx(0.1 / 1.05)
+
+
 def test_the_aa_summary_measures_rank_agreement_and_the_largest_drift():
     aa = _benchmark("latency_aa")
     passes = [{"a": {"ms": 1.0, "seconds": 1}, "b": {"ms": 2.0, "seconds": 1},
