@@ -75,10 +75,7 @@ def main() -> None:
     for run in args.runs:
         lines += [*describe(run), ""]
     text = "\n".join(lines)
-    if args.out:
-        save_table(text, args.out)
-    else:
-        print(text)
+    save_table(text, args.out)  # prints it; writes it with --out
 
 
 if __name__ == "__main__":

@@ -291,10 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         if "server" in parts:
             lines += ["", *server_agreement(specs, args.runtime, args.input_size)]
     text = "\n".join(lines)
-    if args.out:
-        save_table(text, args.out)  # prints it too
-    else:
-        print(text)
+    save_table(text, args.out)  # prints it; writes it with --out
     return 0
 
 

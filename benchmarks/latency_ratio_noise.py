@@ -141,10 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{' '.join(f'{m:.4f}' for m in row['medians']):<30} "
                          f"{row['seconds']:>9.2f}")
     text = "\n".join(lines)
-    if args.out:
-        save_table(text, args.out)  # prints it too
-    else:
-        print(text)
+    save_table(text, args.out)  # prints it; writes it with --out
     return 0
 
 

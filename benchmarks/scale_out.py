@@ -153,10 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{best / machine:.0f} machines of the small proxy, or {best / default:.0f} "
                   f"of the default one, before the storage limits throughput"]
     text = "\n".join(lines)
-    if args.out:
-        save_table(text, args.out)  # prints it too
-    else:
-        print(text)
+    save_table(text, args.out)  # prints it; writes it with --out
     return 0
 
 

@@ -163,10 +163,7 @@ def write(args: argparse.Namespace, argv: list[str] | None, df: pd.DataFrame, re
               f"top candidate and every baseline; run folder {run_dir}",
               *([f"# {note}"] if note else [])]
     text = "\n".join([*header, "", *format_table(df), "", *verdict(df)])
-    if args.out:
-        save_table(text, args.out)  # prints it too
-    else:
-        print(text)
+    save_table(text, args.out)  # prints it; writes it with --out
 
 
 def trainings(df: pd.DataFrame, seeds: int) -> tuple[int, int]:

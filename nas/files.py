@@ -30,9 +30,12 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     return path
 
 
-def save_table(text: str, out: str | os.PathLike) -> Path:
-    """Print a benchmark's table and keep it as its results file (its folder made if missing)."""
+def save_table(text: str, out: str | os.PathLike | None) -> Path | None:
+    """Print a benchmark's table and keep it as its results file, if `out` names one (its
+    folder made if missing)."""
     print(text)
+    if out is None:
+        return None
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(out, text + "\n")
 
