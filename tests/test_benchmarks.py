@@ -213,6 +213,7 @@ def test_a_benchmark_table_is_printed_and_kept_whole_in_a_folder_made_for_it(tmp
     assert out.read_text() == "# head\nrow 1\n" and capsys.readouterr().out == "# head\nrow 1\n"
     save_table("again", out)  # replaced, not appended
     assert out.read_text() == "again\n" and not list(out.parent.glob(".*tmp"))
+    capsys.readouterr()
     assert save_table("only shown", None) is None  # no --out: printed, nothing written
     assert capsys.readouterr().out == "only shown\n" and out.read_text() == "again\n"
 
