@@ -875,6 +875,29 @@ def test_an_interrupt_python_swallowed_still_stops_the_search_in_the_trial(
     assert (pd.read_csv(tmp_path / "s" / "trials.csv").state == "COMPLETE").sum() == 1
 
 
+def test_a_trial_the_storage_failed_is_not_counted_and_another_takes_its_place(
+        image_folder, tmp_path, monkeypatch):
+    # a PostgreSQL restart mid-trial (tests/test_postgres.py) failed the trial as the
+    # candidate's own failure: it counted toward --trials and the search ran one short
+    calls = []
+
+    def proxy_then_storage_error(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise optuna.exceptions.StorageInternalError(
+                "An exception is raised during the commit.\nmore")
+        return proxy_train(*a, **kw)
+
+    monkeypatch.setattr("nas.search.objective.proxy_train", proxy_then_storage_error)
+    assert main(args(tmp_path, image_folder, "--trials", "3")) == 0
+    trials = study_of(tmp_path).trials
+    assert [counts_toward_trials(t) for t in trials] == [True, False, True, True]
+    assert trials[1].state == optuna.trial.TrialState.FAIL
+    assert trials[1].user_attrs["end"] == "storage"
+    assert trials[1].user_attrs["fail_reason"] == (
+        "the study's storage failed: An exception is raised during the commit.")
+
+
 def _ctrl_c_in_the_second_call(monkeypatch, owner, name: str) -> None:
     """Ctrl-C in the second call of owner.name, as the SIGINT handler does it: the flag set,
     then KeyboardInterrupt; once only."""

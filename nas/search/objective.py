@@ -239,6 +239,16 @@ def make_objective(ctx: Context):
         except CandidateFailed as e:
             set_end(trial, TrialEnd.FAILED, str(e))
             raise
+        except optuna.exceptions.StorageInternalError as e:
+            if INTERRUPTED.is_set():
+                raise
+            # not the candidate's failure: a PostgreSQL restart failed a trial, which counted
+            # toward --trials, and the search ran one candidate short
+            said = str(e.args[0]) if e.args else repr(e)
+            reason = f"the study's storage failed: {said.splitlines()[0] if said else repr(e)}"
+            with contextlib.suppress(Exception):  # it may still be down
+                set_end(trial, TrialEnd.STORAGE, reason)
+            raise CandidateFailed(reason) from e
         except Exception as e:
             if INTERRUPTED.is_set():  # the interrupt, surfacing as another error
                 raise

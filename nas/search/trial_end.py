@@ -1,6 +1,6 @@
 """How a trial ended, stored on it as a structured user attribute, and whether it counts toward
---trials: a candidate cut short by an interrupt or a dead worker was never scored, so the same
-command evaluates another in its place."""
+--trials: a candidate cut short by an interrupt, a dead worker or a failing study database was
+never scored, so the same command evaluates another in its place."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ class TrialEnd(str, enum.Enum):
     FAILED = "failed"  # the candidate failed on its own: NaN loss, out of memory, conversion
     INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM cut it short
     DIED = "died"  # its worker process was killed
+    STORAGE = "storage"  # the study's database failed under it (a restart, a lost connection)
 
 
-NOT_COUNTED = {TrialEnd.INTERRUPTED.value, TrialEnd.DIED.value}
+NOT_COUNTED = {TrialEnd.INTERRUPTED.value, TrialEnd.DIED.value, TrialEnd.STORAGE.value}
 
 
 def set_end(trial: optuna.Trial, end: TrialEnd, reason: str) -> None:
