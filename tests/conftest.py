@@ -1,7 +1,11 @@
 """Shared fixtures: a small learnable image folder made inside the tests."""
 
+import os
 import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -44,6 +48,25 @@ def _no_interrupt_left_over(monkeypatch):
     for s, handler in handlers.items():
         signal.signal(s, handler)
     sys.unraisablehook = hook
+
+
+def sigterm_once(cmd: list[str], ready: Callable[[], bool], wait_s: float = 300
+                 ) -> tuple[int, str, str]:
+    """Run `cmd`, send it SIGTERM once `ready()` (or it ended, or wait_s passed); its status,
+    stdout and stderr. The process never outlives the call."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        end = time.time() + wait_s
+        while not ready() and proc.poll() is None and time.time() < end:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out, err
 
 
 def one_line_error(capsys, tool: str, fragment: str) -> str:

@@ -3,18 +3,15 @@ merging, and the variants the fastconv and throughput benchmarks compare."""
 
 import importlib.util
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import sigterm_once
 
 from nas.arch import load_architecture
 from nas.data import DataSplits, ImageDataset
@@ -268,25 +265,13 @@ def test_sigterm_stops_the_search_outcome_in_one_line_and_keeps_the_confirmation
     tiny = ("--space tiny --val-size 30 --proxy-images 64 --proxy-batch 32 --input-size 32 "
             "--latency-time 0.1 --proxy-epochs 1 --runtime eager --latency-protocol single")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "search_outcome.py"
-    proc = subprocess.Popen(
+    confirm_dir = tmp_path / "outcome" / "confirm"
+    status, out, err = sigterm_once(
         [sys.executable, str(script), "--data", str(image_folder), "--trials", "2", "--top",
          "1", "--epochs", "500", "--seeds", "1", "--space", "tiny", "--batch-size", "32",
          "--runs-dir", str(tmp_path), "--search-flags", tiny],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    confirm_dir = tmp_path / "outcome" / "confirm"
-    try:
-        end = time.time() + 300
-        while (not list(confirm_dir.glob("*/*/seed0/checkpoint.pt")) and proc.poll() is None
-               and time.time() < end):
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 143, (out, err)
+        ready=lambda: bool(list(confirm_dir.glob("*/*/seed0/checkpoint.pt"))))
+    assert status == 143, (out, err)
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == "search_outcome.py: interrupted (SIGTERM)"
     confirmed = pd.read_csv(tmp_path / "outcome" / "confirm.csv")

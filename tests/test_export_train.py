@@ -3,18 +3,14 @@
 import errno
 import io
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import pandas as pd
 import pytest
 import torch
-from conftest import one_line_error
+from conftest import one_line_error, sigterm_once
 
 from nas import export, plot, search, train
 from nas.arch import BlockSpec, load_architecture
@@ -206,23 +202,12 @@ def test_sigterm_stops_training_as_ctrl_c_does(run, image_folder, tmp_path):
     arch_file = tmp_path / "a.yaml"
     arch_file.write_text(replace(load_architecture(run / "best.yaml"), blocks=tuple(
         BlockSpec.from_str(b) for b in TRAINABLE_TINY)).to_yaml())
-    proc = subprocess.Popen(
+    ckpt = tmp_path / "t" / "checkpoint.pt"
+    status, out, err = sigterm_once(
         [sys.executable, "-m", "nas.train", str(arch_file), "--data", str(image_folder),
          "--runs-dir", str(tmp_path), "--name", "t", "--batch-size", "32", "--no-progress",
-         "--epochs", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    ckpt = tmp_path / "t" / "checkpoint.pt"
-    try:
-        end = time.time() + 120
-        while not ckpt.exists() and proc.poll() is None and time.time() < end:
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 143, (out, err)
+         "--epochs", "500"], ready=ckpt.exists, wait_s=120)
+    assert status == 143, (out, err)
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
         f"nas.train: interrupted (SIGTERM); {ckpt} holds the last finished epoch, and the same "
