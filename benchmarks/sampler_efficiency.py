@@ -8,8 +8,12 @@ Every sampler searches the default space exactly as `nas.search` asks it (`Searc
 scored by the surrogate's predicted proxy accuracy and latency, for `--seeds` seeds of
 `--trials` trials: the MnasNet soft and hard rewards at two targets (the 25th and 50th
 percentiles of the measured latencies, rounded to 0.1 ms) and the Pareto objective (accuracy
-up, latency down). Each finished run is one line appended to `--state` (JSON lines), so an
-interrupted benchmark resumes. The table reports, per objective and sampler:
+up, latency down). Each finished run is one JSON line appended to `--state`, a folder holding
+one gzip file per sampler (`gp.jsonl.gz`, ...), so an interrupted benchmark resumes. The
+default folder is committed (`benchmarks/results/sampler_efficiency_runs/`): the runs are the
+data behind the committed table, the surrogate makes them machine-independent, and a
+benchmark of several hours (Optuna's GP sampler takes 2-3 minutes a run) goes on in the next
+session on whatever machine it gets. The table reports, per objective and sampler:
 
 - trials to reach random search's median best reward at 100 trials (median over seeds, and
   the quartiles; a seed that never reaches it within --trials counts as more than --trials);
@@ -23,10 +27,12 @@ interrupted benchmark resumes. The table reports, per objective and sampler:
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import multiprocessing as mp
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,7 +49,7 @@ from nas.search.config import SearchConfig  # noqa: E402
 from nas.search.study import make_sampler  # noqa: E402
 from nas.space import load_space  # noqa: E402
 
-STATE = Path("/tmp/sampler_efficiency_runs.jsonl")
+STATE = Path(__file__).parent / "results" / "sampler_efficiency_runs"
 CHANCE = 0.10
 MILESTONES = (50, 100, 200)
 
@@ -130,14 +136,25 @@ def one_run(task: tuple[str, str, int, int, dict]) -> dict:
 
 
 def load_state(path: Path) -> list[dict]:
+    """Every finished run in the folder `path` (its *.jsonl.gz, one per sampler)."""
     runs = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                runs.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line cut short by an interruption: that run is redone
+    for f in sorted(path.glob("*.jsonl.gz")) if path.is_dir() else []:
+        try:
+            with gzip.open(f, "rt") as lines:
+                for line in lines:
+                    try:
+                        runs.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass  # a line cut short by an interruption: that run is redone
+        except (EOFError, gzip.BadGzipFile, zlib.error):
+            pass  # the last gzip member cut short: the runs read before it stand
     return runs
+
+
+def append_run(path: Path, run: dict) -> None:
+    """One finished run, appended to its sampler's file as a gzip member of its own."""
+    with gzip.open(path / f"{run['sampler']}.jsonl.gz", "at") as f:
+        f.write(json.dumps(run) + "\n")
 
 
 # --------------------------------------------------------------------------- summary
@@ -217,7 +234,8 @@ def main() -> None:
     p.add_argument("--samplers", default=",".join(SAMPLERS))
     p.add_argument("--objectives", default=None, help="default: all of " + ", ".join(
         ["soft@low", "hard@low", "soft@mid", "hard@mid", "pareto"]))
-    p.add_argument("--state", type=Path, default=STATE)
+    p.add_argument("--state", type=Path, default=STATE,
+                   help="folder of finished runs, one <sampler>.jsonl.gz each (default: %(default)s)")
     p.add_argument("--summary-only", action="store_true")
     args = p.parse_args()
     tgt = targets()
@@ -226,6 +244,8 @@ def main() -> None:
     unknown = [s for s in wanted if s not in SAMPLERS]
     if unknown:
         p.error(f"--samplers: {unknown} unknown; allowed: {list(SAMPLERS)}")
+    if args.state.exists() and not args.state.is_dir():
+        p.error(f"--state {args.state}: a folder of <sampler>.jsonl.gz files, not a file")
     runs = [r for r in load_state(args.state) if len(r["acc"]) == args.trials]
     done = {(r["sampler"], r["objective"], r["seed"]) for r in runs}
     tasks = [(s, o, seed, args.trials, tgt) for seed in range(args.seeds) for o in wanted_obj
@@ -234,12 +254,10 @@ def main() -> None:
     if tasks and not args.summary_only:
         print(f"{len(tasks)} runs to do ({len(done)} done) with {args.jobs} processes",
               flush=True)
-        args.state.parent.mkdir(parents=True, exist_ok=True)
-        with mp.get_context("spawn").Pool(args.jobs, initializer=_init) as pool, \
-                args.state.open("a") as f:
+        args.state.mkdir(parents=True, exist_ok=True)
+        with mp.get_context("spawn").Pool(args.jobs, initializer=_init) as pool:
             for k, run in enumerate(pool.imap_unordered(one_run, tasks), 1):
-                f.write(json.dumps(run) + "\n")
-                f.flush()
+                append_run(args.state, run)
                 runs.append(run)
                 print(f"[{k}/{len(tasks)}] {run['sampler']} {run['objective']} seed "
                       f"{run['seed']}: {run['seconds']:.1f} s", flush=True)

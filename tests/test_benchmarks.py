@@ -416,6 +416,23 @@ def test_the_sampler_table_counts_trials_to_random_s_bar_regret_and_hypervolume(
         (0.4 - 0.1) * (10 - 4) + (0.5 - 0.4) * (10 - 8))
 
 
+def test_sampler_runs_are_kept_per_sampler_and_a_cut_last_run_is_redone(tmp_path):
+    eff = _benchmark("sampler_efficiency")
+    runs = [{"sampler": s, "objective": "soft@low", "seed": k, "seconds": 1.0,
+             "acc": [0.5], "lat": [3.0]} for s, k in (("gp", 0), ("tpe", 0), ("gp", 1))]
+    for r in runs:
+        before = (tmp_path / "gp.jsonl.gz").stat().st_size if r["seed"] else 0
+        eff.append_run(tmp_path, r)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["gp.jsonl.gz", "tpe.jsonl.gz"]
+    assert sorted((r["sampler"], r["seed"]) for r in eff.load_state(tmp_path)) == [
+        ("gp", 0), ("gp", 1), ("tpe", 0)]
+    gp = tmp_path / "gp.jsonl.gz"
+    cut = (before + gp.stat().st_size) // 2  # the session ended inside the last write
+    gp.write_bytes(gp.read_bytes()[:cut])
+    assert sorted((r["sampler"], r["seed"]) for r in eff.load_state(tmp_path)) == [
+        ("gp", 0), ("tpe", 0)]
+
+
 def test_the_real_sampler_comparison_runs_both_searches_and_holds_them_to_random_s_best(
         image_folder, tmp_path):
     real = _benchmark("sampler_real")
