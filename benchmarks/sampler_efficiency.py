@@ -235,7 +235,8 @@ def main() -> None:
     p.add_argument("--objectives", default=None, help="default: all of " + ", ".join(
         ["soft@low", "hard@low", "soft@mid", "hard@mid", "pareto"]))
     p.add_argument("--state", type=Path, default=STATE,
-                   help="folder of finished runs, one <sampler>.jsonl.gz each (default: %(default)s)")
+                   help="folder of finished runs, one <sampler>.jsonl.gz each "
+                        "(default: %(default)s)")
     p.add_argument("--summary-only", action="store_true")
     args = p.parse_args()
     tgt = targets()

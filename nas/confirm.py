@@ -36,6 +36,7 @@ from nas.cost import count_macs, count_params
 from nas.data import DataError, DataSplits, load_data
 from nas.files import write_atomic
 from nas.host import is_out_of_memory
+from nas.interleaved import REFERENCE_ATTR
 from nas.interrupts import run_tool
 from nas.latency import LatencyError
 from nas.latency_client import connect
@@ -72,7 +73,7 @@ class ConfirmConfig:
     seeds: int = 2
     baselines: tuple[str, ...] | None = None  # None: the run's own (baselines.csv)
     match_latency: bool = False
-    latency: bool = True  # False: --no-latency, the run's own measurements are used
+    latency: bool = True  # False: --no-latency, the latencies (and matches) kept in the run
     latency_time: float = 2.0
     latency_server: str | None = None  # measure on that device (nas.latency serve)
     latency_token_file: str | None = None
@@ -158,6 +159,17 @@ def measure_all(nets: list[Network], measure: RunLatency, folder: Path) -> None:
         n.latency_ms, n.latency_cv = saved["ms"][n.arch.to_str()], saved["cv"][n.arch.to_str()]
 
 
+def kept_sitting(nets: list[Network], folder: Path) -> None:
+    """--no-latency: each network's latency from the sitting kept in confirm/latency.json (a
+    confirmation carried to another machine), else its match's or the run's own."""
+    path = folder / LATENCY_FILE
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    for n in nets:
+        key = n.arch.to_str()
+        if key in saved.get("ms", {}):
+            n.latency_ms, n.latency_cv = saved["ms"][key], saved["cv"][key]
+
+
 def kept_matches(folder: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """{family: {candidate: {mult, latency_ms, gap, arch}}} from confirm/matches.json, or for a
     confirmation from before that file, the matched rows of its confirm.csv (without `arch`)."""
@@ -183,12 +195,13 @@ def kept_matches(folder: Path) -> dict[str, dict[str, dict[str, Any]]]:
     return kept
 
 
-def matched_baselines(families: list[Network], nets: list[Network], measure: RunLatency,
-                      folder: Path) -> list[Network]:
+def matched_baselines(families: list[Network], nets: list[Network],
+                      measure: RunLatency | None, folder: Path) -> list[Network]:
     """For each baseline family and each candidate, the width multiplier (multiples of 0.05)
     whose latency on this target is nearest the candidate's. Kept in confirm/matches.json: a
     resumed confirmation keeps its matches (matching again picks a neighbouring width as often
-    as not, and trains it) and matches only new pairs, or a candidate whose network changed."""
+    as not, and trains it) and matches only new pairs, or a candidate whose network changed.
+    With no `measure` (--no-latency, on another machine) every pair must have been kept."""
     kept = kept_matches(folder)
     out: dict[str, Network] = {}
     for fam in families:
@@ -198,6 +211,10 @@ def matched_baselines(families: list[Network], nets: list[Network], measure: Run
             if old is not None and old.get("arch", cand.arch.to_str()) == cand.arch.to_str():
                 print(f"{spec}: x{old['mult']:g} matched to {cand.name} before "
                       f"({old['gap']:+.1%}), kept", flush=True)
+            elif measure is None:
+                raise ConfirmError(f"--match-latency --no-latency: {folder / MATCHES_FILE} "
+                                   f"has no match of {spec} for {cand.name}; match the widths "
+                                   f"on the machine the run measured latency on")
             else:
                 m = match_width(spec, cand.latency_ms,
                                 lambda s: measure(load_architecture(s))[0])
@@ -212,6 +229,7 @@ def matched_baselines(families: list[Network], nets: list[Network], measure: Run
                 out[spec_at].matched_to += f", {how}"
             else:
                 out[spec_at] = Network(spec_at, "matched", load_architecture(spec_at),
+                                       latency_ms=old.get("latency_ms", math.nan),
                                        matched_to=how)
     return list(out.values())
 
@@ -397,10 +415,20 @@ def confirm(config: ConfirmConfig) -> pd.DataFrame:
     final_map = (settings.get("budget") or {}).get("final_map", 1)
     nets = cands + bases
     folder = config.run / CONFIRM_DIR
+    if not config.latency:  # before the first file is written: every match must be kept
+        kept_sitting(nets, folder)
+        if config.match_latency:
+            nets += [m for m in matched_baselines(bases, nets, None, folder)
+                     if m.name not in {n.name for n in nets}]
+            kept_sitting(nets, folder)
     folder.mkdir(exist_ok=True)
     if config.latency:
+        # On the study's yardstick (the reference latency it kept), as nas.plot --remeasure:
+        # a sitting calibrated anew put every network 26% above the search's own numbers (a
+        # slow spell of the VM), and the rewards against T with them
         measure = RunLatency(settings, data.num_classes, config.latency_time, remote,
-                             calibration_for(settings, data))
+                             calibration_for(settings, data),
+                             reference_ms=study.user_attrs.get(REFERENCE_ATTR))
         measure_all(nets, measure, folder)
         if config.match_latency:
             nets += [m for m in matched_baselines(bases, nets, measure, folder)
@@ -446,8 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train each baseline family at the width multiplier (multiples "
                         "of 0.05) whose latency is nearest each candidate's")
     p.add_argument("--no-latency", dest="latency", action="store_false",
-                   help="use the run's own latencies instead of re-measuring (for a run "
-                        "searched on another machine)")
+                   help="measure nothing: the latencies of the sitting kept in "
+                        "confirm/latency.json, else the run's own, and with --match-latency "
+                        "the widths kept in confirm/matches.json (a confirmation carried to "
+                        "another machine to train)")
     p.add_argument("--latency-time", type=float, default=2.0,
                    help="seconds of measuring per network")
     p.add_argument("--latency-server", default=None, metavar="URL",
@@ -489,9 +519,6 @@ def check(c: ConfirmConfig) -> None:
     connect(c.latency_server, c.latency_token_file)
     if c.latency_server and not c.latency:
         raise ConfirmError("--latency-server measures latency; leave out --no-latency")
-    if c.match_latency and not c.latency:
-        raise ConfirmError("--match-latency needs latency measured here; leave out "
-                           "--no-latency")
     if c.device == "cuda" and not torch.cuda.is_available():
         raise ConfirmError("--device cuda: no CUDA GPU is available on this machine; use cpu")
     if not c.run.is_dir():

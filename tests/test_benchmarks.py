@@ -4,8 +4,10 @@ merging, and the variants the fastconv and throughput benchmarks compare."""
 import importlib.util
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -256,6 +258,42 @@ def test_the_search_outcome_benchmark_confirms_a_real_search_against_matched_bas
                          "--epochs", "1", "--seeds", "1", "--space", "tiny", "--batch-size", "32",
                          "--runs-dir", str(tmp_path), "--search-flags", tiny]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "outcome" / "confirm.csv"), confirmed)
+    # carried to another machine (a session on another VM): the trainings still missing are
+    # trained at the latencies and widths kept, and nothing is measured or searched
+    run = tmp_path / "outcome"
+    missing = confirmed[confirmed.kind == "matched"].network.iloc[0]
+    shutil.rmtree(run / "confirm" / outcome.training_name(missing))
+    for ckpt in run.rglob("*.pt"):
+        ckpt.unlink()
+    monkeypatch.setattr("nas.latency.cpu_name", lambda: "Another CPU (family 1 model 2, avx2)")
+    monkeypatch.setattr(outcome, "search", lambda *a: pytest.fail("searched again"))
+    carried = ["--no-latency", "--data", str(image_folder), "--top", "1", "--epochs", "1",
+               "--seeds", "1", "--space", "tiny", "--batch-size", "32", "--runs-dir",
+               str(tmp_path)]
+    assert outcome.main(carried) == 0
+    again = pd.read_csv(run / "confirm.csv")
+    assert list(again.network) == list(confirmed.network) and (again.seeds == 1).all()
+    assert list(again.latency_ms) == pytest.approx(list(confirmed.latency_ms))
+    assert outcome.main([*carried[:-1], str(tmp_path / "elsewhere")]) == 2
+
+
+def test_the_outcome_target_is_on_the_search_s_own_yardstick(monkeypatch):
+    """T and the bracketing MobileNetV3 come from the protocol the search measures by: raw
+    milliseconds on a VM whose speed swings are another yardstick than the study's."""
+    outcome = _benchmark("search_outcome")
+    monkeypatch.setattr(outcome, "load_architecture", lambda name: name)
+    monkeypatch.setattr(outcome, "build_model", lambda name, num_classes: name)
+    ratio = {"mobilenet_v3_small": 2.0, "mobilenet_v3_large": 4.0, "mobilenet_v2": 8.0}
+    raw = {"mobilenet_v3_small": 2.0, "mobilenet_v3_large": 9.0, "mobilenet_v2": 8.0}
+    monkeypatch.setattr(outcome, "measure_interleaved",
+                        lambda m, *a, **kw: SimpleNamespace(latency_ms=ratio[m]))
+    monkeypatch.setattr(outcome, "measure_latency",
+                        lambda m, *a, **kw: SimpleNamespace(median_ms=raw[m]))
+    draft = SimpleNamespace(latency_protocol="interleaved", input_size=224, device="cpu",
+                            threads=1, runtime="onnxruntime", precision="fp32")
+    assert outcome.bracketing_target(draft, 10) == (4.0, "mobilenet_v3_large", ratio)
+    single = SimpleNamespace(**{**vars(draft), "latency_protocol": "single"})
+    assert outcome.bracketing_target(single, 10) == (4.0, "mobilenet_v3_small", raw)
 
 
 def test_sigterm_stops_the_search_outcome_in_one_line_and_keeps_the_confirmation_table(

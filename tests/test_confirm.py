@@ -12,8 +12,10 @@ from conftest import one_line_error
 from nas import confirm, export
 from nas.arch import load_architecture
 from nas.cost import count_params
+from nas.interleaved import REFERENCE_ATTR
 from nas.model import build_model
 from nas.proxy import CandidateFailed
+from nas.run_folder import load_run_study
 from nas.search import main as search
 
 FAST = ["--epochs", "1", "--batch-size", "32", "--latency-time", "0.1", "--no-progress"]
@@ -181,7 +183,7 @@ def test_a_resumed_confirmation_keeps_its_matches(run, monkeypatch):
     (["--top", "0"], "--top 0: must be >= 1"),
     (["--baselines", "mobilenet_v2@abc"], "--baselines"),
     (["--baselines", "no_such_net"], "--baselines"),
-    (["--match-latency", "--no-latency"], "--match-latency needs latency"),
+    (["--match-latency", "--no-latency"], "matches.json has no match of mobilenet_v3_small"),
     (["--lr", "nan"], "--lr nan"),
     (["--latency-server", "http://127.0.0.1:9"], "--latency-server and --latency-token-file go"),
     (["--latency-server", "http://127.0.0.1:9", "--latency-token-file", "/no/token"],
@@ -203,6 +205,45 @@ def test_a_run_from_another_machine_is_refused_unless_no_latency(run, capsys, mo
     df = pd.read_csv(run / "confirm.csv")
     trials = pd.read_csv(run / "trials.csv").set_index("number")
     assert df.latency_ms[0] == pytest.approx(trials.latency_ms[int(df.trial[0])])  # the run's
+
+
+def test_a_confirmation_carried_to_another_machine_trains_what_is_missing_at_kept_latencies(
+        run, monkeypatch):
+    """Matched and timed on the run's machine, trained on another (a session on another VM):
+    --no-latency keeps the sitting's latencies and the matched widths, measures nothing."""
+    argv = [str(run), "--top", "1", "--seeds", "1", "--match-latency", *FAST]
+    assert confirm.main(argv) == 0
+    first = pd.read_csv(run / "confirm.csv")
+    matched = first[first.kind == "matched"].network.iloc[0]
+    shutil.rmtree(run / "confirm" / confirm.training_name(matched))  # not trained yet there
+    for ckpt in (run / "confirm").rglob("*.pt"):
+        ckpt.unlink()  # carried without its checkpoints
+    monkeypatch.setattr("nas.latency.cpu_name", lambda: "Another CPU (family 1 model 2, avx2)")
+    monkeypatch.setattr(confirm, "match_width", lambda *a, **kw: pytest.fail("matched again"))
+    monkeypatch.setattr(confirm, "RunLatency", lambda *a, **kw: pytest.fail("measured"))
+    trained = []
+    real_train = confirm.train
+    monkeypatch.setattr(confirm, "train",
+                        lambda arch, *a, **kw: trained.append(arch) or real_train(arch, *a, **kw))
+    assert confirm.main([*argv, "--no-latency"]) == 0
+    assert [a.to_str() for a in trained] == [load_architecture(matched).to_str()]
+    again = pd.read_csv(run / "confirm.csv")
+    assert list(again.network) == list(first.network)
+    assert list(again.latency_ms) == pytest.approx(list(first.latency_ms))  # the kept sitting's
+    assert list(again.seeds) == [1] * len(again)
+
+
+def test_the_sitting_is_measured_on_the_study_s_yardstick(run, monkeypatch):
+    """Against the reference latency the study kept, as the search and nas.plot --remeasure:
+    a sitting calibrated anew put every network 26% above the search's numbers."""
+    study, _ = load_run_study(run)
+    study.set_user_attr(REFERENCE_ATTR, 7.25)
+    seen = []
+    real = confirm.RunLatency
+    monkeypatch.setattr(confirm, "RunLatency",
+                        lambda *a, **kw: seen.append(kw.get("reference_ms")) or real(*a, **kw))
+    assert confirm.main([str(run), "--top", "1", "--seeds", "1", *FAST]) == 0
+    assert seen == [7.25]
 
 
 def test_a_run_without_a_complete_trial_is_one_line(tmp_path, capsys):
