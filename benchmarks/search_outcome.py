@@ -44,12 +44,12 @@ from nas.model import build_model
 from nas.results import load_baselines
 from nas.run_folder import CONFIRM_CSV
 from nas.search import run as search
-from nas.search.config import config_from_argv
+from nas.search.config import SearchConfig, config_from_argv
 
 OUTCOME_JSON = "outcome.json"  # in the run folder: T and the reference latencies it came from
 
 
-def bracketing_target(draft, num_classes: int) -> tuple[float, str, dict]:
+def bracketing_target(draft: SearchConfig, num_classes: int) -> tuple[float, str, dict]:
     """T between mobilenet_v3_small and mobilenet_v2, and the MobileNetV3 nearest it, on the
     search's own yardstick: by its protocol (interleaved: against the reference's latency in
     this machine's store, which the study then starts from). Raw single-protocol milliseconds

@@ -144,30 +144,21 @@ def baselines(run: Path, names: tuple[str, ...] | None) -> list[Network]:
 # --------------------------------------------------------------------------- latency
 
 
-def measure_all(nets: list[Network], measure: RunLatency, folder: Path) -> None:
+def measure_all(nets: list[Network], measure: RunLatency | None, folder: Path) -> None:
     """Every network's latency in one sitting, kept in confirm/latency.json: measured again,
-    all together, only when a network is new to it."""
+    all together, only when a network is new to it. With no `measure` (--no-latency, a
+    confirmation carried to another machine) the kept sitting's, where it has the network."""
     path = folder / LATENCY_FILE
     saved = json.loads(path.read_text()) if path.exists() else {}
-    if any(n.arch.to_str() not in saved.get("ms", {}) for n in nets):
+    if measure is not None and any(n.arch.to_str() not in saved.get("ms", {}) for n in nets):
         print(f"measuring the latency of {len(nets)} networks in one sitting ...", flush=True)
         saved = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "ms": {}, "cv": {}}
         for n in nets:
             saved["ms"][n.arch.to_str()], saved["cv"][n.arch.to_str()] = measure(n.arch)
         write_atomic(path, json.dumps(saved, indent=1))
     for n in nets:
-        n.latency_ms, n.latency_cv = saved["ms"][n.arch.to_str()], saved["cv"][n.arch.to_str()]
-
-
-def kept_sitting(nets: list[Network], folder: Path) -> None:
-    """--no-latency: each network's latency from the sitting kept in confirm/latency.json (a
-    confirmation carried to another machine), else its match's or the run's own."""
-    path = folder / LATENCY_FILE
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    for n in nets:
-        key = n.arch.to_str()
-        if key in saved.get("ms", {}):
-            n.latency_ms, n.latency_cv = saved["ms"][key], saved["cv"][key]
+        if n.arch.to_str() in saved.get("ms", {}):
+            n.latency_ms, n.latency_cv = saved["ms"][n.arch.to_str()], saved["cv"][n.arch.to_str()]
 
 
 def kept_matches(folder: Path) -> dict[str, dict[str, dict[str, Any]]]:
@@ -415,25 +406,21 @@ def confirm(config: ConfirmConfig) -> pd.DataFrame:
     final_map = (settings.get("budget") or {}).get("final_map", 1)
     nets = cands + bases
     folder = config.run / CONFIRM_DIR
-    if not config.latency:  # before the first file is written: every match must be kept
-        kept_sitting(nets, folder)
-        if config.match_latency:
-            nets += [m for m in matched_baselines(bases, nets, None, folder)
-                     if m.name not in {n.name for n in nets}]
-            kept_sitting(nets, folder)
-    folder.mkdir(exist_ok=True)
-    if config.latency:
-        # On the study's yardstick (the reference latency it kept), as nas.plot --remeasure:
-        # a sitting calibrated anew put every network 26% above the search's own numbers (a
-        # slow spell of the VM), and the rewards against T with them
-        measure = RunLatency(settings, data.num_classes, config.latency_time, remote,
-                             calibration_for(settings, data),
-                             reference_ms=study.user_attrs.get(REFERENCE_ATTR))
+    # On the study's yardstick (the reference latency it kept), as nas.plot --remeasure: a
+    # sitting calibrated anew put every network 26% above the search's own numbers (a slow
+    # spell of the VM), and the rewards against T with them. --no-latency measures nothing
+    # and writes nothing here: a pair with no kept match fails before the first file.
+    measure = (RunLatency(settings, data.num_classes, config.latency_time, remote,
+                          calibration_for(settings, data),
+                          reference_ms=study.user_attrs.get(REFERENCE_ATTR))
+               if config.latency else None)
+    if measure is not None:
+        folder.mkdir(exist_ok=True)
+    measure_all(nets, measure, folder)
+    if config.match_latency:
+        nets += [m for m in matched_baselines(bases, nets, measure, folder)
+                 if m.name not in {n.name for n in nets}]
         measure_all(nets, measure, folder)
-        if config.match_latency:
-            nets += [m for m in matched_baselines(bases, nets, measure, folder)
-                     if m.name not in {n.name for n in nets}]
-            measure_all(nets, measure, folder)
     results: dict[str, list[dict]] = {}
     cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                       final_map=final_map)
