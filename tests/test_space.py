@@ -10,6 +10,8 @@ import sys
 
 import optuna
 import pytest
+import torch
+import torchvision
 import yaml
 
 from nas.arch import ArchError, Architecture, BlockSpec, load_architecture
@@ -414,6 +416,24 @@ def test_mobilenet_v3_small_is_a_member_of_the_mobilenet_v3_space():
     assert set(params) <= set(space.param_choices())
     with pytest.raises(SpaceError, match="mobilenet_v2: head.filters=1280 is not a choice"):
         space.params_of(load_architecture("mobilenet_v2"))
+
+
+def test_mobilenet_v3_large_is_a_member_of_its_space_with_torchvision_s_shapes():
+    space = load_space("mobilenet_v3_large")
+    v3 = load_architecture("mobilenet_v3_large")
+    params = space.params_of(v3)
+    assert (params["b5_expansion"], params["b6_expansion"]) == (2.5, 2.3)  # 200 and 184 over 80
+    arch = space.sample(optuna.trial.FixedTrial(params))
+    assert dataclasses.replace(arch, name=v3.name) == v3
+    def shapes(net: torch.nn.Module) -> list[tuple[int, ...]]:
+        return sorted(tuple(t.shape) for t in net.state_dict().values())
+
+    assert shapes(build_model(arch, num_classes=1000)) == shapes(
+        torchvision.models.mobilenet_v3_large())
+    with pytest.raises(SpaceError, match="mobilenet_v3_small: has 7 blocks; space "
+                                         "mobilenet_v3_large has 9"):
+        space.params_of(load_architecture("mobilenet_v3_small"))
+    assert space.size() > load_space("mobilenet_v3").size()
 
 
 def test_network_wide_choices_are_sampled_and_inverted():
