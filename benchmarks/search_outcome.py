@@ -49,13 +49,14 @@ from nas.search.config import SearchConfig, config_from_argv
 OUTCOME_JSON = "outcome.json"  # in the run folder: T and the reference latencies it came from
 
 
-def bracketing_target(draft: SearchConfig, num_classes: int) -> tuple[float, str, dict]:
-    """T between mobilenet_v3_small and mobilenet_v2, and the MobileNetV3 nearest it, on the
-    search's own yardstick: by its protocol (interleaved: against the reference's latency in
-    this machine's store, which the study then starts from). Raw single-protocol milliseconds
-    put mobilenet_v2 at 9.14 ms where the study's yardstick said 6.21 ms, on a VM whose speed
-    swung by half between sittings, and T at 4.58 ms instead of about 3.4
-    (search_outcome_mnasnet_xeon.txt)."""
+def bracketing_target(draft: SearchConfig, num_classes: int, target: float | None = None
+                      ) -> tuple[float, str, dict]:
+    """T (`target`, else between mobilenet_v3_small and mobilenet_v2) and the MobileNetV3
+    nearest it, on the search's own yardstick: by its protocol (interleaved: against the
+    reference's latency in this machine's store, which the study then starts from). Raw
+    single-protocol milliseconds put mobilenet_v2 at 9.14 ms where the study's yardstick said
+    6.21 ms, on a VM whose speed swung by half between sittings, and T at 4.58 ms instead of
+    about 3.4 (search_outcome_mnasnet_xeon.txt)."""
     def measure(name: str) -> float:
         model = build_model(load_architecture(name), num_classes=num_classes)
         if draft.latency_protocol in ("interleaved", "ladder"):
@@ -68,7 +69,8 @@ def bracketing_target(draft: SearchConfig, num_classes: int) -> tuple[float, str
                                precision=draft.precision).median_ms
     ms = {name: measure(name)
           for name in ("mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2")}
-    target = math.sqrt(ms["mobilenet_v3_small"] * ms["mobilenet_v2"])
+    if target is None:
+        target = math.sqrt(ms["mobilenet_v3_small"] * ms["mobilenet_v2"])
     v3 = min(("mobilenet_v3_small", "mobilenet_v3_large"), key=lambda n: abs(ms[n] - target))
     return target, v3, ms
 
@@ -159,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.target_ms is not None:
             target = args.target_ms  # another T is refused by the study, in one line
     else:
-        target, v3, refs = bracketing_target(draft, data.num_classes)
-        if args.target_ms is not None:
-            target = args.target_ms
+        target, v3, refs = bracketing_target(draft, data.num_classes, args.target_ms)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(saved, json.dumps({"reference_ms": refs, "target_ms": target, "v3": v3}))
     families = ("mobilenet_v2", "mnasnet_a1", v3)

@@ -294,6 +294,9 @@ def test_the_outcome_target_is_on_the_search_s_own_yardstick(monkeypatch):
     assert outcome.bracketing_target(draft, 10) == (4.0, "mobilenet_v3_large", ratio)
     single = SimpleNamespace(**{**vars(draft), "latency_protocol": "single"})
     assert outcome.bracketing_target(single, 10) == (4.0, "mobilenet_v3_small", raw)
+    # a --target-ms of the user's picks the MobileNetV3 nearest it, not the default T
+    assert outcome.bracketing_target(draft, 10, 3.5) == (3.5, "mobilenet_v3_large", ratio)
+    assert outcome.bracketing_target(single, 10, 7.5) == (7.5, "mobilenet_v3_large", raw)
 
 
 def test_sigterm_stops_the_search_outcome_in_one_line_and_keeps_the_confirmation_table(
