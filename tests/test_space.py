@@ -139,7 +139,7 @@ def test_fixed_factors_are_not_parameters(tiny):
     assert not any(k.startswith("b0_expansion") for k in trial.params)
 
 
-@pytest.mark.parametrize("name", ["mnasnet", "tiny"])
+@pytest.mark.parametrize("name", ["mnasnet", "mobilenet_v3", "mobilenet_v3_large", "tiny"])
 def test_params_of_round_trips_through_enqueue(name):
     space = load_space(name)
     source = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=7))
@@ -295,7 +295,7 @@ def counts_without_skip(b) -> int:
     return ops * len(b.kernel) * len(b.se_ratio)
 
 
-@pytest.mark.parametrize("name", ["mnasnet", "tiny"])
+@pytest.mark.parametrize("name", ["mnasnet", "mobilenet_v3", "mobilenet_v3_large", "tiny"])
 def test_to_dict_is_json_and_round_trips(name):
     space = load_space(name)
     data = space.to_dict()
