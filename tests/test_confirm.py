@@ -314,3 +314,22 @@ def test_a_baseline_matched_at_width_1_shares_the_baselines_training(tmp_path):
     assert confirm.train_folder(tmp_path, confirm.Network("mobilenet_v3_small@1.05", "matched",
                                                           arch), cfg) != folder
     assert folder.parts[-1] == "seed1" and folder.parts[-3] == "mobilenet_v3_small"
+
+
+def test_a_baseline_enqueued_as_a_trial_is_confirmed_as_a_baseline_not_a_candidate():
+    """An outcome run at mobilenet_v3_large's latency had the enqueued baseline as its best
+    trial: confirming it as a candidate compared the baseline with itself."""
+    study = optuna.create_study(direction="maximize")
+    arch = load_architecture("mobilenet_v3_small").to_dict()
+    for reward, enqueued in [(0.40, "mobilenet_v3_small"), (0.35, None), (0.38, None),
+                             (0.30, None)]:
+        attrs = {"arch_dict": json.dumps(arch), "accuracy": reward, "latency_ms": 2.0,
+                 "reward": reward, **({"enqueued_baseline": enqueued} if enqueued else {})}
+        study.add_trial(optuna.trial.create_trial(value=reward, user_attrs=attrs))
+    picked = confirm.candidates(study, {"target_ms": 2.0}, top=2)
+    assert [n.name for n in picked] == ["trial-2", "trial-1"]
+    assert all(n.kind == "candidate" for n in picked)
+    only = optuna.create_study(direction="maximize")
+    only.add_trial(study.trials[0])
+    with pytest.raises(confirm.ConfirmError, match=r"no completed trial yet \(enqueued"):
+        confirm.candidates(only, {"target_ms": 2.0}, top=1)
