@@ -239,15 +239,23 @@ def training_order(nets: list[Network], cands: list[Network], seeds: int
     """(network, seed) in the order that answers the question soonest: each candidate with the
     baselines matched to it, seed by seed (the top candidate first), then the baselines at
     their published width. The top candidate and every baseline get every seed, the other
-    candidates one; a confirmation stopped for time has the top candidate's verdict first."""
+    candidates one; a confirmation stopped for time has the top candidate's verdict first.
+    Within a candidate's group the family with the best proxy accuracy trains first: the
+    candidate must beat every baseline, so the likeliest to beat it answers soonest."""
     def n_seeds(net: Network) -> int:
         return seeds if (net.kind != "candidate" or net is cands[0]) else 1
+
+    proxy = {n.name: n.proxy_accuracy for n in nets if n.kind == "baseline"}
+
+    def strongest_first(net: Network) -> float:
+        acc = proxy.get(net.name.split("@")[0], math.nan)
+        return -acc if not math.isnan(acc) else math.inf
 
     order: list[tuple[Network, int]] = []
     placed: set[str] = set()
     for cand in cands:
-        group = [cand] + [n for n in nets if n.kind == "matched" and n.name not in placed
-                          and f"{cand.name} (" in n.matched_to]
+        group = [cand] + sorted((n for n in nets if n.kind == "matched" and n.name not in placed
+                                 and f"{cand.name} (" in n.matched_to), key=strongest_first)
         placed.update(n.name for n in group)
         order += [(n, s) for s in range(seeds) for n in group if s < n_seeds(n)]
     rest = [n for n in nets if n.name not in placed]

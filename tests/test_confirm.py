@@ -301,6 +301,14 @@ def test_the_training_order_puts_the_top_candidates_verdict_first():
                      ("mobilenet_v2@0.5", 1),
                      ("trial-7", 0), ("mobilenet_v2@0.75", 0), ("mobilenet_v2@0.75", 1),
                      ("mobilenet_v2", 0), ("mobilenet_v2", 1)]
+    # the family with the best proxy accuracy trains first in a candidate's group
+    v3 = confirm.Network("mobilenet_v3_small", "baseline", arch, proxy_accuracy=0.36)
+    base.proxy_accuracy = 0.24
+    m3 = confirm.Network("mobilenet_v3_small@1.1", "matched", arch, matched_to="trial-3 (+2.0%)")
+    order = [(n.name, s) for n, s in
+             confirm.training_order([c1, base, v3, m1, m3], [c1], seeds=1)]
+    assert order == [("trial-3", 0), ("mobilenet_v3_small@1.1", 0), ("mobilenet_v2@0.5", 0),
+                     ("mobilenet_v2", 0), ("mobilenet_v3_small", 0)]
 
 
 def test_a_baseline_matched_at_width_1_shares_the_baselines_training(tmp_path):
