@@ -108,7 +108,7 @@ def candidates(study, settings: dict[str, Any], top: int) -> list[Network]:
     it is (with it, an outcome run at mobilenet_v3_large's latency confirmed the baseline against
     itself)."""
     df = trials_frame(study)
-    if len(df) and "enqueued_baseline" in df:
+    if "enqueued_baseline" in df:
         df = df[df.enqueued_baseline.isna()]
     done = df[df.state == "COMPLETE"] if len(df) else df
     if not len(done):

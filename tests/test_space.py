@@ -425,6 +425,7 @@ def test_mobilenet_v3_large_is_a_member_of_its_space_with_torchvision_s_shapes()
     assert (params["b5_expansion"], params["b6_expansion"]) == (2.5, 2.3)  # 200 and 184 over 80
     arch = space.sample(optuna.trial.FixedTrial(params))
     assert dataclasses.replace(arch, name=v3.name) == v3
+
     def shapes(net: torch.nn.Module) -> list[tuple[int, ...]]:
         return sorted(tuple(t.shape) for t in net.state_dict().values())
 
