@@ -9,10 +9,11 @@ from typing import NoReturn
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown, except None and required options: their help says what applies."""
+    """Defaults shown, except None, required options and switches: their help says what applies
+    (a switch's default is its opposite, so `--no-latency (default: True)` read as on)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.required:
+        if action.default is None or action.required or action.nargs == 0:
             return action.help
         return super()._get_help_string(action)
 

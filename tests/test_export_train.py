@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import one_line_error, sigterm_once
 
-from nas import export, plot, search, train
+from nas import confirm, export, plot, search, train
 from nas.arch import BlockSpec, load_architecture
 from nas.cost import count_params
 from nas.model import build_model
@@ -491,3 +491,11 @@ def test_train_help_shows_every_default(capsys, monkeypatch):
     for flag, default in (("--epochs", 30), ("--batch-size", 128), ("--lr", 0.1), ("--seed", 0),
                           ("--device", "cpu"), ("--runs-dir", "runs")):
         assert f"(default: {default})" in entries[flag], entries[flag]
+
+
+def test_help_states_no_default_for_a_switch(capsys, monkeypatch):
+    """A switch's default is its opposite: `--no-latency ... (default: True)` read as on."""
+    entries = _help_entries(confirm, capsys, monkeypatch)
+    for flag in ("--no-latency", "--match-latency", "--no-progress"):
+        assert "(default:" not in entries[flag], entries[flag]
+    assert "(default: 20)" in entries["--epochs"]  # values still state theirs
