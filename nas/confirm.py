@@ -81,6 +81,7 @@ class ConfirmConfig:
     device: str = "cpu"
     batch_size: int = 128
     lr: float = 0.1
+    clip_grad: float | None = None  # nas.train --clip-grad
     storage: str | None = None
     progress: bool = True
 
@@ -272,6 +273,8 @@ def training_name(name: str) -> str:
 def train_folder(run: Path, net: Network, cfg: TrainConfig) -> Path:
     """confirm/<network>/<recipe>/seed<s>: another recipe is another experiment, not a resume."""
     recipe = f"e{cfg.epochs}-b{cfg.batch_size}-lr{cfg.lr:g}-fm{cfg.final_map}"
+    if cfg.clip_grad is not None:  # unclipped folders keep their names
+        recipe += f"-clip{cfg.clip_grad:g}"
     return run / CONFIRM_DIR / training_name(net.name) / recipe / f"seed{cfg.seed}"
 
 
@@ -437,7 +440,7 @@ def confirm(config: ConfirmConfig) -> pd.DataFrame:
         measure_all(nets, measure, folder)
     results: dict[str, list[dict]] = {}
     cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                      final_map=final_map)
+                      final_map=final_map, clip_grad=config.clip_grad)
     order = training_order(nets, cands, config.seeds)
     done: set[tuple[str, int]] = set()
     try:
@@ -490,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="training device")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
+    p.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+                   help="clip each step's gradient norm to NORM (nas.train --clip-grad; "
+                        "default: no clipping)")
     p.add_argument("--storage", default=None, help="Optuna storage URL if not the run's own")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no per-step progress bar")
@@ -512,8 +518,10 @@ def check(c: ConfirmConfig) -> None:
             raise ConfirmError(f"--{flag.replace('_', '-')} {getattr(c, flag)}: must be >= 1")
     if c.seeds - 1 > MAX_SEED:
         raise ConfirmError(f"--seeds {c.seeds}: at most {MAX_SEED + 1}")
-    for flag in ("lr", "latency_time"):
+    for flag in ("lr", "latency_time", "clip_grad"):
         value = getattr(c, flag)
+        if value is None:
+            continue
         if not (math.isfinite(value) and value > 0):
             raise ConfirmError(f"--{flag.replace('_', '-')} {value:g}: must be a finite number "
                                f"> 0")

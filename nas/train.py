@@ -68,6 +68,9 @@ class TrainConfig:
     final_map: int = 2  # train the 32x32 adaptation that ends in a 2x2 map (nas.proxy); full
     # training wants accuracy more than speed, unlike the proxy's deployed-stride default
     seed: int = 0
+    clip_grad: float | None = None  # largest gradient norm per step (timm's --clip-grad); None:
+    # no clipping. At norm 1, MnasNet-form networks learn in the warm-up epoch instead of
+    # rising above chance loss (benchmarks/results/training_start_zen3.txt)
 
 
 def train(arch: Architecture, run_dir: Path, cfg: TrainConfig, *, data, device: str = "cpu",
@@ -99,6 +102,8 @@ def train(arch: Architecture, run_dir: Path, cfg: TrainConfig, *, data, device: 
                 loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.clip_grad is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
             scheduler.step()
             value = loss.item()  # one device sync per step
@@ -229,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per SGD step")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate, > 0")
+    p.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+                   help="clip each step's gradient norm to NORM (default: no clipping)")
     p.add_argument("--final-map", type=int, default=d.final_map,
                    help="reduce the earliest strides until the last feature map is at least "
                         "this wide (1: the deployed strides)")
@@ -258,6 +265,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainError(f"--lr {args.lr:g}: must be a finite number > 0")
     if not 0 <= args.seed <= MAX_SEED:
         raise TrainError(f"--seed {args.seed}: must be in 0..{MAX_SEED}")
+    if args.clip_grad is not None and not (math.isfinite(args.clip_grad) and args.clip_grad > 0):
+        raise TrainError(f"--clip-grad {args.clip_grad:g}: must be a finite number > 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda: no CUDA GPU is available on this machine; use cpu")
     if args.name is not None and not is_plain_folder_name(args.name):
@@ -282,7 +291,7 @@ def prepare(args: argparse.Namespace) -> tuple[Architecture, DataSplits, TrainCo
         raise TrainError(f"--batch-size {args.batch_size}: must be <= the "
                          f"{len(data.full_train)} training images")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      final_map=args.final_map, seed=args.seed)
+                      final_map=args.final_map, seed=args.seed, clip_grad=args.clip_grad)
     default = f"train-{arch.name or Path(args.config).stem}"  # as before, when it is plain
     name = args.name or (default if is_plain_folder_name(default) else folder_name(default))
     return arch, data, cfg, Path(args.runs_dir) / name

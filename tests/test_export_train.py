@@ -281,6 +281,33 @@ def test_a_one_epoch_run_warms_up_then_anneals_to_zero():
                                                                pytest.approx(1.0, abs=1e-3)]
 
 
+def test_clip_grad_bounds_each_step_and_a_resume_keeps_it(run, image_folder, tmp_path, capsys):
+    """--clip-grad NORM caps the gradient's norm before each step: at a tiny norm the weights
+    keep their initial values but for weight decay; a resume with another norm is refused."""
+    arch_file = tmp_path / "net.yaml"
+    arch_file.write_text(replace(load_architecture(run / "best.yaml"), blocks=tuple(
+        BlockSpec.from_str(b) for b in TRAINABLE_TINY)).to_yaml())
+    common = [str(arch_file), "--data", str(image_folder), "--runs-dir", str(tmp_path),
+              "--batch-size", "32", "--no-progress", "--epochs", "1"]
+    cfg = train.TrainConfig(epochs=1)
+    torch.manual_seed(cfg.seed)  # the initial weights, as train() draws them
+    init = build_model(train.trained_arch(load_architecture(arch_file), cfg, 32),
+                       num_classes=3).state_dict()
+
+    def moved(name: str) -> float:
+        """Largest relative change of a convolution's weights from their initial values."""
+        model = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
+        return max(float((model[k] - v).norm() / v.norm()) for k, v in init.items()
+                   if k.endswith("weight") and v.ndim == 4)
+
+    assert train.main([*common, "--name", "free"]) == 0
+    assert train.main([*common, "--name", "clipped", "--clip-grad", "1e-9"]) == 0
+    free, clipped = moved("free"), moved("clipped")
+    assert clipped < free / 10, (clipped, free)  # decay alone moves them: lr x 5e-4 per step
+    assert train.main([*common, "--name", "clipped", "--clip-grad", "1", "--epochs", "1"]) == 2
+    assert "clip_grad=1e-09, not 1.0" in capsys.readouterr().err
+
+
 def test_resume_with_other_epochs_or_other_data_is_refused(run, image_folder, tmp_path, capsys):
     common = [str(run / "best.yaml"), "--runs-dir", str(tmp_path), "--name", "t",
               "--batch-size", "32", "--no-progress"]
@@ -354,6 +381,8 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, m
     (["--lr", "nan"], "--lr nan"), (["--lr", "inf"], "--lr inf"), (["--lr", "0"], "--lr 0"),
     (["--epochs", "0"], "--epochs 0"), (["--seed", "-1"], "--seed -1"),
     (["--seed", str(2**64)], "--seed"), (["--batch-size", "1000"], "--batch-size 1000"),
+    (["--clip-grad", "0"], "--clip-grad 0"), (["--clip-grad", "nan"], "--clip-grad nan"),
+    (["--clip-grad", "-1"], "--clip-grad -1"),
     (["--name", "../up"], "--name")])
 def test_train_refuses_bad_flags_before_making_any_folder(run, image_folder, tmp_path, capsys,
                                                          extra, fragment):
