@@ -516,3 +516,32 @@ def test_cost_rankings_rank_multiply_adds_and_parameters_against_the_reference()
     assert params.split()[0] == "parameters"
     state["1|ref"] = {"accuracy": float("nan")}  # a failed reference leaves too few to rank
     assert fidelity.cost_rankings(archs, state, "ref") == []
+
+
+def test_the_training_start_variants_each_change_what_they_name():
+    start = _benchmark("training_start")
+    arch = load_architecture("mnasnet_a1")
+    assert any(b.se_ratio for b in arch.blocks) and arch.stem.act == "relu"
+    no_se = start.VARIANTS["no-se"][1](arch)
+    assert not any(b.se_ratio for b in no_se.blocks) and no_se.settings == arch.settings
+    relu6 = start.VARIANTS["relu6"][1](arch)
+    assert {relu6.stem.act, relu6.head.act, *(b.act for b in relu6.blocks)} == {"relu6"}
+    v3 = start.VARIANTS["v3-se"][1](arch).settings
+    assert (v3.se_from, v3.se_gate) == ("expanded", "hardsigmoid") != (arch.settings.se_from,
+                                                                       arch.settings.se_gate)
+    assert start.VARIANTS["lr0.05"][2] == 0.5 and start.VARIANTS["clip1"][3] == 1.0
+    assert start.VARIANTS["as-is"][1](arch) == arch
+
+
+def test_the_training_start_counts_a_channel_dead_only_if_no_image_wakes_it():
+    start = _benchmark("training_start")
+    conv = torch.nn.Conv2d(1, 2, 1, bias=True)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.copy_(torch.tensor([-1.0, 0.0]))
+        conv.weight[1] = 1.0  # channel 1 follows the input: alive where an image is positive
+    model = torch.nn.Sequential(conv, torch.nn.ReLU())
+    images = -torch.ones(4, 1, 3, 3)
+    assert start.dead_share(model, images) == 1.0
+    images[2, 0, 1, 1] = 1.0  # one pixel of one image
+    assert start.dead_share(model, images) == 0.5
