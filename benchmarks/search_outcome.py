@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--device", default="cpu", help="training device of the confirmation")
     p.add_argument("--batch-size", type=int, default=128, help="of the confirmation")
+    p.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+                   help="the confirmation's gradient-norm clipping (nas.confirm --clip-grad)")
     p.add_argument("--search-flags", default="",
                    help="more nas.search flags, e.g. \"--proxy-images 4000\" (the tests: a tiny "
                         "proxy)")
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         return status
     df = confirm(ConfirmConfig(run_dir, top=args.top, epochs=args.epochs, seeds=args.seeds,
                                baselines=families, match_latency=True, device=args.device,
-                               batch_size=args.batch_size, progress=False))
+                               batch_size=args.batch_size, clip_grad=args.clip_grad,
+                               progress=False))
     write(args, argv, df, refs, target, draft.runtime, draft.input_size, run_dir)
     return 0
 
@@ -184,7 +187,9 @@ def write(args: argparse.Namespace, argv: list[str] | None, df: pd.DataFrame, re
               + (", ".join(f"{k} {v:.2f} ms" for k, v in refs.items()) or "not recorded"),
               f"# T = {target:.2f} ms; search {args.trials} trials in {args.space}; "
               f"confirmation: top {args.top}, {args.epochs} epochs, {args.seeds} seeds for the "
-              f"top candidate and every baseline; run folder {run_dir}",
+              f"top candidate and every baseline"
+              + (f", gradient norm clipped to {args.clip_grad:g}" if args.clip_grad else "")
+              + f"; run folder {run_dir}",
               *([f"# {note}"] if note else [])]
     text = "\n".join([*header, "", *format_table(df), "", *verdict(df)])
     save_table(text, args.out)  # prints it; writes it with --out
@@ -217,7 +222,7 @@ def carried(args: argparse.Namespace, argv: list[str] | None) -> int:
     df = confirm(ConfirmConfig(run_dir, top=args.top, epochs=args.epochs, seeds=args.seeds,
                                baselines=families, match_latency=True, latency=False,
                                data=args.data, device=args.device, batch_size=args.batch_size,
-                               progress=False))
+                               clip_grad=args.clip_grad, progress=False))
     write(args, argv, df, saved.get("reference_ms", {}), settings["target_ms"],
           settings.get("runtime", "eager"), settings["input_size"], run_dir)
     return 0
