@@ -56,16 +56,19 @@ BASE = ProxyBudget(train_images=8000, epochs=2, batch_size=64, ghost_batches=1, 
                    report_every=1)
 
 
-_TRAIN = re.compile(r"^train e(?P<epochs>\d+)$")
+_TRAIN = re.compile(r"^train e(?P<epochs>\d+)(?: clip(?P<clip>[0-9.]+))?$")
 
 
 def parse_budget(name: str) -> ProxyBudget | TrainConfig:
     """'fm1 16000x2 b128 g2 lr0.003' -> BASE with those fields replaced (g: ghost batches);
-    'train e20' -> nas.train's recipe for 20 epochs on the proxy's network form (final map 1).
+    'train e20' -> nas.train's recipe for 20 epochs on the proxy's network form (final map 1),
+    unclipped as the committed references trained ('train e20 clip1': clipped to norm 1, as
+    nas.train trains since 2026-12-06).
 
     A trailing '@tag' only labels results merged from another run (--merge FILE@tag)."""
     if m := _TRAIN.match(name.split(" @")[0]):
-        return TrainConfig(epochs=int(m["epochs"]), final_map=BASE.final_map, seed=0)
+        return TrainConfig(epochs=int(m["epochs"]), final_map=BASE.final_map, seed=0,
+                           clip_grad=float(m["clip"]) if m["clip"] else None)
     changes: dict = {}
     matches = []
     for token in name.split():

@@ -45,6 +45,7 @@ from nas.results import load_baselines
 from nas.run_folder import CONFIRM_CSV
 from nas.search import run as search
 from nas.search.config import SearchConfig, config_from_argv
+from nas.train import TrainConfig
 
 OUTCOME_JSON = "outcome.json"  # in the run folder: T and the reference latencies it came from
 
@@ -129,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--device", default="cpu", help="training device of the confirmation")
     p.add_argument("--batch-size", type=int, default=128, help="of the confirmation")
-    p.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
-                   help="the confirmation's gradient-norm clipping (nas.confirm --clip-grad)")
+    p.add_argument("--clip-grad", type=float, default=TrainConfig.clip_grad, metavar="NORM",
+                   help="the confirmation's gradient-norm clipping (nas.confirm --clip-grad); "
+                        "0: unclipped, as the tables before 2026-12-06 trained")
     p.add_argument("--search-flags", default="",
                    help="more nas.search flags, e.g. \"--proxy-images 4000\" (the tests: a tiny "
                         "proxy)")
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         return status
     df = confirm(ConfirmConfig(run_dir, top=args.top, epochs=args.epochs, seeds=args.seeds,
                                baselines=families, match_latency=True, device=args.device,
-                               batch_size=args.batch_size, clip_grad=args.clip_grad,
+                               batch_size=args.batch_size, clip_grad=args.clip_grad or None,
                                progress=False))
     write(args, argv, df, refs, target, draft.runtime, draft.input_size, run_dir)
     return 0
@@ -188,7 +190,8 @@ def write(args: argparse.Namespace, argv: list[str] | None, df: pd.DataFrame, re
               f"# T = {target:.2f} ms; search {args.trials} trials in {args.space}; "
               f"confirmation: top {args.top}, {args.epochs} epochs, {args.seeds} seeds for the "
               f"top candidate and every baseline"
-              + (f", gradient norm clipped to {args.clip_grad:g}" if args.clip_grad else "")
+              + (f", gradient norm clipped to {args.clip_grad:g}" if args.clip_grad
+                 else ", unclipped")
               + f"; run folder {run_dir}",
               *([f"# {note}"] if note else [])]
     text = "\n".join([*header, "", *format_table(df), "", *verdict(df)])
@@ -222,7 +225,7 @@ def carried(args: argparse.Namespace, argv: list[str] | None) -> int:
     df = confirm(ConfirmConfig(run_dir, top=args.top, epochs=args.epochs, seeds=args.seeds,
                                baselines=families, match_latency=True, latency=False,
                                data=args.data, device=args.device, batch_size=args.batch_size,
-                               clip_grad=args.clip_grad, progress=False))
+                               clip_grad=args.clip_grad or None, progress=False))
     write(args, argv, df, saved.get("reference_ms", {}), settings["target_ms"],
           settings.get("runtime", "eager"), settings["input_size"], run_dir)
     return 0

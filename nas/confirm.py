@@ -81,7 +81,7 @@ class ConfirmConfig:
     device: str = "cpu"
     batch_size: int = 128
     lr: float = 0.1
-    clip_grad: float | None = None  # nas.train --clip-grad
+    clip_grad: float | None = TrainConfig.clip_grad  # nas.train --clip-grad; None: unclipped
     storage: str | None = None
     progress: bool = True
 
@@ -440,7 +440,7 @@ def confirm(config: ConfirmConfig) -> pd.DataFrame:
         measure_all(nets, measure, folder)
     results: dict[str, list[dict]] = {}
     cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                      final_map=final_map, clip_grad=config.clip_grad)
+                      final_map=final_map, clip_grad=config.clip_grad or None)
     order = training_order(nets, cands, config.seeds)
     done: set[tuple[str, int]] = set()
     try:
@@ -493,9 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="training device")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
-    p.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
-                   help="clip each step's gradient norm to NORM (nas.train --clip-grad; "
-                        "default: no clipping)")
+    p.add_argument("--clip-grad", type=float, default=TrainConfig.clip_grad, metavar="NORM",
+                   help="clip each step's gradient norm to NORM (nas.train --clip-grad); 0: no "
+                        "clipping, the recipe of confirmations begun before 2026-12-06")
     p.add_argument("--storage", default=None, help="Optuna storage URL if not the run's own")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no per-step progress bar")
@@ -507,6 +507,8 @@ def config_from_argv(argv: list[str] | None = None) -> ConfirmConfig:
     values = vars(args)
     if args.baselines is not None:
         values["baselines"] = tuple(n.strip() for n in args.baselines.split(",") if n.strip())
+    if args.clip_grad == 0:
+        values["clip_grad"] = None
     config = ConfirmConfig(**values)
     check(config)
     return config
@@ -518,10 +520,11 @@ def check(c: ConfirmConfig) -> None:
             raise ConfirmError(f"--{flag.replace('_', '-')} {getattr(c, flag)}: must be >= 1")
     if c.seeds - 1 > MAX_SEED:
         raise ConfirmError(f"--seeds {c.seeds}: at most {MAX_SEED + 1}")
-    for flag in ("lr", "latency_time", "clip_grad"):
+    if c.clip_grad is not None and not (math.isfinite(c.clip_grad) and c.clip_grad > 0):
+        raise ConfirmError(f"--clip-grad {c.clip_grad:g}: must be a finite number > 0, or 0 for "
+                           "no clipping")
+    for flag in ("lr", "latency_time"):
         value = getattr(c, flag)
-        if value is None:
-            continue
         if not (math.isfinite(value) and value > 0):
             raise ConfirmError(f"--{flag.replace('_', '-')} {value:g}: must be a finite number "
                                f"> 0")

@@ -68,9 +68,11 @@ class TrainConfig:
     final_map: int = 2  # train the 32x32 adaptation that ends in a 2x2 map (nas.proxy); full
     # training wants accuracy more than speed, unlike the proxy's deployed-stride default
     seed: int = 0
-    clip_grad: float | None = None  # largest gradient norm per step (timm's --clip-grad); None:
-    # no clipping. At norm 1, MnasNet-form networks learn in the warm-up epoch instead of
-    # rising above chance loss (benchmarks/results/training_start_zen3.txt)
+    clip_grad: float | None = 1.0  # largest gradient norm per step (timm's --clip-grad); None:
+    # no clipping (the recipe until 2026-12-06). Unclipped, MnasNet-form networks rose above
+    # chance loss in the warm-up and the default space's best trained to 52.8% in 20 epochs;
+    # clipped, 79.1%, while mobilenet_v2@0.85 and mobilenet_v3_large@0.9 moved +0.3 and -0.9
+    # (training_start_zen3.txt, search_outcome_mnasnet_clip_zen3.txt; docs/confirm.md)
 
 
 def train(arch: Architecture, run_dir: Path, cfg: TrainConfig, *, data, device: str = "cpu",
@@ -207,8 +209,10 @@ def _resume(path: Path, arch, cfg: TrainConfig, model, optimizer, scheduler,
     changed = [k for k, v in cfg.__dict__.items() if saved_cfg.get(k) != v]
     if changed:
         k = changed[0]
+        hint = (" (--clip-grad 0 trains unclipped, as every run before 2026-12-06)"
+                if k == "clip_grad" else "")
         raise ArchError(f"{path}: checkpoint was trained with {k}={saved_cfg.get(k)}, not "
-                        f"{getattr(cfg, k)}; use the same settings or another --name")
+                        f"{getattr(cfg, k)}; use the same settings{hint} or another --name")
     if "data" in ckpt and json.loads(ckpt["data"]) != json.loads(_data_record(data)):
         raise ArchError(f"{path}: checkpoint was trained on other data (classes, sizes or "
                         "normalisation differ); use the same --data or another --name")
@@ -234,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per SGD step")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate, > 0")
-    p.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
-                   help="clip each step's gradient norm to NORM (default: no clipping)")
+    p.add_argument("--clip-grad", type=float, default=d.clip_grad, metavar="NORM",
+                   help="clip each step's gradient norm to NORM; 0: no clipping (the recipe "
+                        "before 2026-12-06)")
     p.add_argument("--final-map", type=int, default=d.final_map,
                    help="reduce the earliest strides until the last feature map is at least "
                         "this wide (1: the deployed strides)")
@@ -265,8 +270,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainError(f"--lr {args.lr:g}: must be a finite number > 0")
     if not 0 <= args.seed <= MAX_SEED:
         raise TrainError(f"--seed {args.seed}: must be in 0..{MAX_SEED}")
-    if args.clip_grad is not None and not (math.isfinite(args.clip_grad) and args.clip_grad > 0):
-        raise TrainError(f"--clip-grad {args.clip_grad:g}: must be a finite number > 0")
+    if not (math.isfinite(args.clip_grad) and args.clip_grad >= 0):
+        raise TrainError(f"--clip-grad {args.clip_grad:g}: must be a finite number > 0, or 0 "
+                         "for no clipping")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda: no CUDA GPU is available on this machine; use cpu")
     if args.name is not None and not is_plain_folder_name(args.name):
@@ -291,7 +297,8 @@ def prepare(args: argparse.Namespace) -> tuple[Architecture, DataSplits, TrainCo
         raise TrainError(f"--batch-size {args.batch_size}: must be <= the "
                          f"{len(data.full_train)} training images")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      final_map=args.final_map, seed=args.seed, clip_grad=args.clip_grad)
+                      final_map=args.final_map, seed=args.seed,
+                      clip_grad=args.clip_grad or None)
     default = f"train-{arch.name or Path(args.config).stem}"  # as before, when it is plain
     name = args.name or (default if is_plain_folder_name(default) else folder_name(default))
     return arch, data, cfg, Path(args.runs_dir) / name

@@ -52,6 +52,8 @@ def test_budget_names_replace_only_the_fields_they_name():
     # the confirmation's training as a reference: nas.train's recipe on the proxy's network form
     ref = fidelity.parse_budget("train e20 @zen4")
     assert (type(ref).__name__, ref.epochs, ref.final_map, ref.lr) == ("TrainConfig", 20, 1, 0.1)
+    assert ref.clip_grad is None  # the committed references trained unclipped
+    assert fidelity.parse_budget("train e20 clip1").clip_grad == 1.0
 
 
 ARCHS = [load_architecture(n).to_dict() for n in ("mnasnet_a1", "mobilenet_v2")]

@@ -184,7 +184,7 @@ def test_a_resumed_confirmation_keeps_its_matches(run, monkeypatch):
     (["--baselines", "mobilenet_v2@abc"], "--baselines"),
     (["--baselines", "no_such_net"], "--baselines"),
     (["--match-latency", "--no-latency"], "matches.json has no match of mobilenet_v3_small"),
-    (["--lr", "nan"], "--lr nan"), (["--clip-grad", "0"], "--clip-grad 0: must be a finite"),
+    (["--lr", "nan"], "--lr nan"), (["--clip-grad", "-1"], "--clip-grad -1: must be a finite"),
     (["--latency-server", "http://127.0.0.1:9"], "--latency-server and --latency-token-file go"),
     (["--latency-server", "http://127.0.0.1:9", "--latency-token-file", "/no/token"],
      "/no/token"),
@@ -327,7 +327,10 @@ def test_a_baseline_matched_at_width_1_shares_the_baselines_training(tmp_path):
 def test_a_clipped_recipe_trains_into_its_own_folder_and_unclipped_ones_keep_theirs(tmp_path):
     from nas.train import TrainConfig
     net = confirm.Network("mobilenet_v3_small", "baseline", load_architecture("mobilenet_v3_small"))
-    plain = confirm.train_folder(tmp_path, net, TrainConfig(epochs=20, final_map=1))
+    assert confirm.config_from_argv([str(tmp_path)]).clip_grad == 1.0  # clipped by default
+    assert confirm.config_from_argv([str(tmp_path), "--clip-grad", "0"]).clip_grad is None
+    plain = confirm.train_folder(tmp_path, net, TrainConfig(epochs=20, final_map=1,
+                                                            clip_grad=None))
     assert plain.parts[-2] == "e20-b128-lr0.1-fm1"  # the folders trained before --clip-grad
     clipped = confirm.train_folder(tmp_path, net, TrainConfig(epochs=20, final_map=1,
                                                               clip_grad=1.0))

@@ -283,7 +283,8 @@ def test_a_one_epoch_run_warms_up_then_anneals_to_zero():
 
 def test_clip_grad_bounds_each_step_and_a_resume_keeps_it(run, image_folder, tmp_path, capsys):
     """--clip-grad NORM caps the gradient's norm before each step: at a tiny norm the weights
-    keep their initial values but for weight decay; a resume with another norm is refused."""
+    keep their initial values but for weight decay; 0 trains unclipped, the default clips at 1;
+    a resume with another norm is refused, naming how to train as before."""
     arch_file = tmp_path / "net.yaml"
     arch_file.write_text(replace(load_architecture(run / "best.yaml"), blocks=tuple(
         BlockSpec.from_str(b) for b in TRAINABLE_TINY)).to_yaml())
@@ -300,12 +301,18 @@ def test_clip_grad_bounds_each_step_and_a_resume_keeps_it(run, image_folder, tmp
         return max(float((model[k] - v).norm() / v.norm()) for k, v in init.items()
                    if k.endswith("weight") and v.ndim == 4)
 
-    assert train.main([*common, "--name", "free"]) == 0
+    assert train.main([*common, "--name", "free", "--clip-grad", "0"]) == 0
     assert train.main([*common, "--name", "clipped", "--clip-grad", "1e-9"]) == 0
     free, clipped = moved("free"), moved("clipped")
     assert clipped < free / 10, (clipped, free)  # decay alone moves them: lr x 5e-4 per step
     assert train.main([*common, "--name", "clipped", "--clip-grad", "1", "--epochs", "1"]) == 2
     assert "clip_grad=1e-09, not 1.0" in capsys.readouterr().err
+    assert train.TrainConfig().clip_grad == 1.0
+    assert train.main([*common, "--name", "free"]) == 2  # the default clips: not this run's recipe
+    err = capsys.readouterr().err
+    assert "clip_grad=None, not 1.0" in err and "--clip-grad 0 trains unclipped" in err
+    assert json.loads((tmp_path / "free" / "metrics.json").read_text())["config"][
+        "clip_grad"] is None
 
 
 def test_resume_with_other_epochs_or_other_data_is_refused(run, image_folder, tmp_path, capsys):
@@ -381,7 +388,7 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, m
     (["--lr", "nan"], "--lr nan"), (["--lr", "inf"], "--lr inf"), (["--lr", "0"], "--lr 0"),
     (["--epochs", "0"], "--epochs 0"), (["--seed", "-1"], "--seed -1"),
     (["--seed", str(2**64)], "--seed"), (["--batch-size", "1000"], "--batch-size 1000"),
-    (["--clip-grad", "0"], "--clip-grad 0"), (["--clip-grad", "nan"], "--clip-grad nan"),
+    (["--clip-grad", "inf"], "--clip-grad inf"), (["--clip-grad", "nan"], "--clip-grad nan"),
     (["--clip-grad", "-1"], "--clip-grad -1"),
     (["--name", "../up"], "--name")])
 def test_train_refuses_bad_flags_before_making_any_folder(run, image_folder, tmp_path, capsys,
