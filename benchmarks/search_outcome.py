@@ -231,6 +231,12 @@ def carried(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 0
 
 
+def recipe_clip(df: pd.DataFrame) -> float:
+    """The gradient clipping a confirm.csv's trainings had; 0: unclipped (a confirm.csv from
+    before 2026-12-06 has no such column: every training then was unclipped)."""
+    return float(df.clip_grad.iloc[0]) if "clip_grad" in df and len(df) else 0.0
+
+
 def report_only(args: argparse.Namespace, argv: list[str] | None) -> int:
     """The table of a confirmation as it stands, from the run folder alone."""
     run_dir = Path(args.runs_dir) / args.name
@@ -239,6 +245,7 @@ def report_only(args: argparse.Namespace, argv: list[str] | None) -> int:
               file=sys.stderr)
         return 2
     df = pd.read_csv(run_dir / CONFIRM_CSV)
+    args.clip_grad = recipe_clip(df)  # the table's header names the recipe that trained it
     settings = json.loads((run_dir / "run.json").read_text())["settings"]
     saved = (json.loads((run_dir / OUTCOME_JSON).read_text())
              if (run_dir / OUTCOME_JSON).exists() else {})

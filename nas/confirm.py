@@ -329,7 +329,8 @@ def table(nets: list[Network], results: dict[str, list[dict]], settings: dict[st
                "test_accuracy_sd": pd.Series(ok).std() if len(ok) > 1 else math.nan,
                "params": count_params(model),
                "macs": count_macs(model, settings["input_size"]),
-               "epochs": cfg.epochs, "seconds": sum(r.get("seconds", 0) for r in runs),
+               "epochs": cfg.epochs, "clip_grad": cfg.clip_grad or 0.0,  # 0: unclipped
+               "seconds": sum(r.get("seconds", 0) for r in runs),
                "matched_to": n.matched_to,
                "fail_reason": "; ".join(r["fail_reason"] for r in runs if "fail_reason" in r)}
         row["reward"] = (reward(row["test_accuracy_mean"], n.latency_ms, target, alpha=alpha,

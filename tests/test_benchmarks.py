@@ -250,6 +250,7 @@ def test_the_search_outcome_benchmark_confirms_a_real_search_against_matched_bas
     body = again.read_text().split("\n\n", 1)
     assert body[1] == text.split("\n\n", 1)[1]
     assert "trainings finished" in body[0] and "mobilenet_v2 " in body[0]  # refs kept
+    assert "gradient norm clipped to 1;" in body[0] and (confirmed.clip_grad == 1.0).all()
     assert outcome.main(["--report-only", "--data", str(image_folder), "--name", "none",
                          "--runs-dir", str(tmp_path)]) == 2
     # the same command again resumes with the run's T: the references are not measured again
@@ -319,6 +320,12 @@ def test_sigterm_stops_the_search_outcome_in_one_line_and_keeps_the_confirmation
     assert err.strip().splitlines()[-1] == "search_outcome.py: interrupted (SIGTERM)"
     confirmed = pd.read_csv(tmp_path / "outcome" / "confirm.csv")
     assert "candidate" in set(confirmed.kind) and confirmed.seeds.max() == 0  # none finished
+
+
+def test_the_outcome_report_names_the_recipe_its_confirm_csv_trained_with():
+    outcome = _benchmark("search_outcome")
+    assert outcome.recipe_clip(pd.DataFrame({"network": ["trial-3"]})) == 0.0  # before clipping
+    assert outcome.recipe_clip(pd.DataFrame({"network": ["trial-3"], "clip_grad": [1.0]})) == 1.0
 
 
 def test_the_outcome_report_counts_a_width_1_match_and_its_baseline_as_one_training():
