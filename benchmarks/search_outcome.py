@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         return status
     df = confirm(ConfirmConfig(run_dir, top=args.top, epochs=args.epochs, seeds=args.seeds,
                                baselines=families, match_latency=True, device=args.device,
-                               batch_size=args.batch_size, clip_grad=args.clip_grad or None,
+                               batch_size=args.batch_size, clip_grad=args.clip_grad,
                                progress=False))
     write(args, argv, df, refs, target, draft.runtime, draft.input_size, run_dir)
     return 0
@@ -225,7 +225,7 @@ def carried(args: argparse.Namespace, argv: list[str] | None) -> int:
     df = confirm(ConfirmConfig(run_dir, top=args.top, epochs=args.epochs, seeds=args.seeds,
                                baselines=families, match_latency=True, latency=False,
                                data=args.data, device=args.device, batch_size=args.batch_size,
-                               clip_grad=args.clip_grad or None, progress=False))
+                               clip_grad=args.clip_grad, progress=False))
     write(args, argv, df, saved.get("reference_ms", {}), settings["target_ms"],
           settings.get("runtime", "eager"), settings["input_size"], run_dir)
     return 0

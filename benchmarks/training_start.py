@@ -143,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {', '.join(unknown)}; allowed: {', '.join(VARIANTS)}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     pin_malloc_thresholds()
     arch = load_architecture(args.arch)
     data = load_data(args.data, val_size=0)
