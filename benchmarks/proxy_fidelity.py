@@ -9,7 +9,8 @@ Spearman of each budget against the reference. Budgets are named by what they do
 stay comparable when the default proxy changes: `fm2 4000x2 b64` is final map 2, 4,000 train
 images x 2 epochs, batch 64 (omitted tokens take the fixed BASE below; `lr0.003` sets the peak
 learning rate, `wd` the weight decay, `sgd` trains with nas.train's optimizer and its lr 0.1 and
-weight decay 5e-4 unless lr/wd tokens say otherwise). `train e20` is not a proxy but what
+weight decay 5e-4 unless lr/wd tokens say otherwise; `clip1` clips each step's gradient norm
+to 1, as nas.train does). `train e20` is not a proxy but what
 nas.confirm trains: nas.train's recipe (SGD, 50,000 images, test split) for 20 epochs on the
 proxy's network form, the reference that says whether the proxy ranks as the confirmation will
 (issue #18, item 5). Partial results live
@@ -48,7 +49,8 @@ from nas.space import load_space
 from nas.train import TrainConfig, train
 
 _TOKEN = re.compile(r"^(?:fm(?P<fm>\d+)|(?P<n>\d+)x(?P<ep>\d+)|b(?P<b>\d+)|g(?P<g>\d+)"
-                    r"|lr(?P<lr>[\d.e-]+)|wd(?P<wd>[\d.e-]+)|(?P<opt>sgd|adamw)|@(?P<tag>\w+))$")
+                    r"|lr(?P<lr>[\d.e-]+)|wd(?P<wd>[\d.e-]+)|clip(?P<clip>[\d.e-]+)|(?P<opt>sgd|adamw)"
+                    r"|@(?P<tag>\w+))$")
 # what a name leaves out, fixed: stored results keep their meaning when nas.proxy's defaults change
 BASE = ProxyBudget(train_images=8000, epochs=2, batch_size=64, ghost_batches=1, optimizer="adamw",
                    lr=2e-3, warmup=0.2, weight_decay=0.05, label_smoothing=0.1, val_images=5000,
@@ -76,7 +78,7 @@ def parse_budget(name: str) -> ProxyBudget | TrainConfig:
         if not m:
             raise SystemExit(f"budget {name!r}: token {token!r} is not one of fm<final map>, "
                              "<images>x<epochs>, b<batch>, g<ghost batches>, lr<peak lr>, "
-                             "wd<weight decay>, sgd, adamw, @<tag>")
+                             "wd<weight decay>, clip<gradient norm>, sgd, adamw, @<tag>")
         matches.append(m)
     for m in matches:  # the optimizer first: its lr and weight decay unless lr/wd tokens say
         if m["opt"] and m["opt"] != BASE.optimizer:
@@ -94,6 +96,8 @@ def parse_budget(name: str) -> ProxyBudget | TrainConfig:
             changes["lr"] = float(m["lr"])
         if m["wd"]:
             changes["weight_decay"] = float(m["wd"])
+        if m["clip"]:
+            changes["clip_grad"] = float(m["clip"])
     return dataclasses.replace(BASE, **changes)
 
 

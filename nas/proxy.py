@@ -76,6 +76,8 @@ class ProxyBudget:
     # trained 1st and 2nd (proxy_fidelity_train_zen4.txt; docs/proxy.md)
     warmup: float = 0.2  # fraction of all steps spent warming up
     weight_decay: float = 5e-4  # on conv/linear weights only, not BN or biases (decoupled: AdamW)
+    clip_grad: float | None = None  # largest gradient norm per step, as nas.train --clip-grad;
+    # None: unclipped (docs/proxy.md#clipping)
     label_smoothing: float = 0.1
     val_images: int = 5_000  # how much of the validation split scores the candidate (all of it)
     final_map: int = 1  # reduce the earliest strides only if the last map would be smaller;
@@ -125,6 +127,10 @@ class ProxyBudget:
                              f"{', '.join(OPTIMIZER_DEFAULTS)}")
         if not self.weight_decay >= 0:
             raise ValueError(f"proxy budget: weight_decay={self.weight_decay} must be >= 0")
+        if self.clip_grad is not None and not (math.isfinite(self.clip_grad)
+                                               and self.clip_grad > 0):
+            raise ValueError(f"proxy budget: clip_grad={self.clip_grad} must be a finite "
+                             "number > 0, or None for no clipping")
 
 
 @dataclass(frozen=True)
@@ -215,7 +221,7 @@ def _train(model: nn.Module, trained: Architecture, data: DataSplits, budget: Pr
                 used.append(now)
                 torch.set_num_threads(now)
             loss = train_step(model, x, y, loss_fn, optimizer, budget.bf16, device,
-                              parts=budget.ghost_batches, gen=gen)
+                              parts=budget.ghost_batches, gen=gen, clip_grad=budget.clip_grad)
             if not math.isfinite(loss):
                 raise CandidateFailed(f"non-finite training loss ({loss}) in epoch {epoch + 1}")
             scheduler.step()
@@ -270,8 +276,9 @@ def _autocast(enabled: bool, device: str):
 
 
 def train_step(model, x, y, loss_fn, optimizer, bf16: bool, device: str, *, parts: int = 1,
-               gen: torch.Generator | None = None) -> float:
-    """One optimisation step; returns the loss so the caller can stop on NaN.
+               gen: torch.Generator | None = None, clip_grad: float | None = None) -> float:
+    """One optimisation step; returns the loss so the caller can stop on NaN. `clip_grad`
+    clips the whole batch's gradient norm (all parts summed) before the step.
 
     With `parts` > 1 the batch trains as that many ghost batches whose weighted losses add up
     to the batch's mean, each with its own dropout generator seeded from `gen`, as many at once
@@ -283,6 +290,8 @@ def train_step(model, x, y, loss_fn, optimizer, bf16: bool, device: str, *, part
         with _autocast(bf16, device):
             loss = loss_fn(model(x), y)
         loss.backward()
+        if clip_grad is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
         return loss.item()
     seeds, n = torch.randint(2**62, (parts,), generator=gen).tolist(), len(y)
@@ -300,6 +309,8 @@ def train_step(model, x, y, loss_fn, optimizer, bf16: bool, device: str, *, part
         torch._foreach_add_(total, grads)
     for p, g in zip(params, total, strict=True):
         p.grad = g
+    if clip_grad is not None:
+        nn.utils.clip_grad_norm_(params, clip_grad)
     optimizer.step()
     return sum(loss.item() for loss, _ in done)
 

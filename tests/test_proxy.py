@@ -138,7 +138,8 @@ def test_the_sgd_proxy_trains_with_nas_trains_optimizer(monkeypatch):
 @pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 0), ("lr", 0.0),
                                           ("warmup", 1.0), ("report_every", 0),
                                           ("bn_recalibrate", -1), ("optimizer", "rmsprop"),
-                                          ("weight_decay", -0.1)])
+                                          ("weight_decay", -0.1), ("clip_grad", 0.0),
+                                          ("clip_grad", -1.0), ("clip_grad", float("nan"))])
 def test_bad_budget_is_a_clear_error(field, value):
     with pytest.raises(ValueError, match=field):
         proxy_train(SLOW_BN, synthetic_splits(), dataclasses.replace(FAST, **{field: value}))
@@ -310,3 +311,42 @@ def test_part_threads_never_take_the_stop_signals():
 
     blocked = _part_pool(2).submit(signal.pthread_sigmask, signal.SIG_BLOCK, []).result()
     assert {signal.SIGINT, signal.SIGTERM} <= blocked
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+def test_clip_grad_bounds_the_whole_batch_step(parts):
+    """Plain SGD moves the weights by lr x gradient: clipped, by exactly lr x the norm asked;
+    unclipped, by lr x the (much larger) gradient norm. With ghost batches, the summed gradient
+    is clipped, not each part."""
+    from nas.proxy import train_step, training_model
+
+    def step_norm(clip):
+        torch.manual_seed(0)
+        model = training_model(proxy_arch(SLOW_BN, FAST, 16), 4).train()
+        before = [p.detach().clone() for p in model.parameters()]
+        x = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+        y = torch.arange(8) % 4
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_step(model, x, y, torch.nn.CrossEntropyLoss(), optimizer, False, "cpu",
+                   parts=parts, gen=torch.Generator().manual_seed(0), clip_grad=clip)
+        return torch.cat([(p.detach() - b).flatten()
+                          for p, b in zip(model.parameters(), before, strict=True)]).norm().item()
+
+    unclipped = step_norm(None)
+    assert unclipped > 0.1 * 0.05  # the gradient norm is well above the clip asked below
+    assert step_norm(0.05) == pytest.approx(0.1 * 0.05, rel=1e-3)
+    assert step_norm(1e6) == pytest.approx(unclipped, rel=1e-5)  # a loose bound changes nothing
+
+
+def test_the_budget_clip_reaches_every_step(monkeypatch):
+    import nas.proxy
+
+    seen, real = [], nas.proxy.train_step
+
+    def step(*a, **k):
+        seen.append(k["clip_grad"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(nas.proxy, "train_step", step)
+    proxy_train(SLOW_BN, synthetic_splits(), dataclasses.replace(FAST, clip_grad=2.5))
+    assert seen and set(seen) == {2.5}

@@ -259,6 +259,33 @@ def test_a_study_of_the_adamw_proxy_is_told_the_flags_that_resume_it():
             "or pick") in msg
 
 
+def test_a_study_from_before_proxy_clipping_resumes_unclipped_and_is_told_the_flag():
+    from nas.search.study import with_later_fields
+
+    before = dataclasses.asdict(ProxyBudget())
+    del before["clip_grad"]  # stored before the field existed: every such study was unclipped
+    assert with_later_fields(before) == dataclasses.asdict(ProxyBudget(clip_grad=None))
+    msg = refusal("s", "budget", with_later_fields(before),
+                  dataclasses.asdict(ProxyBudget(clip_grad=1.0)))
+    assert "clip_grad=None, not 1.0; resume with --proxy-clip-grad 0 or pick" in msg
+
+
+def test_proxy_clip_grad_flag_reaches_the_budget_and_0_means_unclipped():
+    b = config_from_argv(["--target-ms", "5", "--proxy-clip-grad", "2"]).budget()
+    assert b.clip_grad == 2.0
+    assert config_from_argv(["--target-ms", "5", "--proxy-clip-grad", "0"]).budget().clip_grad \
+        is None
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_a_bad_proxy_clip_grad_is_a_one_line_error(value):
+    from nas.search.config import UsageError, resolve
+
+    with pytest.raises(UsageError, match=f"--proxy-clip-grad {value}: must be a finite number > "
+                                         "0, or 0 for no clipping"):
+        resolve(config_from_argv(["--target-ms", "5", "--proxy-clip-grad", value]))
+
+
 def test_the_proxy_optimizer_brings_its_own_learning_rate_and_weight_decay():
     from nas.proxy import OPTIMIZER_DEFAULTS
 

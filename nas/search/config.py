@@ -91,6 +91,7 @@ class SearchConfig:
     proxy_lr: float | None = None  # None: the optimizer's (nas.proxy.OPTIMIZER_DEFAULTS)
     proxy_weight_decay: float | None = None  # None: the optimizer's
     proxy_final_map: int = _BUDGET.final_map
+    proxy_clip_grad: float | None = _BUDGET.clip_grad  # None: unclipped (--proxy-clip-grad 0)
     val_size: int = 5000
     name: str = "search"
     runs_dir: str = "runs"
@@ -116,7 +117,8 @@ class SearchConfig:
                            lr=own["lr"] if self.proxy_lr is None else self.proxy_lr,
                            weight_decay=(own["weight_decay"] if self.proxy_weight_decay is None
                                          else self.proxy_weight_decay),
-                           val_images=self.val_size, final_map=self.proxy_final_map)
+                           val_images=self.val_size, final_map=self.proxy_final_map,
+                           clip_grad=self.proxy_clip_grad)
 
     def child(self, index: int) -> SearchConfig:
         """The configuration of the --workers process number `index` (1, 2, ...)."""
@@ -249,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--proxy-final-map", type=int, default=_default("proxy_final_map"),
                    help="the trained network's earliest strides are reduced until its last "
                         "feature map is at least this wide (1: train the deployed strides)")
+    g.add_argument("--proxy-clip-grad", type=float, default=_default("proxy_clip_grad"),
+                   metavar="NORM", help="clip each proxy step's gradient norm to NORM, as "
+                   "nas.train --clip-grad; 0: no clipping")
     g.add_argument("--val-size", type=int, default=_default("val_size"),
                    help="images held out of the training set to score candidates")
     g = p.add_argument_group("results")
@@ -267,6 +272,8 @@ def config_from_argv(argv: list[str] | None = None) -> SearchConfig:
     ns = build_parser().parse_args(argv)
     values = vars(ns)
     values["baselines"] = tuple(n.strip() for n in ns.baselines.split(",") if n.strip())
+    if values["proxy_clip_grad"] == 0:
+        values["proxy_clip_grad"] = None
     return SearchConfig(**values)
 
 
@@ -290,6 +297,10 @@ def check(c: SearchConfig) -> None:
                                                   and c.proxy_weight_decay >= 0):
         raise UsageError(f"--proxy-weight-decay {c.proxy_weight_decay:g}: must be a finite "
                          "number >= 0")
+    if c.proxy_clip_grad is not None and not (math.isfinite(c.proxy_clip_grad)
+                                              and c.proxy_clip_grad > 0):
+        raise UsageError(f"--proxy-clip-grad {c.proxy_clip_grad:g}: must be a finite number > 0, "
+                         "or 0 for no clipping")
     for flag in ("trials", "proxy_images", "proxy_epochs", "proxy_batch", "proxy_ghost_batches",
                  "proxy_final_map", "val_size", "startup_trials"):
         if getattr(c, flag) < 1:

@@ -35,9 +35,9 @@ BUDGET_FLAGS = {"train_images": "--proxy-images", "epochs": "--proxy-epochs",
                 "batch_size": "--proxy-batch", "ghost_batches": "--proxy-ghost-batches",
                 "optimizer": "--proxy-optimizer", "lr": "--proxy-lr",
                 "weight_decay": "--proxy-weight-decay", "final_map": "--proxy-final-map",
-                "val_images": "--val-size"}
+                "val_images": "--val-size", "clip_grad": "--proxy-clip-grad"}
 # budget fields newer than some studies, with the value those studies were trained with
-BUDGET_ADDED_LATER = {"ghost_batches": 1, "optimizer": "adamw"}
+BUDGET_ADDED_LATER = {"ghost_batches": 1, "optimizer": "adamw", "clip_grad": None}
 # latencies from another CPU or GPU model would mix two hardware targets in one reward;
 # studies saved before a setting existed are not refused for lacking it
 SETTINGS_ADDED_LATER = ("latency_device",)
@@ -267,7 +267,8 @@ def refusal(name: str, key: str, was: Any, now: Any) -> str:
         fields = [f for f in dict.fromkeys([*now, *was]) if was.get(f) != now.get(f)]
         differ = ", ".join(f"{f}={was.get(f)!r}, not {now.get(f)!r}" for f in fields)
         if all(f in BUDGET_FLAGS and f in was for f in fields):
-            flags = " ".join(f"{BUDGET_FLAGS[f]} {was[f]}" for f in fields)
+            flags = " ".join(f"{BUDGET_FLAGS[f]} {0 if was[f] is None else was[f]}"
+                             for f in fields)  # only clip_grad can be None: its flag's 0
             return (f"study {name!r} was created with the proxy's {differ}; resume with "
                     f"{flags} or pick a new --name")
         return (f"study {name!r} was created with the proxy's {differ} (not every one has a "
