@@ -219,6 +219,22 @@ def test_a_benchmark_table_is_printed_and_kept_whole_in_a_folder_made_for_it(tmp
     assert capsys.readouterr().out == "only shown\n" and out.read_text() == "again\n"
 
 
+def test_the_outcome_verdict_reads_a_gap_at_the_test_splits_resolution():
+    outcome = _benchmark("search_outcome")
+    df = pd.DataFrame({"network": ["trial-6", "mobilenet_v2@0.85", "mnasnet_a1@0.9"],
+                       "kind": ["candidate", "matched", "matched"], "seeds": [2, 2, 2],
+                       "latency_ms": [5.51, 5.67, 5.73],
+                       "test_accuracy_mean": [np.mean([0.7905, 0.7845]),  # seed means as
+                                              np.mean([0.7629, 0.7921]), 0.7876],  # confirm's
+                       "matched_to": ["", "trial-6 (-1.4%)", "trial-6 (-1.7%)"]})
+    assert 100 * (df.test_accuracy_mean[0] - df.test_accuracy_mean[1]) < 1.0  # a float hair short
+    assert outcome.verdict(df) == [
+        "trial-6 (5.51 ms, 78.75%) vs mobilenet_v2@0.85 (5.67 ms, 77.75%): +1.00 points "
+        "(goal met)",
+        "trial-6 (5.51 ms, 78.75%) vs mnasnet_a1@0.9 (5.73 ms, 78.76%): -0.01 points "
+        "(short of +1.0)"]
+
+
 def test_the_search_outcome_benchmark_confirms_a_real_search_against_matched_baselines(
         image_folder, tmp_path, capsys, monkeypatch):
     outcome = _benchmark("search_outcome")
