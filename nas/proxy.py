@@ -77,7 +77,7 @@ class ProxyBudget:
     warmup: float = 0.2  # fraction of all steps spent warming up
     weight_decay: float = 5e-4  # on conv/linear weights only, not BN or biases (decoupled: AdamW)
     clip_grad: float | None = None  # largest gradient norm per step, as nas.train --clip-grad;
-    # None: unclipped (docs/proxy.md#clipping)
+    # None: unclipped (proxy_repeat_zen3.txt: at norm 1 it ranked worse; docs/proxy.md)
     label_smoothing: float = 0.1
     val_images: int = 5_000  # how much of the validation split scores the candidate (all of it)
     final_map: int = 1  # reduce the earliest strides only if the last map would be smaller;
