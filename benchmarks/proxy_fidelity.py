@@ -1,6 +1,7 @@
 """Does the short proxy rank architectures the way much longer training does?
 
-    python benchmarks/proxy_fidelity.py --data ../shared/datasets/cifar10-jpg.tar.gz
+    python benchmarks/proxy_fidelity.py --data ../shared/datasets/cifar10-jpg.tar.gz \
+        [--state runs/proxy_fidelity.json] [--out benchmarks/results/NEW.txt]
 
 Samples --archs architectures from the search space (Optuna RandomSampler, --seed), trains each
 with every budget in --budgets and with the --reference budget, all scored on the same
@@ -276,7 +277,7 @@ def twin_agreement(n_archs: int, names: list[str], state: dict) -> list[str]:
     return lines
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="../shared/datasets/cifar10-jpg.tar.gz")
@@ -296,8 +297,11 @@ def main() -> int:
                         "an architecture file) ranked after the sampled ones, when --state is "
                         "new (a state keeps them: leave it out to resume)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="benchmarks/results/proxy_fidelity.txt")
-    p.add_argument("--state", default="benchmarks/results/proxy_fidelity.json")
+    # neither default is under benchmarks/results/: a plain run must not overwrite a committed
+    # table or train into a committed state (one did, 2026-12-06); commit with --out
+    p.add_argument("--out", default=None, help="also write the table here (default: print it)")
+    p.add_argument("--state", default="runs/proxy_fidelity.json",
+                   help="partial results, to resume (default: %(default)s)")
     p.add_argument("--only", default=None,
                    help="comma-separated architecture indices this process trains (to split the "
                         "work over processes, each with its own --state)")
@@ -305,7 +309,11 @@ def main() -> int:
                    help="comma-separated extra state files to merge into the report (no "
                         "training); FILE@tag renames its budgets to 'budget @tag', so they can be "
                         "listed in --budgets beside this run's")
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.budgets.split(",") if n.strip()] + [args.reference]
     ladder = {n: parse_budget(n) for n in names}
@@ -338,10 +346,12 @@ def main() -> int:
         run_dir = state_path.with_suffix("") / f"{i}-{k.replace(' ', '-')}"
         state[key] = run_one(archs[i], data, ladder[k], run_dir)
         print(f"  acc {state[key]['accuracy']:.4f} in {state[key]['seconds']:.1f}s", flush=True)
+        state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, state_path)
-        write_atomic(args.out, report(archs, ladder, state, args) + "\n")  # so far
+        if args.out:
+            write_atomic(args.out, report(archs, ladder, state, args) + "\n")  # so far
     save_table(report(archs, ladder, state, args), args.out)
     return 0
 

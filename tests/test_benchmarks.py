@@ -115,6 +115,12 @@ def test_a_state_keeps_its_named_networks_after_the_sampled_ones(tmp_path):
     assert "named" not in fidelity.merged_state(str(other), [*ARCHS, v2])
 
 
+def test_a_plain_fidelity_run_writes_nothing_under_the_committed_results():
+    args = fidelity.build_parser().parse_args([])
+    assert args.out is None  # printed; written only where --out says
+    assert Path(args.state).parts[0] == "runs"  # ignored by git, not benchmarks/results/
+
+
 @pytest.mark.parametrize("name", ["proxy_fidelity", "proxy_fidelity_cascadelake",
                                   "proxy_fidelity_cascadelake_clean",
                                   "proxy_fidelity_ghost_cascadelake",
