@@ -335,6 +335,8 @@ def main() -> int:
             print(f"--merge: report only; {missing} results missing here are not trained (run "
                   "without --merge, with its own --state, to train them)", file=sys.stderr)
         order = []
+    if order:
+        state_path.parent.mkdir(parents=True, exist_ok=True)  # runs/ by default
     for k, i in order:
         key = f"{i}|{k}"
         if key in state:
@@ -346,7 +348,6 @@ def main() -> int:
         run_dir = state_path.with_suffix("") / f"{i}-{k.replace(' ', '-')}"
         state[key] = run_one(archs[i], data, ladder[k], run_dir)
         print(f"  acc {state[key]['accuracy']:.4f} in {state[key]['seconds']:.1f}s", flush=True)
-        state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, state_path)
