@@ -230,8 +230,31 @@ def report(archs, ladder, state, args) -> str:
         med = f"{statistics.median(secs):14.1f}" if secs else f"{'-':>14s}"
         lines.append(f"{k:>{bw}s} {med} {corr} {len(pairs):3d}")
     lines += cost_rankings(archs, state, long, bw)
-    lines += twin_agreement(len(archs), names, state)
+    lines += early_epochs(len(archs), state, long, bw)
+    lines += twin_agreement(len(archs), names, state, long)
     return "\n".join(lines)
+
+
+EARLY_EPOCHS = (1, 2, 3, 5, 10)
+
+
+def early_epochs(n_archs: int, state: dict, reference: str, width: int = 16) -> list[str]:
+    """The reference's own test accuracy after its first epochs, ranked against its last: what
+    a proxy of nas.train's recipe on all the training images would rank like. These epochs ran
+    at the start of the reference's schedule (a high learning rate), not a short schedule."""
+    runs = {i: r for i in range(n_archs) if (r := state.get(f"{i}|{reference}"))
+            and len(r.get("history", ())) > 1 and r["accuracy"] == r["accuracy"]}
+    if len(runs) < 3:
+        return []
+    lines = []
+    for k in EARLY_EPOCHS:
+        if k >= min(len(r["history"]) for r in runs.values()):
+            break
+        early = [r["history"][k - 1] for r in runs.values()]
+        secs = statistics.median(sum(r["epoch_seconds"][:k]) for r in runs.values())
+        corr = correlation_cells(early, [r["accuracy"] for r in runs.values()])
+        lines.append(f"{f'reference epoch {k}':>{width}s} {secs:14.1f} {corr} {len(runs):3d}")
+    return lines
 
 
 def cost_rankings(archs: list[Architecture], state: dict, reference: str, width: int = 16
@@ -250,6 +273,11 @@ def cost_rankings(archs: list[Architecture], state: dict, reference: str, width:
                                  ("parameters", count_params))]
 
 
+def correlation_text(x, y) -> str:
+    lo, hi = tau_interval(x, y)
+    return f"kendall tau {stats.kendalltau(x, y).statistic:.3f} (90% CI {lo:.2f}..{hi:.2f})"
+
+
 def correlation_cells(x, y) -> str:
     """Kendall tau, its bootstrap interval and Spearman, as the report's columns."""
     lo, hi = tau_interval(x, y)
@@ -257,8 +285,10 @@ def correlation_cells(x, y) -> str:
             f"{stats.spearmanr(x, y).statistic:9.3f}")
 
 
-def twin_agreement(n_archs: int, names: list[str], state: dict) -> list[str]:
-    """The same budget in two runs ('b' and 'b @tag'): how far the proxy's own noise goes."""
+def twin_agreement(n_archs: int, names: list[str], state: dict, reference: str | None = None
+                   ) -> list[str]:
+    """The same budget in two runs ('b' and 'b @tag'): how far the proxy's own noise goes, and
+    how the mean of the two ranks against the reference (a proxy run twice, at twice the cost)."""
     lines = []
     for tagged in names:
         base = tagged.split(" @")[0]
@@ -274,6 +304,15 @@ def twin_agreement(n_archs: int, names: list[str], state: dict) -> list[str]:
         lines.append(f"  {base!r} vs {tagged!r}: kendall tau {stats.kendalltau(x, y).statistic:.3f}"
                      f", |acc difference| median {statistics.median(gaps):.4f} max "
                      f"{max(gaps):.4f}, n {len(pairs)}")
+        if not reference:
+            continue
+        means = [((state[f"{i}|{base}"]["accuracy"] + state[f"{i}|{tagged}"]["accuracy"]) / 2,
+                  state[f"{i}|{reference}"]["accuracy"]) for i in range(n_archs)
+                 if all(f"{i}|{k}" in state for k in (base, tagged, reference))]
+        means = [(m, r) for m, r in means if m == m and r == r]  # failures (NaN) left out
+        if len(means) >= 3:
+            lines.append(f"    their mean against {reference!r}: "
+                         f"{correlation_text(*zip(*means, strict=True))}, n {len(means)}")
     return lines
 
 

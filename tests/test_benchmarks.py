@@ -147,6 +147,37 @@ def test_twin_agreement_compares_each_tagged_budget_with_its_untagged_twin():
     assert fidelity.twin_agreement(4, ["fm1 8000x2 @x", "fm2 40000x2"], state) == []
 
 
+def test_the_mean_of_twin_runs_is_ranked_against_the_reference():
+    # each run alone swaps one pair; their mean ranks as the reference does (tau 1)
+    base, twin, ref = [0.30, 0.36, 0.25, 0.40], [0.36, 0.33, 0.26, 0.45], [0.5, 0.6, 0.4, 0.7]
+    state = {f"{i}|fm1 8000x2": {"accuracy": a} for i, a in enumerate(base)}
+    state |= {f"{i}|fm1 8000x2 @x": {"accuracy": a} for i, a in enumerate(twin)}
+    state |= {f"{i}|train e20": {"accuracy": a} for i, a in enumerate(ref)}
+    lines = fidelity.twin_agreement(4, ["fm1 8000x2", "fm1 8000x2 @x", "train e20"], state,
+                                    "train e20")
+    assert lines[-1].startswith("    their mean against 'train e20': kendall tau 1.000")
+    assert lines[-1].endswith("n 4")
+    state["2|fm1 8000x2 @x"]["accuracy"] = float("nan")  # a failed run: left out, not paired
+    lines = fidelity.twin_agreement(4, ["fm1 8000x2", "fm1 8000x2 @x", "train e20"], state,
+                                    "train e20")
+    assert lines[-1].endswith("n 3")
+
+
+def test_the_references_early_epochs_are_ranked_against_its_last():
+    # 4 networks, 3 epochs: epoch 1 ranks them backwards, epoch 2 as the end does
+    histories = [[0.40, 0.50, 0.60], [0.30, 0.55, 0.70], [0.20, 0.60, 0.80], [0.10, 0.65, 0.90]]
+    state = {f"{i}|train e3": {"accuracy": h[-1], "history": h, "epoch_seconds": [10, 20, 30]}
+             for i, h in enumerate(histories)}
+    lines = fidelity.early_epochs(4, state, "train e3")
+    assert len(lines) == 2  # epochs 1 and 2 of EARLY_EPOCHS; not the last epoch itself
+    first, second = (line.split() for line in lines)
+    assert first[:3] == ["reference", "epoch", "1"] and float(first[3]) == 10.0
+    assert float(first[4]) == -1.0 and float(second[4]) == 1.0 and float(second[3]) == 30.0
+    assert first[-1] == "4"
+    # references without a history (proxy budgets, older states) give no rows
+    assert fidelity.early_epochs(4, {f"{i}|x": {"accuracy": 0.5} for i in range(4)}, "x") == []
+
+
 def test_the_fastconv_benchmark_varies_only_how_the_same_network_computes():
     steps = _benchmark("fastconv_steps")
     arch = proxy_arch(load_architecture("mnasnet_a1"), ProxyBudget(), 32)
