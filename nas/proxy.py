@@ -68,14 +68,14 @@ class ProxyBudget:
     # run at once on one thread each when the CPU share has the cores: as fast as one batch of
     # 128 on 2 threads (proxy_throughput_ghost_cascadelake.txt). Weights do not depend on how
     # many ran at once while the share is below 2 x parts (train_step)
-    lr: float = 0.1  # peak learning rate, linear warm-up then linear decay (make_optimizer)
-    optimizer: str = "sgd"  # nas.train's (and so nas.confirm's) optimizer: against 20-epoch
-    # trainings with nas.train's recipe, this proxy ranked 12 networks at Kendall tau 0.455
-    # (0.16-0.72) and the AdamW one (lr 3e-3, weight decay 0.05; default until 2026-12-05) at
-    # 0.152 (-0.25-0.54), placing mobilenet_v2 and mobilenet_v3_small 10th and 7th where they
-    # trained 1st and 2nd (proxy_fidelity_train_zen4.txt; docs/proxy.md)
+    lr: float = 3e-3  # peak learning rate, linear warm-up then linear decay (make_optimizer)
+    optimizer: str = "adamw"  # against 20-epoch trainings with nas.train's clipped recipe (what
+    # nas.confirm trains), AdamW ranked 15 networks at Kendall tau 0.581 (90% interval
+    # 0.29-0.79) and SGD (lr 0.1; the default 2026-12-05/06) at 0.325; SGD at lr 0.05 at 0.619,
+    # but it repeats its own ranking on another CPU at tau 0.60, AdamW at 0.87
+    # (proxy_fidelity_clip_zen3.txt, proxy_repeat_zen3.txt; docs/proxy.md)
     warmup: float = 0.2  # fraction of all steps spent warming up
-    weight_decay: float = 5e-4  # on conv/linear weights only, not BN or biases (decoupled: AdamW)
+    weight_decay: float = 0.05  # on conv/linear weights only, not BN or biases (decoupled: AdamW)
     clip_grad: float | None = None  # largest gradient norm per step, as nas.train --clip-grad;
     # None: unclipped (proxy_repeat_zen3.txt: at norm 1 it ranked worse; docs/proxy.md)
     label_smoothing: float = 0.1

@@ -124,7 +124,7 @@ def test_a_plain_fidelity_run_writes_nothing_under_the_committed_results():
 @pytest.mark.parametrize("name", ["proxy_fidelity", "proxy_fidelity_cascadelake",
                                   "proxy_fidelity_cascadelake_clean",
                                   "proxy_fidelity_ghost_cascadelake",
-                                  "proxy_fidelity_train_zen4"])
+                                  "proxy_fidelity_train_zen4", "proxy_fidelity_clip_zen3"])
 def test_committed_fidelity_results_list_the_architectures_of_their_tables(name):
     results = Path(__file__).parent.parent / "benchmarks" / "results"
     state = json.loads((results / f"{name}.json").read_text())

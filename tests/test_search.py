@@ -245,17 +245,27 @@ def test_a_study_of_the_default_before_ghost_batches_is_told_the_flags_that_resu
                                             lr=2e-3, optimizer="adamw", weight_decay=0.05))
     del before["ghost_batches"], before["optimizer"]  # stored before the fields existed
     msg = refusal("s", "budget", with_later_fields(before), dataclasses.asdict(ProxyBudget()))
+    # AdamW is the default again: only the fields that differ from it are named
+    assert "resume with --proxy-batch 64 --proxy-ghost-batches 1 --proxy-lr 0.002 or pick" in msg
+    sgd = dataclasses.asdict(ProxyBudget(optimizer="sgd", lr=0.1, weight_decay=5e-4))
+    msg = refusal("s", "budget", with_later_fields(before), sgd)  # under the SGD default
     assert ("resume with --proxy-batch 64 --proxy-ghost-batches 1 --proxy-lr 0.002 "
-            "--proxy-optimizer adamw --proxy-weight-decay 0.05 or pick") in msg  # as docs say
+            "--proxy-optimizer adamw --proxy-weight-decay 0.05 or pick") in msg
 
 
-def test_a_study_of_the_adamw_proxy_is_told_the_flags_that_resume_it():
+def test_a_study_of_the_adamw_proxy_from_before_the_field_resumes_under_the_default():
     from nas.search.study import with_later_fields
 
     before = dataclasses.asdict(ProxyBudget(optimizer="adamw", lr=3e-3, weight_decay=0.05))
     del before["optimizer"]  # stored before the field existed: every such study used AdamW
-    msg = refusal("s", "budget", with_later_fields(before), dataclasses.asdict(ProxyBudget()))
-    assert ("resume with --proxy-lr 0.003 --proxy-optimizer adamw --proxy-weight-decay 0.05 "
+    assert with_later_fields(before) == dataclasses.asdict(ProxyBudget())
+
+
+def test_a_study_of_the_sgd_proxy_default_is_told_the_flags_that_resume_it():
+    # the default of 2026-12-05 and 12-06 (CHANGELOG)
+    before = dataclasses.asdict(ProxyBudget(optimizer="sgd", lr=0.1, weight_decay=5e-4))
+    msg = refusal("s", "budget", before, dataclasses.asdict(ProxyBudget()))
+    assert ("resume with --proxy-lr 0.1 --proxy-optimizer sgd --proxy-weight-decay 0.0005 "
             "or pick") in msg
 
 
