@@ -273,16 +273,19 @@ def cost_rankings(archs: list[Architecture], state: dict, reference: str, width:
                                  ("parameters", count_params))]
 
 
+def tau_with_interval(x, y) -> tuple[float, float, float]:
+    return (stats.kendalltau(x, y).statistic, *tau_interval(x, y))
+
+
 def correlation_text(x, y) -> str:
-    lo, hi = tau_interval(x, y)
-    return f"kendall tau {stats.kendalltau(x, y).statistic:.3f} (90% CI {lo:.2f}..{hi:.2f})"
+    tau, lo, hi = tau_with_interval(x, y)
+    return f"kendall tau {tau:.3f} (90% CI {lo:.2f}..{hi:.2f})"
 
 
 def correlation_cells(x, y) -> str:
     """Kendall tau, its bootstrap interval and Spearman, as the report's columns."""
-    lo, hi = tau_interval(x, y)
-    return (f"{stats.kendalltau(x, y).statistic:12.3f} {f'{lo:.2f}..{hi:.2f}':>14s} "
-            f"{stats.spearmanr(x, y).statistic:9.3f}")
+    tau, lo, hi = tau_with_interval(x, y)
+    return f"{tau:12.3f} {f'{lo:.2f}..{hi:.2f}':>14s} {stats.spearmanr(x, y).statistic:9.3f}"
 
 
 def twin_agreement(n_archs: int, names: list[str], state: dict, reference: str | None = None

@@ -68,14 +68,16 @@ class ProxyBudget:
     # run at once on one thread each when the CPU share has the cores: as fast as one batch of
     # 128 on 2 threads (proxy_throughput_ghost_cascadelake.txt). Weights do not depend on how
     # many ran at once while the share is below 2 x parts (train_step)
-    lr: float = 3e-3  # peak learning rate, linear warm-up then linear decay (make_optimizer)
+    lr: float = OPTIMIZER_DEFAULTS["adamw"]["lr"]  # peak learning rate, linear warm-up then
+    # linear decay (make_optimizer)
     optimizer: str = "adamw"  # against 20-epoch trainings with nas.train's clipped recipe (what
     # nas.confirm trains), AdamW ranked 16 networks at Kendall tau 0.550 (90% interval
     # 0.29-0.78) and SGD (lr 0.1; the default 2026-12-05/06) at 0.259; SGD at lr 0.05 at 0.567,
     # but it repeats its own ranking on another CPU at tau 0.60, AdamW at 0.87
     # (proxy_fidelity_clip_zen3.txt, proxy_repeat_zen3.txt; docs/proxy.md)
     warmup: float = 0.2  # fraction of all steps spent warming up
-    weight_decay: float = 0.05  # on conv/linear weights only, not BN or biases (decoupled: AdamW)
+    weight_decay: float = OPTIMIZER_DEFAULTS["adamw"]["weight_decay"]  # on conv/linear
+    # weights only, not BN or biases (decoupled: AdamW)
     clip_grad: float | None = None  # largest gradient norm per step, as nas.train --clip-grad;
     # None: unclipped (proxy_repeat_zen3.txt: at norm 1 it ranked worse; docs/proxy.md)
     label_smoothing: float = 0.1
