@@ -71,8 +71,8 @@ class ProxyBudget:
     lr: float = OPTIMIZER_DEFAULTS["adamw"]["lr"]  # peak learning rate, linear warm-up then
     # linear decay (make_optimizer)
     optimizer: str = "adamw"  # against 20-epoch trainings with nas.train's clipped recipe (what
-    # nas.confirm trains), AdamW ranked 16 networks at Kendall tau 0.550 (90% interval
-    # 0.29-0.78) and SGD (lr 0.1; the default 2026-12-05/06) at 0.259; SGD at lr 0.05 at 0.567,
+    # nas.confirm trains), AdamW ranked 19 networks at Kendall tau 0.462 (90% interval
+    # 0.21-0.70) and SGD (lr 0.1; the default 2026-12-05/06) at 0.282; SGD at lr 0.05 at 0.520,
     # but it repeats its own ranking on another CPU at tau 0.60, AdamW at 0.87
     # (proxy_fidelity_clip_zen3.txt, proxy_repeat_zen3.txt; docs/proxy.md)
     warmup: float = 0.2  # fraction of all steps spent warming up
