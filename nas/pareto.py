@@ -125,6 +125,24 @@ def pareto_frame(df: pd.DataFrame) -> pd.DataFrame:
                              kind="stable").reset_index(drop=True)
 
 
+def front_exponent(df: pd.DataFrame) -> float | None:
+    """How steeply the searched front buys accuracy with latency: the least-squares slope of
+    log accuracy on log latency over the front's members, so that along the front accuracy
+    grows roughly as latency ** slope. None with fewer than 3 members.
+
+    The reward along the front then goes as latency ** (slope + w): when the slope exceeds
+    -beta, slower members score higher above T and the best trial drifts past the target.
+    """
+    front = pareto_frame(df)
+    acc = front["accuracy"].astype(float).to_numpy() if len(front) else np.array([])
+    lat = front["latency_ms"].astype(float).to_numpy() if len(front) else np.array([])
+    keep = (acc > 0) & (lat > 0)
+    acc, lat = acc[keep], lat[keep]
+    if len(acc) < 3 or np.ptp(np.log(lat)) == 0:
+        return None
+    return float(np.polyfit(np.log(lat), np.log(acc), 1)[0])
+
+
 def best_trial_row(df: pd.DataFrame) -> pd.Series | None:
     """The searched trial with the highest reward (lowest number on ties), None if there is none."""
     if "reward" not in df:

@@ -15,6 +15,7 @@ from nas.arch import Architecture, load_architecture
 from nas.pareto import (
     TRIAL_ATTRS,
     best_trial_row,
+    front_exponent,
     history_frame,
     pareto_frame,
     pareto_mask,
@@ -174,3 +175,45 @@ def test_history_frame_of_two_objectives():
                                "best_latency_ms"]
     assert h.best_accuracy.tolist() == [0.70, 0.80, 0.80, 0.90, 0.90]
     assert h.best_latency_ms.tolist() == [10.0] * 5
+
+
+def _trade_off_frame(slope: float, target_ms: float, beta: float, alpha: float | None = None
+                     ) -> pd.DataFrame:
+    """A front on which accuracy grows exactly as latency ** slope, dominated trials below it,
+    a baseline above it, rewards as the search computes them."""
+    from nas.reward import reward
+    lat = np.array([2.0, 4.0, 8.0, 16.0])
+    acc = 0.2 * (lat / 2.0) ** slope
+    rows = [dict(number=i, state="COMPLETE", accuracy=a, latency_ms=x, baseline=None)
+            for i, (a, x) in enumerate(zip(acc, lat, strict=True))]
+    rows += [dict(number=4, state="COMPLETE", accuracy=0.1, latency_ms=5.0, baseline=None),
+             dict(number=5, state="COMPLETE", accuracy=0.9, latency_ms=3.0,
+                  baseline="mobilenet_v2"),
+             dict(number=6, state="FAIL", accuracy=math.nan, latency_ms=math.nan, baseline=None)]
+    df = pd.DataFrame(rows)
+    df["reward"] = [reward(a, x, target_ms, alpha=beta if alpha is None else alpha,
+                           beta=beta) if s == "COMPLETE"
+                    else math.nan for a, x, s in zip(df.accuracy, df.latency_ms, df.state,
+                                                      strict=True)]
+    return df
+
+
+def test_front_exponent_is_the_fronts_log_log_slope():
+    df = _trade_off_frame(0.3, target_ms=4.0, beta=-0.07)
+    # dominated trial 4 and the (more accurate) baseline must not bend the fit
+    assert front_exponent(df) == pytest.approx(0.3, abs=1e-9)
+    assert front_exponent(df.iloc[[0, 1, 4]]) is None  # a front of two
+    assert front_exponent(df.iloc[0:0]) is None
+
+
+def test_drift_note_names_the_exponent_only_when_it_moves_the_best_past_t():
+    from nas.search.runner import target_drift_note
+    soft = _trade_off_frame(0.3, target_ms=4.0, beta=-0.07)
+    note = target_drift_note(soft, 4.0, -0.07)
+    # reward ~ lat ** (0.3 - 0.07): the slowest front member (16 ms) wins, 4 x T
+    assert note is not None and "4.00 x T" in note and "latency^0.30" in note
+    assert "--mode hard" in note and "below -0.30" in note
+    hard = _trade_off_frame(0.3, target_ms=4.0, beta=-1.0, alpha=0.0)
+    assert target_drift_note(hard, 4.0, -1.0) is None  # beta outweighs the front: best at T
+    # a T at the slowest member: the best is at T, nothing to explain
+    assert target_drift_note(_trade_off_frame(0.3, 16.0, -0.07), 16.0, -0.07) is None
