@@ -41,6 +41,7 @@ from nas.interleaved import measure_interleaved
 from nas.interrupts import run_tool
 from nas.latency import measure_latency
 from nas.model import build_model
+from nas.pareto import front_exponent, is_baseline
 from nas.results import load_baselines
 from nas.run_folder import CONFIRM_CSV
 from nas.search import run as search
@@ -194,9 +195,24 @@ def write(args: argparse.Namespace, argv: list[str] | None, df: pd.DataFrame, re
               + (f", gradient norm clipped to {args.clip_grad:g}" if args.clip_grad
                  else ", unclipped")
               + f"; run folder {run_dir}",
+              *search_line(run_dir, target),
               *([f"# {note}"] if note else [])]
     text = "\n".join([*header, "", *format_table(df), "", *verdict(df)])
     save_table(text, args.out)  # prints it; writes it with --out
+
+
+def search_line(run_dir: Path, target: float) -> list[str]:
+    """How the search sat against T: trials above it, and the front's exponent (proxy accuracy
+    ~ latency^s), which the reward's beta must outweigh to hold T (docs/search.md)."""
+    path = run_dir / "trials.csv"
+    if not path.exists():
+        return []
+    trials = pd.read_csv(path)
+    searched = trials[(trials.state == "COMPLETE") & ~is_baseline(trials)]
+    s = front_exponent(trials)
+    return [f"# search: {int((searched.latency_ms > target).sum())} of {len(searched)} trials "
+            f"above T; along the front proxy accuracy ~ latency^"
+            + (f"{s:.2f}" if s is not None else "?")]
 
 
 def trainings(df: pd.DataFrame, seeds: int) -> tuple[int, int]:

@@ -289,6 +289,11 @@ def test_the_search_outcome_benchmark_confirms_a_real_search_against_matched_bas
         ["mobilenet_v2", "mnasnet_a1", confirmed[confirmed.kind == "baseline"].network.iloc[2]])
     for name in confirmed.network:
         assert name in text
+    trials = pd.read_csv(tmp_path / "outcome" / "trials.csv")
+    searched = trials[(trials.state == "COMPLETE") & trials.baseline.isna()]
+    target = json.loads((tmp_path / "outcome" / "run.json").read_text())["settings"]["target_ms"]
+    above = int((searched.latency_ms > target).sum())
+    assert f"# search: {above} of {len(searched)} trials above T;" in text
     verdicts = [line for line in text.splitlines() if " vs " in line]
     assert len(verdicts) == 3  # the candidate against each matched family
     cand = confirmed[confirmed.kind == "candidate"].iloc[0]
