@@ -271,7 +271,7 @@ def target_drift_note(df: pd.DataFrame, target_ms: float, beta: float) -> str | 
     so the reward above T goes as latency ** (s + beta): with s > -beta, slower members score
     higher. MnasNet's soft beta of -0.07 assumes +5% accuracy per latency doubling; a short
     proxy's front rose as latency ** 0.19..0.53 in the committed searches
-    (search_outcome_v3large_adamw_zen3.txt), and the best trial went to 1.2-2x T.
+    (docs/search.md, search_outcome_*_zen3.txt), and the best trial went to 1.2-1.8x T.
     """
     best = best_trial_row(df)
     s = front_exponent(df)
