@@ -41,7 +41,7 @@ from nas.interleaved import measure_interleaved
 from nas.interrupts import run_tool
 from nas.latency import measure_latency
 from nas.model import build_model
-from nas.pareto import front_exponent, is_baseline
+from nas.pareto import completed, front_exponent, is_baseline
 from nas.results import load_baselines
 from nas.run_folder import CONFIRM_CSV
 from nas.search import run as search
@@ -208,7 +208,8 @@ def search_line(run_dir: Path, target: float) -> list[str]:
     if not path.exists():
         return []
     trials = pd.read_csv(path)
-    searched = trials[(trials.state == "COMPLETE") & ~is_baseline(trials)]
+    done = completed(trials)
+    searched = done[~is_baseline(done)]
     s = front_exponent(trials)
     return [f"# search: {int((searched.latency_ms > target).sum())} of {len(searched)} trials "
             f"above T; along the front proxy accuracy ~ latency^"

@@ -134,13 +134,13 @@ def front_exponent(df: pd.DataFrame) -> float | None:
     -beta, slower members score higher above T and the best trial drifts past the target.
     """
     front = pareto_frame(df)
-    acc = front["accuracy"].astype(float).to_numpy() if len(front) else np.array([])
-    lat = front["latency_ms"].astype(float).to_numpy() if len(front) else np.array([])
-    keep = (acc > 0) & (lat > 0)
-    acc, lat = acc[keep], lat[keep]
-    if len(acc) < 3 or np.ptp(np.log(lat)) == 0:
+    if len(front) < 3:
         return None
-    return float(np.polyfit(np.log(lat), np.log(acc), 1)[0])
+    acc, lat = (front[c].to_numpy(dtype=float) for c in ("accuracy", "latency_ms"))
+    keep = acc > 0  # a front's latencies are > 0; an accuracy of 0 has no logarithm
+    if keep.sum() < 3 or np.ptp(np.log(lat[keep])) == 0:
+        return None
+    return float(np.polyfit(np.log(lat[keep]), np.log(acc[keep]), 1)[0])
 
 
 def best_trial_row(df: pd.DataFrame) -> pd.Series | None:

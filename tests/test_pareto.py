@@ -22,6 +22,7 @@ from nas.pareto import (
     points_frame,
     trials_frame,
 )
+from nas.reward import reward
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -181,7 +182,6 @@ def _trade_off_frame(slope: float, target_ms: float, beta: float, alpha: float |
                      ) -> pd.DataFrame:
     """A front on which accuracy grows exactly as latency ** slope, dominated trials below it,
     a baseline above it, rewards as the search computes them."""
-    from nas.reward import reward
     lat = np.array([2.0, 4.0, 8.0, 16.0])
     acc = 0.2 * (lat / 2.0) ** slope
     rows = [dict(number=i, state="COMPLETE", accuracy=a, latency_ms=x, baseline=None)
@@ -213,6 +213,8 @@ def test_drift_note_names_the_exponent_only_when_it_moves_the_best_past_t():
     # reward ~ lat ** (0.3 - 0.07): the slowest front member (16 ms) wins, 4 x T
     assert note is not None and "4.00 x T" in note and "latency^0.30" in note
     assert "--mode hard" in note and "below -0.30" in note
+    # a beta that outweighs the front is not the cause, even with the best above T
+    assert target_drift_note(soft, 4.0, -0.5) is None
     hard = _trade_off_frame(0.3, target_ms=4.0, beta=-1.0, alpha=0.0)
     assert target_drift_note(hard, 4.0, -1.0) is None  # beta outweighs the front: best at T
     # a T at the slowest member: the best is at T, nothing to explain
