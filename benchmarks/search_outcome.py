@@ -105,6 +105,34 @@ def verdict(df: pd.DataFrame) -> list[str]:
     return lines or ["no candidate with a confirmed, latency-matched baseline yet"]
 
 
+def at_equal_latency(df: pd.DataFrame) -> list[str]:
+    """Each confirmed candidate against each baseline family's accuracy at exactly its latency,
+    where the family has trained widths on both sides of it: linear in log latency between the
+    nearest two. The 0.05 grid's nearest width can sit 10% away (the v3-large search's trial-53
+    at 11.74 ms: mobilenet_v2@1.1 at 10.27 ms, @1.15 at 13.18 ms; search_outcome_v3large_adamw)."""
+    trained = df[df.kind.isin(["matched", "baseline"]) & (df.seeds > 0)]
+    lines = []
+    for _, cand in df[(df.kind == "candidate") & (df.seeds > 0)].iterrows():
+        lat = cand.latency_ms
+        for family, rows in trained.groupby(trained.network.str.split("@").str[0], sort=False):
+            below, above = rows[rows.latency_ms < lat], rows[rows.latency_ms > lat]
+            if below.empty or above.empty:
+                continue
+            lo, hi = below.loc[below.latency_ms.idxmax()], above.loc[above.latency_ms.idxmin()]
+            t = math.log(lat / lo.latency_ms) / math.log(hi.latency_ms / lo.latency_ms)
+            acc = lo.test_accuracy_mean + t * (hi.test_accuracy_mean - lo.test_accuracy_mean)
+            gap = round(100 * (cand.test_accuracy_mean - acc), 2)
+            lines.append(f"{cand.network} ({lat:.2f} ms, {100 * cand.test_accuracy_mean:.2f}%) vs "
+                         f"{family} at {lat:.2f} ms: {100 * acc:.2f}% (between {lo.network} "
+                         f"{lo.latency_ms:.2f} ms {100 * lo.test_accuracy_mean:.2f}% and "
+                         f"{hi.network} {hi.latency_ms:.2f} ms {100 * hi.test_accuracy_mean:.2f}%)"
+                         f": {gap:+.2f} points {'(goal met)' if gap >= 1.0 else '(short of +1.0)'}")
+    if not lines:
+        return []
+    return ["", "at equal latency, where a family has trained widths on both sides of a candidate "
+                "(accuracy linear in log latency between the nearest two):", *lines]
+
+
 def format_table(df: pd.DataFrame) -> list[str]:
     lines = [f"{'network':<26} {'kind':<9} {'lat ms':>7} {'test acc %':>15} {'seeds':>5} "
              f"{'proxy':>6} {'params M':>8} {'MACs M':>7}  matched to"]
@@ -197,7 +225,7 @@ def write(args: argparse.Namespace, argv: list[str] | None, df: pd.DataFrame, re
               + f"; run folder {run_dir}",
               *search_line(run_dir, target),
               *([f"# {note}"] if note else [])]
-    text = "\n".join([*header, "", *format_table(df), "", *verdict(df)])
+    text = "\n".join([*header, "", *format_table(df), "", *verdict(df), *at_equal_latency(df)])
     save_table(text, args.out)  # prints it; writes it with --out
 
 

@@ -272,6 +272,27 @@ def test_the_outcome_verdict_reads_a_gap_at_the_test_splits_resolution():
         "(short of +1.0)"]
 
 
+def test_the_outcome_compares_at_the_candidate_s_latency_between_a_family_s_trained_widths():
+    outcome = _benchmark("search_outcome")
+    df = pd.DataFrame({"network": ["trial-53", "trial-54", "mobilenet_v2@1.1", "mobilenet_v2@1.15",
+                                   "mobilenet_v2", "mnasnet_a1@1.1", "mnasnet_a1@1.15"],
+                       "kind": ["candidate", "candidate", "matched", "matched", "baseline",
+                                "matched", "matched"],
+                       "seeds": [2, 1, 2, 2, 2, 2, 0],
+                       "latency_ms": [12.0, 7.0, 10.0, 14.4, 9.0, 10.5, 13.0],
+                       "test_accuracy_mean": [0.8326, 0.81, 0.7958, 0.8158, 0.79, 0.7953, np.nan],
+                       "matched_to": ["", "", "trial-53 (-17%)", "trial-53 (+20%)", "", "", ""]})
+    # 12 ms is halfway between 10 and 14.4 ms in log latency: the mean of the two widths, 80.58%;
+    # mnasnet_a1's slower width is untrained and trial-54 is faster than every trained width
+    assert outcome.at_equal_latency(df) == [
+        "", "at equal latency, where a family has trained widths on both sides of a candidate "
+            "(accuracy linear in log latency between the nearest two):",
+        "trial-53 (12.00 ms, 83.26%) vs mobilenet_v2 at 12.00 ms: 80.58% (between "
+        "mobilenet_v2@1.1 10.00 ms 79.58% and mobilenet_v2@1.15 14.40 ms 81.58%): +2.68 points "
+        "(goal met)"]
+    assert outcome.at_equal_latency(df[df.network != "mobilenet_v2@1.15"]) == []
+
+
 def test_the_search_outcome_benchmark_confirms_a_real_search_against_matched_baselines(
         image_folder, tmp_path, capsys, monkeypatch):
     outcome = _benchmark("search_outcome")
