@@ -12,7 +12,9 @@
    width multiplier nearest each candidate's latency, trained fully with nas.train's recipe,
    latency re-measured in one sitting; resumed if interrupted.
 4. The table: latency, test accuracy mean +- sd, parameters, multiply-adds; and the verdict:
-   each candidate against every baseline matched to its latency (goal: +1.0 point or more).
+   each candidate against every baseline matched to its latency (goal: +1.0 point or more),
+   and against each family's accuracy at exactly its latency where the family has trained
+   widths on both sides of it (the 0.05 grid's nearest width can sit 10% away).
 
 Steps 1-3 up to the latency sitting and the matches must run on one machine (the target); the
 trainings need not. `--no-latency` goes on with a run folder carried to another machine (its
