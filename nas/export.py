@@ -30,7 +30,7 @@ from nas.files import write_atomic
 from nas.interrupts import run_tool
 from nas.latency import MIN_INPUT_SIZE
 from nas.model import build_model
-from nas.pareto import best_trial_row, pareto_frame, trials_frame
+from nas.pareto import best_trial_row, pareto_frame, target_drift_note, trials_frame
 from nas.run_folder import CONFIRM_CSV, RunFolderError, load_run_study
 from nas.runtimes import (
     PRECISIONS,
@@ -280,7 +280,8 @@ def export(args: argparse.Namespace) -> str:
     """Read the run, then write every output or none; returns what was exported."""
     study, meta = load_run_study(Path(args.run), args.storage)
     trial = confirmed_trial(Path(args.run)) if args.confirmed else args.trial
-    row = select_row(trials_frame(study), trial=trial, pareto=args.pareto)
+    df = trials_frame(study)
+    row = select_row(df, trial=trial, pareto=args.pareto)
     # a config names where it came from: <run>-trial-<n>
     name = f"{meta.get('study_name', Path(args.run).name)}-trial-{int(row['number'])}"
     arch = dataclasses.replace(row_architecture(row), name=name)
@@ -305,7 +306,21 @@ def export(args: argparse.Namespace) -> str:
         files += [(f"--{kind}", path, networks[kind]) for kind, path in
                   (("torchscript", args.torchscript), ("onnx", args.onnx)) if path is not None]
     write_all(files)
-    return f"trial {int(row['number'])}: {arch.to_str()} -> {out}{checked}"
+    line = f"trial {int(row['number'])}: {arch.to_str()} -> {out}{checked}"
+    note = drift_note(df, meta.get("settings", {})) if trial is None and args.pareto is None \
+        else None
+    return f"{line}\n{note}" if note else line
+
+
+def drift_note(df: pd.DataFrame, settings: dict) -> str | None:
+    """The search's note on a best trial well above T (nas.search prints it at the end of the
+    search), with the export's own way to a network nearer T."""
+    if settings.get("objective") != "reward" or not settings.get("target_ms") \
+            or settings.get("beta") is None:
+        return None
+    note = target_drift_note(df, settings["target_ms"], settings["beta"])
+    return note and (f"{note} Or export a faster member of the front: --pareto K "
+                     f"(0 = fastest; pareto.csv lists them).")
 
 
 def main(argv: list[str] | None = None) -> int:

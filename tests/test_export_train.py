@@ -47,6 +47,20 @@ def test_export_best_pareto_and_trial(run, tmp_path):
     assert load_architecture(tmp_path / "t.yaml").name == f"x-trial-{n}"  # <run>-trial-<n>
 
 
+def test_export_of_the_best_trial_alone_adds_the_search_s_drift_note(run, tmp_path, capsys,
+                                                                   monkeypatch):
+    seen = []
+    monkeypatch.setattr(export, "target_drift_note",
+                        lambda df, t, beta: seen.append((t, beta)) or "note: above T.")
+    assert export.main([str(run), "-o", str(tmp_path / "best.yaml")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("trial ") and out[1].startswith("note: above T. Or export")
+    assert seen == [(1.0, -0.07)]  # the run's T and soft beta
+    for pick in (["--trial", "0"], ["--pareto", "0"]):  # a trial the user chose: no note
+        assert export.main([str(run), *pick, "-o", str(tmp_path / "p.yaml")]) == 0
+        assert "note:" not in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def trained(run, image_folder, tmp_path_factory):
     """A 1-epoch nas.train checkpoint of the run's best architecture, and its PyTorch network."""

@@ -20,6 +20,7 @@ from nas.pareto import (
     pareto_frame,
     pareto_mask,
     points_frame,
+    target_drift_note,
     trials_frame,
 )
 from nas.reward import reward
@@ -207,7 +208,6 @@ def test_front_exponent_is_the_fronts_log_log_slope():
 
 
 def test_drift_note_names_the_exponent_only_when_it_moves_the_best_past_t():
-    from nas.search.runner import target_drift_note
     soft = _trade_off_frame(0.3, target_ms=4.0, beta=-0.07)
     note = target_drift_note(soft, 4.0, -0.07)
     # reward ~ lat ** (0.3 - 0.07): the slowest front member (16 ms) wins, 4 x T
@@ -219,3 +219,13 @@ def test_drift_note_names_the_exponent_only_when_it_moves_the_best_past_t():
     assert target_drift_note(hard, 4.0, -1.0) is None  # beta outweighs the front: best at T
     # a T at the slowest member: the best is at T, nothing to explain
     assert target_drift_note(_trade_off_frame(0.3, 16.0, -0.07), 16.0, -0.07) is None
+
+
+def test_export_gives_the_drift_note_with_its_own_way_to_a_network_nearer_t():
+    from nas.export import drift_note
+    soft = _trade_off_frame(0.3, target_ms=4.0, beta=-0.07)
+    settings = {"objective": "reward", "target_ms": 4.0, "alpha": -0.07, "beta": -0.07}
+    note = drift_note(soft, settings)
+    assert note.startswith("note: the best trial's latency is 4.00 x T") and "--pareto K" in note
+    assert drift_note(soft, {**settings, "objective": "pareto"}) is None
+    assert drift_note(soft, {"objective": "reward", "target_ms": 4.0}) is None  # beta unknown

@@ -32,7 +32,7 @@ from nas.interleaved import (
 from nas.interrupts import INTERRUPTED, was_interrupted
 from nas.latency import DEFAULT_THREADS, LatencyCache, LatencyError, latency_context
 from nas.latency_client import connect
-from nas.pareto import best_trial_row, front_exponent
+from nas.pareto import target_drift_note
 from nas.proxy import CandidateFailed
 from nas.results import BaselinesError, load_baselines, write_results
 from nas.run_folder import LATENCY_CACHE, write_run_meta
@@ -257,33 +257,6 @@ def print_summary(files: dict[str, Path], *, target_ms: float | None = None,
         if note:
             print("\n" + note)
     print("\nResults: " + ", ".join(str(p) for p in files.values()))
-
-
-# How far past T the best trial may sit before the summary explains why: the re-measured
-# front moves by a few percent between sittings (latency_aa_zen4.txt).
-DRIFT_TOLERANCE = 1.1
-
-
-def target_drift_note(df: pd.DataFrame, target_ms: float, beta: float) -> str | None:
-    """Why the best trial sits well above T, when the reward's exponent is the cause.
-
-    Along the front, proxy accuracy grows about as latency ** s (nas.pareto.front_exponent),
-    so the reward above T goes as latency ** (s + beta): with s > -beta, slower members score
-    higher. MnasNet's soft beta of -0.07 assumes +5% accuracy per latency doubling; a short
-    proxy's front rose as latency ** 0.19..0.53 in the committed searches
-    (docs/search.md, search_outcome_*_zen3.txt), and the best trial went to 1.2-1.8x T.
-    """
-    best = best_trial_row(df)
-    s = front_exponent(df)
-    if best is None or s is None or s <= -beta:
-        return None
-    ratio = float(best["latency_ms"]) / target_ms
-    if not ratio > DRIFT_TOLERANCE:
-        return None
-    return (f"note: the best trial's latency is {ratio:.2f} x T. On this run's Pareto front "
-            f"proxy accuracy grows as latency^{s:.2f} (+{2 ** s - 1:.0%} per doubling), which "
-            f"outweighs --beta {beta:g} (MnasNet's soft reward assumes +5%), so slower networks "
-            f"score higher above T. To hold T: --mode hard, or --beta below {-s:.2f}.")
 
 
 def main(argv: list[str] | None = None) -> int:
