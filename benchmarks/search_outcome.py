@@ -98,13 +98,20 @@ def verdict(df: pd.DataFrame) -> list[str]:
         rivals = df[(df.kind == "matched") & (df.seeds > 0)
                     & df.matched_to.fillna("").str.contains(f"{cand.network} ", regex=False)]
         for _, b in rivals.iterrows():
-            # to the 0.01 point a 10,000-image test split resolves: 78.75 - 77.75 is 0.99999...
-            gap = round(100 * (cand.test_accuracy_mean - b.test_accuracy_mean), 2)
-            lines.append(f"{cand.network} ({cand.latency_ms:.2f} ms, "
-                         f"{100 * cand.test_accuracy_mean:.2f}%) vs {b.network} "
-                         f"({b.latency_ms:.2f} ms, {100 * b.test_accuracy_mean:.2f}%): "
-                         f"{gap:+.2f} points {'(goal met)' if gap >= 1.0 else '(short of +1.0)'}")
+            lines.append(f"{_named(cand)} vs {b.network} ({b.latency_ms:.2f} ms, "
+                         f"{100 * b.test_accuracy_mean:.2f}%): "
+                         f"{_margin(cand.test_accuracy_mean, b.test_accuracy_mean)}")
     return lines or ["no candidate with a confirmed, latency-matched baseline yet"]
+
+
+def _named(cand: pd.Series) -> str:
+    return f"{cand.network} ({cand.latency_ms:.2f} ms, {100 * cand.test_accuracy_mean:.2f}%)"
+
+
+def _margin(acc: float, rival: float) -> str:
+    # to the 0.01 point a 10,000-image test split resolves: 78.75 - 77.75 is 0.99999...
+    gap = round(100 * (acc - rival), 2)
+    return f"{gap:+.2f} points {'(goal met)' if gap >= 1.0 else '(short of +1.0)'}"
 
 
 def at_equal_latency(df: pd.DataFrame) -> list[str]:
@@ -123,12 +130,11 @@ def at_equal_latency(df: pd.DataFrame) -> list[str]:
             lo, hi = below.loc[below.latency_ms.idxmax()], above.loc[above.latency_ms.idxmin()]
             t = math.log(lat / lo.latency_ms) / math.log(hi.latency_ms / lo.latency_ms)
             acc = lo.test_accuracy_mean + t * (hi.test_accuracy_mean - lo.test_accuracy_mean)
-            gap = round(100 * (cand.test_accuracy_mean - acc), 2)
-            lines.append(f"{cand.network} ({lat:.2f} ms, {100 * cand.test_accuracy_mean:.2f}%) vs "
-                         f"{family} at {lat:.2f} ms: {100 * acc:.2f}% (between {lo.network} "
-                         f"{lo.latency_ms:.2f} ms {100 * lo.test_accuracy_mean:.2f}% and "
-                         f"{hi.network} {hi.latency_ms:.2f} ms {100 * hi.test_accuracy_mean:.2f}%)"
-                         f": {gap:+.2f} points {'(goal met)' if gap >= 1.0 else '(short of +1.0)'}")
+            lines.append(f"{_named(cand)} vs {family} at {lat:.2f} ms: {100 * acc:.2f}% "
+                         f"(between {lo.network} {lo.latency_ms:.2f} ms "
+                         f"{100 * lo.test_accuracy_mean:.2f}% and {hi.network} "
+                         f"{hi.latency_ms:.2f} ms {100 * hi.test_accuracy_mean:.2f}%): "
+                         f"{_margin(cand.test_accuracy_mean, acc)}")
     if not lines:
         return []
     return ["", "at equal latency, where a family has trained widths on both sides of a candidate "
