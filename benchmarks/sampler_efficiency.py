@@ -27,6 +27,7 @@ session on whatever machine it gets. The table reports, per objective and sample
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import multiprocessing as mp
@@ -83,12 +84,41 @@ _SURROGATE = None
 _SPACE = None
 
 
+class _TorchWithoutDeviceMode:
+    """`torch` as GPSampler's module sees it, with `torch.device(...)` as a no-op context.
+
+    Optuna 5.1's GPSampler enters `with torch.device("cpu")` around every sampling step (for
+    users with a CUDA default device, optuna#6113). That context is a TorchFunctionMode which
+    interposes every torch call in Python (pytorch#92701): 12 of 45 s of a 100-trial run in
+    cProfile on 2026-12-07. This process never sets a default device, so skipping it changes
+    no number (a seed's 60 trials are identical with and without; test_sampler_efficiency).
+    """
+
+    def __init__(self, torch_module):
+        self._torch = torch_module
+
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
+
+    @staticmethod
+    def device(*args, **kwargs):
+        return contextlib.nullcontext()
+
+
+def _skip_gp_device_mode() -> None:
+    import torch
+    from optuna.samplers._gp import sampler as gp_sampler
+    if torch.get_default_device().type == "cpu" and hasattr(gp_sampler, "torch"):
+        gp_sampler.torch = _TorchWithoutDeviceMode(torch)
+
+
 def _init() -> None:
     global _SURROGATE, _SPACE
     # One thread per process: GPSampler computes in torch, and two GP runs of 2 threads each
     # on 2 cores took 273-278 s per 100 trials against 48 s for one alone
     import torch
     torch.set_num_threads(1)
+    _skip_gp_device_mode()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     _SURROGATE = surrogate_module.fit()
     _SPACE = load_space("mnasnet")

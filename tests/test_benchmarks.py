@@ -562,6 +562,27 @@ def test_sampler_runs_are_kept_per_sampler_and_a_cut_last_run_is_redone(tmp_path
         ("gp", 0), ("tpe", 0)]
 
 
+def test_gp_runs_skip_optuna_s_device_mode_and_sample_the_same_trials(monkeypatch):
+    import contextlib
+
+    import optuna
+    from optuna.samplers._gp import sampler as gp_sampler
+    eff = _benchmark("sampler_efficiency")
+    monkeypatch.setattr(gp_sampler, "torch", gp_sampler.torch)  # put back after the test
+
+    def search():
+        study = optuna.create_study(sampler=optuna.samplers.GPSampler(seed=0, n_startup_trials=3))
+        study.optimize(lambda t: (t.suggest_categorical("a", [1, 2, 3]) - 2) ** 2
+                       + t.suggest_float("x", -1, 1) ** 2, n_trials=8)
+        return [t.params for t in study.trials]
+
+    plain = search()
+    eff._skip_gp_device_mode()
+    assert isinstance(gp_sampler.torch.device("cpu"), contextlib.nullcontext)
+    assert gp_sampler.torch.float64 is torch.float64
+    assert search() == plain
+
+
 def test_the_real_sampler_comparison_runs_both_searches_and_holds_them_to_random_s_best(
         image_folder, tmp_path):
     real = _benchmark("sampler_real")
