@@ -278,6 +278,19 @@ def train_folder(run: Path, net: Network, cfg: TrainConfig) -> Path:
     return run / CONFIRM_DIR / training_name(net.name) / recipe / f"seed{cfg.seed}"
 
 
+def finished_seeds(run: Path, net: Network, cfg: TrainConfig) -> dict[int, dict[str, Any]]:
+    """Every finished training of `net` in this recipe's folder, by seed: also those an
+    earlier call trained later in its order, or beyond this call's --seeds, or that
+    `nas.train --runs-dir <folder> --name seed<s>` added (the v3-large confirmation's second
+    candidate got its second seed so: search_outcome_v3large_adamw)."""
+    recipe = train_folder(run, net, dataclasses.replace(cfg, seed=0)).parent
+    found = {}
+    for path in recipe.glob("seed*/metrics.json"):
+        if m := re.fullmatch(r"seed(\d+)", path.parent.name):
+            found[int(m.group(1))] = json.loads(path.read_text())
+    return dict(sorted(found.items()))
+
+
 def train_one(net: Network, folder: Path, cfg: TrainConfig, data: DataSplits,
               config: ConfirmConfig) -> dict[str, Any]:
     """metrics.json of a finished training (trained now unless it is there); a training that
@@ -311,19 +324,21 @@ def _failed(path: Path, reason: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- results
 
 
-def table(nets: list[Network], results: dict[str, list[dict]], settings: dict[str, Any],
+def table(nets: list[Network], results: dict[str, dict[int, dict]], settings: dict[str, Any],
           data: DataSplits, cfg: TrainConfig) -> pd.DataFrame:
+    """One row per network; `results` holds each network's trainings by seed."""
     rows = []
     alpha, beta, target = settings["alpha"], settings["beta"], settings["target_ms"]
     for n in nets:
-        runs = results.get(n.name, [])
-        accs = [r.get("test_accuracy") for r in runs]
-        ok = [a for a in accs if a is not None]
+        by_seed = dict(sorted(results.get(n.name, {}).items()))
+        runs = list(by_seed.values())
+        accs = {seed: r.get("test_accuracy") for seed, r in by_seed.items()}
+        ok = [a for a in accs.values() if a is not None]
         model = build_model(n.arch, num_classes=data.num_classes)
         row = {"network": n.name, "kind": n.kind, "trial": n.trial, "arch": n.arch.to_str(),
                "latency_ms": n.latency_ms, "latency_cv": n.latency_cv,
                "proxy_accuracy": n.proxy_accuracy,
-               **{f"test_accuracy_seed{i}": a for i, a in enumerate(accs)},
+               **{f"test_accuracy_seed{seed}": a for seed, a in accs.items()},
                "seeds": len(ok),
                "test_accuracy_mean": sum(ok) / len(ok) if ok else math.nan,
                "test_accuracy_sd": pd.Series(ok).std() if len(ok) > 1 else math.nan,
@@ -439,24 +454,19 @@ def confirm(config: ConfirmConfig) -> pd.DataFrame:
         nets += [m for m in matched_baselines(bases, nets, measure, folder)
                  if m.name not in {n.name for n in nets}]
         measure_all(nets, measure, folder)
-    results: dict[str, list[dict]] = {}
+    results: dict[str, dict[int, dict]] = {}
     cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                       final_map=final_map, clip_grad=config.clip_grad or None)
-    order = training_order(nets, cands, config.seeds)
-    done: set[tuple[str, int]] = set()
     try:
-        for net, seed in order:
+        for net, seed in training_order(nets, cands, config.seeds):
             c = dataclasses.replace(cfg, seed=seed)
-            results.setdefault(net.name, []).append(
-                train_one(net, train_folder(config.run, net, c), c, data, config))
-            done.add((net.name, seed))
-    finally:  # after an interrupt too: every finished training is in the table, also those
-        # later in the order that an earlier call finished
-        for net, seed in order:
-            finished = train_folder(config.run, net, dataclasses.replace(cfg, seed=seed))
-            if (net.name, seed) not in done and (finished / "metrics.json").exists():
-                results.setdefault(net.name, []).append(
-                    json.loads((finished / "metrics.json").read_text()))
+            results.setdefault(net.name, {})[seed] = train_one(
+                net, train_folder(config.run, net, c), c, data, config)
+    finally:  # after an interrupt too: every finished training is in the table
+        for net in nets:
+            results.setdefault(net.name, {}).update(
+                (seed, m) for seed, m in finished_seeds(config.run, net, cfg).items()
+                if seed not in results[net.name])
         df = table(nets, results, settings, data, cfg)
         write_outputs(config.run, df, nets, settings, meta)
     return df
@@ -471,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the front members nearest T)")
     p.add_argument("--epochs", type=int, default=20, help="full-training epochs (nas.train)")
     p.add_argument("--seeds", type=int, default=2,
-                   help="seeds for the top candidate and every baseline (the others: one)")
+                   help="seeds to train for the top candidate and every baseline (the "
+                        "others: one); seeds already trained beyond these are reported too")
     p.add_argument("--baselines", default=None,
                    help="comma-separated reference networks, NAME or NAME@m (default: the "
                         "run's --baselines)")

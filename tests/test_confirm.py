@@ -124,6 +124,26 @@ def test_an_interrupt_keeps_the_finished_trainings_and_the_same_command_resumes(
     assert list(pd.read_csv(run / "confirm.csv").seeds) == [2, 2]
 
 
+def test_seeds_trained_beyond_the_plan_are_in_the_table(run, monkeypatch):
+    # the second candidate gets one seed; a second one trained by hand into its folder
+    # (nas.train --runs-dir <recipe> --name seed1) counts, and nothing is trained again
+    assert confirm.main([str(run), "--top", "2", "--seeds", "1", *FAST]) == 0
+    second = pd.read_csv(run / "confirm.csv").network[1]
+    seed0 = next((run / "confirm" / second).glob("*/seed0"))
+    extra = json.loads((seed0 / "metrics.json").read_text())
+    extra["test_accuracy"] = round(extra["test_accuracy"] + 0.1, 4)
+    (seed0.parent / "seed1").mkdir()
+    (seed0.parent / "seed1" / "metrics.json").write_text(json.dumps(extra))
+    monkeypatch.setattr(confirm, "train", lambda *a, **kw: pytest.fail("trained again"))
+    assert confirm.main([str(run), "--top", "2", "--seeds", "1", *FAST]) == 0
+    row = pd.read_csv(run / "confirm.csv").set_index("network").loc[second]
+    first = json.loads((seed0 / "metrics.json").read_text())["test_accuracy"]
+    assert row.seeds == 2
+    assert (row.test_accuracy_seed0, row.test_accuracy_seed1) == pytest.approx(
+        (first, extra["test_accuracy"]))
+    assert row.test_accuracy_mean == pytest.approx((first + extra["test_accuracy"]) / 2)
+
+
 def test_a_failed_training_is_recorded_and_the_others_go_on(run, monkeypatch):
     real = confirm.train
 
