@@ -252,16 +252,18 @@ def search_line(run_dir: Path, target: float) -> list[str]:
             + (f"{s:.2f}" if s is not None else "?")]
 
 
-def trainings(df: pd.DataFrame, seeds: int) -> tuple[int, int]:
-    """(finished, wanted) trainings of a confirm.csv, counted per folder: a baseline matched at
-    width 1 shares the baseline's; the top candidate and every baseline want every seed."""
+def trainings(df: pd.DataFrame, seeds: int) -> tuple[int, int, int]:
+    """(finished, wanted, beyond) trainings of a confirm.csv, counted per folder: a baseline
+    matched at width 1 shares the baseline's; the top candidate and every baseline want every
+    seed, the other candidates one; `beyond`: finished seeds past what was wanted."""
     wanted: dict[str, int] = {}
     done: dict[str, int] = {}
     for i, row in enumerate(df.itertuples()):
         name = training_name(row.network)
         wanted[name] = seeds if (row.kind != "candidate" or i == 0) else 1
         done[name] = max(done.get(name, 0), int(row.seeds))
-    return sum(done.values()), sum(wanted.values())
+    within = sum(min(done[n], wanted[n]) for n in done)
+    return within, sum(wanted.values()), sum(done.values()) - within
 
 
 def carried(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -303,8 +305,10 @@ def report_only(args: argparse.Namespace, argv: list[str] | None) -> int:
     settings = json.loads((run_dir / "run.json").read_text())["settings"]
     saved = (json.loads((run_dir / OUTCOME_JSON).read_text())
              if (run_dir / OUTCOME_JSON).exists() else {})
-    done, wanted = trainings(df, args.seeds)
+    done, wanted, beyond = trainings(df, args.seeds)
     note = f"report of {CONFIRM_CSV} as it stood: {done} of {wanted} trainings finished"
+    if beyond:
+        note += f", and {beyond} seed{'s' * (beyond > 1)} beyond those"
     write(args, argv, df, saved.get("reference_ms", {}), settings["target_ms"],
           settings.get("runtime", "eager"), settings["input_size"], run_dir, note)
     return 0

@@ -413,7 +413,10 @@ def test_the_outcome_report_counts_a_width_1_match_and_its_baseline_as_one_train
                                    "mobilenet_v3_small@1", "mobilenet_v2@0.5"],
                        "kind": ["candidate", "candidate", "baseline", "matched", "matched"],
                        "seeds": [2, 0, 0, 2, 1]})
-    assert outcome.trainings(df, seeds=2) == (5, 2 + 1 + 2 + 2)
+    assert outcome.trainings(df, seeds=2) == (5, 2 + 1 + 2 + 2, 0)
+    # a second seed of the second candidate is counted apart, not against another's missing one
+    df.loc[1, "seeds"] = 2
+    assert outcome.trainings(df, seeds=2) == (6, 7, 1)
 
 
 def test_the_ratio_noise_table_splits_the_spread_within_and_between_processes():
