@@ -284,11 +284,11 @@ def finished_seeds(run: Path, net: Network, cfg: TrainConfig) -> dict[int, dict[
     `nas.train --runs-dir <folder> --name seed<s>` added (the v3-large confirmation's second
     candidate got its second seed so: search_outcome_v3large_adamw)."""
     recipe = train_folder(run, net, dataclasses.replace(cfg, seed=0)).parent
-    found = {}
+    found: dict[int, dict[str, Any]] = {}
     for path in recipe.glob("seed*/metrics.json"):
         if m := re.fullmatch(r"seed(\d+)", path.parent.name):
             found[int(m.group(1))] = json.loads(path.read_text())
-    return dict(sorted(found.items()))
+    return found
 
 
 def train_one(net: Network, folder: Path, cfg: TrainConfig, data: DataSplits,
