@@ -195,11 +195,12 @@ def test_resume_refuses_a_study_that_asked_a_parameter_from_other_choices(
     assert len(study_of(tmp_path).trials) == 1
 
 
-def test_resume_of_a_study_with_the_old_width_parameter_goes_on(image_folder, tmp_path):
+@pytest.mark.parametrize("sampler", ["gp", "tpe"])  # the default, and the default before it
+def test_resume_of_a_study_with_the_old_width_parameter_goes_on(image_folder, tmp_path, sampler):
     # Before the width parameter was b<i>_filters, it was b<i>_filters_mult over the listed
-    # multipliers; such a study resumes, and the default sampler (TPE, past its one start-up
-    # trial) proposes from it. A trial may be pruned (latency bound), none may fail.
-    run = ["--startup-trials", "1"]
+    # multipliers; such a study resumes, and the sampler (past its one start-up trial)
+    # proposes from it. A trial may be pruned (latency bound), none may fail.
+    run = ["--startup-trials", "1", "--sampler", sampler]
     assert main(args(tmp_path, image_folder, "--trials", "1", *run)) == 0
     dist = optuna.distributions.CategoricalDistribution((0.75, 1.0, 1.25))
     study_of(tmp_path).add_trial(optuna.trial.create_trial(
@@ -778,6 +779,19 @@ def test_workers_flag_runs_processes_that_share_a_fresh_study(image_folder, tmp_
     assert sorted(df.number) == [t.number for t in trials]
 
 
+def test_the_default_gp_sampler_proposes_with_two_workers_past_its_start_up(image_folder,
+                                                                           tmp_path):
+    # past one start-up trial each GP proposal sees the other worker's running trial (q-batch
+    # log EI); every trial finishes, proposed by both processes
+    assert main(args(tmp_path, image_folder, "--trials", "6", "--workers", "2",
+                     "--startup-trials", "1")) == 0
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["settings"]["sampler"] == "gp"
+    trials = study_of(tmp_path).trials
+    assert len(trials) >= 6 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2
+    assert len({t.user_attrs["arch"] for t in trials}) >= 3
+
+
 @pytest.mark.parametrize("to, sig", [("first process", signal.SIGINT),
                                      ("process group", signal.SIGINT),
                                      ("first process", signal.SIGTERM)],
@@ -1329,11 +1343,12 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_writes_results(image_folder, tmp_pa
     assert trials[-1].user_attrs["fail_reason"] == reason
 
 
-@pytest.mark.parametrize("flags, sampler", [([], "tpe"), (["--sampler", "nsga2"], "nsga2")])
+@pytest.mark.parametrize("flags, sampler", [([], "gp"), (["--sampler", "tpe"], "tpe"),
+                                           (["--sampler", "nsga2"], "nsga2")])
 def test_pareto_objective(image_folder, tmp_path, flags, sampler):
-    # TPE by default since sampler_efficiency_zen4.txt (higher hypervolume than NSGA-II)
+    # GP by default since sampler_efficiency_xeon.txt (the highest hypervolume at 100 trials)
     assert main(args(tmp_path, image_folder, "--trials", "3", "--objective", "pareto",
-                     *flags)) == 0
+                     "--startup-trials", "1", *flags)) == 0  # GP and TPE propose twice
     study = study_of(tmp_path)
     assert len(study.directions) == 2
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -1447,10 +1462,10 @@ def test_every_flag_is_a_field_of_the_frozen_config_with_the_same_default():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.trials = 3
     resolved = resolve(config)
-    assert (resolved.sampler, resolved.train_device) == ("tpe", "cpu")
+    assert (resolved.sampler, resolved.train_device) == ("gp", "cpu")
     assert resolve(resolved) == resolved
     pareto = resolve(dataclasses.replace(config, objective="pareto", device="cpu"))
-    assert pareto.sampler == "tpe" and pareto.exponents == (-0.07, -0.07)
+    assert pareto.sampler == "gp" and pareto.exponents == (-0.07, -0.07)
     child = resolved.child(2)
     assert (child.workers, child.baselines, child.worker_index) == (1, (), 2)
 

@@ -33,10 +33,11 @@ from nas.runtimes import DEFAULT_RUNTIME, PRECISIONS, RUNTIME_NAMES
 from nas.space import DEFAULT_SPACE
 
 SAMPLERS = ("tpe", "gp", "nsga2", "evolution", "random")
-# TPE for both objectives: on the surrogate of the default space it reached random search's
-# 100-trial best reward in 24-31 trials (median of 30 seeds), and its hypervolume at 100 trials
-# beat NSGA-II's (benchmarks/results/sampler_efficiency_zen4.txt)
-DEFAULT_SAMPLER = "tpe"
+# Optuna's GP sampler for both objectives: on the surrogate of the default space it had the
+# lowest regret of every sampler at 50, 100 and 200 trials for both rewards at both targets,
+# and the highest hypervolume on the Pareto objective (30 seeds each;
+# benchmarks/results/sampler_efficiency_xeon.txt); TPE was the default until 2026-12-07
+DEFAULT_SAMPLER = "gp"
 OBJECTIVES = ("reward", "pareto")
 PRUNERS = ("none", "median")
 LATENCY_PROTOCOLS = ("interleaved", "ladder", "single")
@@ -157,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--space", default=_default("space"),
                    help="search-space YAML file, or the name of one in search_spaces/")
     g.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help="default: tpe for both objectives (multivariate TPE; multi-objective "
-                        "TPE for pareto); gp: Optuna's Gaussian-process sampler; evolution: "
-                        "regularized evolution, reward only")
+                   help="default: gp for both objectives (Optuna's Gaussian-process sampler); "
+                        "tpe: multivariate TPE (multi-objective TPE for pareto; the default "
+                        "until 2026-12-07); evolution: regularized evolution, reward only")
     g.add_argument("--startup-trials", type=int, default=_default("startup_trials"),
                    help="TPE and GP: random trials first")
     g.add_argument("--population", type=int, default=_default("population"),
