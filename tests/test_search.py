@@ -781,15 +781,14 @@ def test_workers_flag_runs_processes_that_share_a_fresh_study(image_folder, tmp_
 
 def test_the_default_gp_sampler_proposes_with_two_workers_past_its_start_up(image_folder,
                                                                            tmp_path):
-    # past one start-up trial each GP proposal sees the other worker's running trial (q-batch
-    # log EI); every trial finishes, proposed by both processes
+    # past one start-up trial GP proposes while the other worker's trial runs (Optuna's q-batch
+    # path); every trial finishes. (Which process proposes how many, and whether GP repeats an
+    # architecture, depends on timing and is not asserted.)
     assert main(args(tmp_path, image_folder, "--trials", "6", "--workers", "2",
                      "--startup-trials", "1")) == 0
     assert json.loads((tmp_path / "s" / "run.json").read_text())["settings"]["sampler"] == "gp"
     trials = study_of(tmp_path).trials
     assert len(trials) >= 6 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
-    assert len({t.user_attrs["worker"] for t in trials}) == 2
-    assert len({t.user_attrs["arch"] for t in trials}) >= 3
 
 
 @pytest.mark.parametrize("to, sig", [("first process", signal.SIGINT),
