@@ -54,11 +54,13 @@ def sampled_specs(folder: Path, n: int = SAMPLED, seed: int = 0) -> list[str]:
 
 
 def pass_worker(specs: list[str], protocol: str, runtime: str, input_size: int,
-                seed: int) -> dict[str, dict]:
-    """One fresh process's measurements of every network, in a shuffled order."""
-    from nas.interleaved import measure_interleaved
+                seed: int, rounds: int | None = None) -> dict[str, dict]:
+    """One fresh process's measurements of every network, in a shuffled order; `rounds`: the
+    interleaved protocols' rounds (default: nas.interleaved.ROUNDS)."""
+    from nas.interleaved import ROUNDS, measure_interleaved
     from nas.latency import measure_latency, network_builder
 
+    rounds = rounds or ROUNDS
     order = list(specs)
     random.Random(seed).shuffle(order)
     out = {}
@@ -69,14 +71,15 @@ def pass_worker(specs: list[str], protocol: str, runtime: str, input_size: int,
                                 max_time_s=2.0)
             out[spec] = {"ms": r.median_ms, "seconds": r.seconds}
         elif protocol == "ladder":
-            r = measure_interleaved(model, input_size, runtime=runtime, ladder=True)
+            r = measure_interleaved(model, input_size, runtime=runtime, ladder=True,
+                                    rounds=rounds)
             out[spec] = {"ms": r.latency_ms, "raw_ms": r.raw_ms, "seconds": r.seconds,
                          "ratio": r.ratio, "reference_ms": r.reference_ms,
                          "reference": r.reference}
         else:
-            r = measure_interleaved(model, input_size, runtime=runtime)
+            r = measure_interleaved(model, input_size, runtime=runtime, rounds=rounds)
             out[spec] = {"ms": r.latency_ms, "raw_ms": r.raw_ms, "seconds": r.seconds,
-                         "ratio": r.ratio, "reference_ms": r.reference_ms,
+                         "ratio": r.ratio, "reference_ms": r.reference_ms, "rounds": r.rounds,
                          "own_sitting_ms": own_sitting(r.context)}
     return out
 
@@ -108,12 +111,14 @@ def load_worker() -> None:
         opt.step()
 
 
-def run_pass(specs_file: Path, protocol: str, runtime: str, input_size: int, seed: int) -> dict:
+def run_pass(specs_file: Path, protocol: str, runtime: str, input_size: int, seed: int,
+             rounds: int | None = None) -> dict:
     """A fresh process; its reference sittings go to a store beside specs_file that starts
     empty with the benchmark (the quiet passes' sittings are there for the loaded ones)."""
     out = subprocess.run(
         [sys.executable, str(HERE), "--pass-worker", str(specs_file), "--protocol", protocol,
-         "--runtime", runtime, "--input-size", str(input_size), "--seed", str(seed)],
+         "--runtime", runtime, "--input-size", str(input_size), "--seed", str(seed),
+         *(["--rounds", str(rounds)] if rounds else [])],
         capture_output=True, text=True, check=True,
         env={**os.environ, "NAS_CACHE": str(specs_file.parent / "cache")})
     return json.loads(out.stdout.splitlines()[-1])
@@ -230,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocols", default=",".join(PROTOCOLS),
                    help=f"comma-separated, of {', '.join(PROTOCOLS)} (ladder: interleaved "
                         f"against the nearest of the reference's widths)")
+    p.add_argument("--rounds", default=None,
+                   help="comma-separated rounds of the interleaved protocols, each a row "
+                        "(default: nas.interleaved.ROUNDS)")
+    p.add_argument("--conditions", default="quiet,loaded",
+                   help="comma-separated, of quiet, loaded (a training on the other core)")
     p.add_argument("--parts", default="aa,server",
                    help="aa: the A/A table; server: loopback server against local")
     args = p.parse_args(argv)
@@ -239,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pass_worker:
         specs = json.loads(Path(args.pass_worker).read_text())
         print(json.dumps(pass_worker(specs, args.protocol, args.runtime, args.input_size,
-                                     args.seed)))
+                                     args.seed, int(args.rounds) if args.rounds else None)))
         return 0
     from nas.files import save_table
     from nas.host import available_cpus, cpu_name
@@ -256,22 +266,26 @@ def main(argv: list[str] | None = None) -> int:
         specs_file = Path(tmp) / "specs.json"
         specs_file.write_text(json.dumps(specs))
         parts = args.parts.split(",")
-        header = (f"{'condition':<8} {'protocol':<14} {'Spearman min':>12} {'mean':>6} "
+        header = (f"{'condition':<8} {'protocol':<18} {'Spearman min':>12} {'mean':>6} "
                   f"{'drift max':>9} {'(network)':<22} {'drift median':>12} {'s/measure':>9}")
         if "aa" in parts:
             lines += [header, "-" * len(header)]
-        for condition in ("quiet", "loaded") if "aa" in parts else ():
+        rounds = [int(r) for r in args.rounds.split(",")] if args.rounds else [None]
+        runs = [(protocol, r) for protocol in args.protocols.split(",")
+                for r in (rounds if protocol != "current" else [None])]
+        for condition in args.conditions.split(",") if "aa" in parts else ():
             load = (subprocess.Popen([sys.executable, str(HERE), "--load-worker"])
                     if condition == "loaded" else None)
             try:
                 time.sleep(2 if load else 0)
-                for protocol in args.protocols.split(","):
+                for protocol, r in runs:
                     passes = [run_pass(specs_file, protocol, args.runtime, args.input_size,
-                                       seed) for seed in range(args.passes)]
+                                       seed, r) for seed in range(args.passes)]
                     for name, variant in variants(passes, protocol).items():
+                        name += f" x{r}" if len(rounds) > 1 and r else ""
                         s = summarize(variant)
                         lines.append(
-                            f"{condition:<8} {name:<14} {s['spearman_min']:>12.3f} "
+                            f"{condition:<8} {name:<18} {s['spearman_min']:>12.3f} "
                             f"{s['spearman_mean']:>6.3f} {s['drift_max']:>9.1%} "
                             f"{Path(s['drift_worst']).stem[:22]:<22} "
                             f"{s['drift_median']:>12.1%} {s['seconds']:>9.2f}")

@@ -448,6 +448,19 @@ def test_the_aa_summary_measures_rank_agreement_and_the_largest_drift():
     assert s["seconds"] == pytest.approx(8 / 6)
 
 
+def test_the_aa_pass_measures_with_the_rounds_asked_for(tmp_path):
+    # --rounds reaches the fresh process's interleaved measurement (the knob the drift
+    # target is tried with); without it, the protocol's own ROUNDS
+    aa = _benchmark("latency_aa")
+    from nas.interleaved import ROUNDS
+    specs = tmp_path / "specs.json"
+    specs.write_text(json.dumps(["mobilenet_v3_small"]))
+    got = [aa.run_pass(specs, "interleaved", "eager", 32, 0, rounds)["mobilenet_v3_small"]
+           for rounds in (3, None)]
+    assert [g["rounds"] for g in got] == [3, ROUNDS] and ROUNDS != 3
+    assert all(g["ms"] > 0 and g["ratio"] > 0 for g in got)
+
+
 def test_the_aa_interleaved_rows_rescale_the_same_ratios_three_ways():
     aa = _benchmark("latency_aa")
     passes = [{"a": {"ms": 2.0, "seconds": 1, "ratio": 0.5, "reference_ms": 4.0,
