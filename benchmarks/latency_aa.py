@@ -74,7 +74,7 @@ def pass_worker(specs: list[str], protocol: str, runtime: str, input_size: int,
             r = measure_interleaved(model, input_size, runtime=runtime, ladder=True,
                                     rounds=rounds)
             out[spec] = {"ms": r.latency_ms, "raw_ms": r.raw_ms, "seconds": r.seconds,
-                         "ratio": r.ratio, "reference_ms": r.reference_ms,
+                         "ratio": r.ratio, "reference_ms": r.reference_ms, "rounds": r.rounds,
                          "reference": r.reference}
         else:
             r = measure_interleaved(model, input_size, runtime=runtime, rounds=rounds)

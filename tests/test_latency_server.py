@@ -22,6 +22,7 @@ from nas.arch import load_architecture
 from nas.host import cpu_name
 from nas.latency_client import LatencyClient, LatencyServerError
 from nas.search import main as search
+from nas.search.objective import REUSED_FROM_ATTR
 
 TOKEN = "0123456789abcdef0123"
 SMALL = {"name": "small", "stem": {"filters": 8, "kernel": 3, "stride": 2, "act": "relu"},
@@ -229,12 +230,12 @@ def test_a_search_measures_on_the_server_and_a_dead_server_fails_only_its_trials
     trials = study_of(tmp_path).trials
     # every new trial that had to be measured failed; one whose architecture the study had
     # evaluated takes that result without asking the server (GP may propose it again)
-    new = trials[2:]
-    measured = [t for t in new if "reused_from" not in t.user_attrs]
+    measured = [t for t in trials[2:] if REUSED_FROM_ATTR not in t.user_attrs]
+    reused = [t for t in trials[2:] if REUSED_FROM_ATTR in t.user_attrs]
     assert measured and all(t.state == optuna.trial.TrialState.FAIL
                             and "LatencyServerError" in t.user_attrs["fail_reason"]
                             and "no answer" in t.user_attrs["fail_reason"] for t in measured)
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in new if t not in measured)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in reused)
     assert pd.read_csv(tmp_path / "s" / "trials.csv").shape[0] == 4
 
 
