@@ -37,7 +37,9 @@ from nas.model import build_model
 
 REFERENCE = "mnasnet_a1"  # the yardstick: the default space's own kind of network
 REFERENCE_ATTR = "reference_ms"  # study attribute: the reference's latency a study measures by
-ROUNDS = 12
+# 30 rounds, not 12: lower largest and median drift between fresh processes in all 5 A/A
+# pairs (Xeon, 3 runs; latency_aa_rounds{,2,3_loaded}_xeon.txt), for ~3.0 s of timing not ~1.3 s
+ROUNDS = 30
 RUNS_PER_BLOCK = 4
 # The ladder: the reference's family at widths about 1.5x apart in latency (mnasnet_a1 from
 # ~2 ms to ~25 ms on a Zen 4 core, ONNX Runtime 224x224). The ratio's drift between processes

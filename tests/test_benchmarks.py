@@ -446,6 +446,13 @@ def test_the_aa_summary_measures_rank_agreement_and_the_largest_drift():
     assert s["spearman_min"] == pytest.approx(0.5)  # b and c swapped places
     assert s["drift_worst"] == "b" and s["drift_max"] == pytest.approx(1.5 / 2.75)
     assert s["seconds"] == pytest.approx(8 / 6)
+    # b and c swapped: their medians (2.75, 3.0) are 9.1% apart; a and the others never did
+    assert s["swap_gap_max"] == pytest.approx(0.25 / 2.75)
+    # the widest swapped gap, not the first: a third pass swaps a and b as well
+    passes.append({"a": {"ms": 2.2, "seconds": 1}, "b": {"ms": 2.1, "seconds": 1},
+                   "c": {"ms": 3.0, "seconds": 1}})
+    assert aa.summarize(passes)["swap_gap_max"] == pytest.approx((2.1 - 1.1) / 1.1)
+    assert aa.summarize(passes[:1] * 2)["swap_gap_max"] == 0.0  # agreeing passes: no swap
 
 
 def test_the_aa_pass_measures_with_the_rounds_asked_for(tmp_path):
