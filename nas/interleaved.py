@@ -32,7 +32,7 @@ from nas.latency import (
     latency_context,
     prepared_runner,
 )
-from nas.machine_calibration import add_sitting
+from nas.machine_calibration import add_sittings
 from nas.model import build_model
 
 REFERENCE = "mnasnet_a1"  # the yardstick: the default space's own kind of network
@@ -121,16 +121,16 @@ def nearest_rung(candidate_ms: float, rungs_ms: dict[str, float]) -> str:
 @functools.lru_cache(maxsize=8)
 def calibrated_reference_ms(context: LatencyContext, reference: str = REFERENCE,
                             num_classes: int = 1000) -> float:
-    """The reference's latency on this machine: one sitting by the standard protocol, once per
-    process and context, added to the machine's kept sittings, whose median is returned
-    (nas.machine_calibration)."""
-    def sitting() -> float:
+    """The reference's latency on this machine: a sitting by the standard protocol (several
+    while the machine's store is young), once per process and context, added to the machine's
+    kept sittings, whose median is returned (nas.machine_calibration)."""
+    def sittings(n: int) -> list[float]:
         model = build_model(load_architecture(reference), num_classes=num_classes)
         with prepared_runner(model, context) as (run, _):
-            return _protocol(run, context, min_runs=40, min_time_s=1.5, max_time_s=3.0,
-                             stop_above_ms=None).median_ms
+            return [_protocol(run, context, min_runs=40, min_time_s=1.5, max_time_s=3.0,
+                              stop_above_ms=None).median_ms for _ in range(n)]
 
-    return add_sitting(context, reference, num_classes, sitting)
+    return add_sittings(context, reference, num_classes, sittings)
 
 
 def measure_interleaved(model: nn.Module, input_size: int = 224, *, device: str = "cpu",

@@ -468,6 +468,13 @@ def test_the_aa_pass_measures_with_the_rounds_asked_for(tmp_path):
     assert all(g["ms"] > 0 and g["ratio"] > 0 for g in got)
 
 
+def test_the_sittings_benchmark_times_back_to_back_sittings_and_their_drift():
+    sit = _benchmark("reference_sittings")
+    got = sit.sittings_worker(2, "eager", 32)
+    assert len(got) == 2 and all(ms > 0 for ms in got)
+    assert sit.drift([1.0, 1.1, 0.9]) == pytest.approx(0.2)
+
+
 def test_the_aa_interleaved_rows_rescale_the_same_ratios_three_ways():
     aa = _benchmark("latency_aa")
     passes = [{"a": {"ms": 2.0, "seconds": 1, "ratio": 0.5, "reference_ms": 4.0,
