@@ -27,6 +27,7 @@ from nas.arch import load_architecture
 from nas.latency import (
     LatencyContext,
     LatencyResult,
+    _load_avg,
     _protocol,
     _warm_up,
     latency_context,
@@ -73,7 +74,7 @@ class InterleavedResult:
             median_ms=self.latency_ms, p10_ms=self.ratio_p10 * ref, p90_ms=self.ratio_p90 * ref,
             iqr_ms=self.ratio_iqr * ref, cv=self.ratio_iqr / (1.349 * self.ratio),
             runs=self.rounds, warmup_runs=0, seconds=self.seconds, stopped_early=False,
-            context=self.context, raw_ms=self.raw_ms, reference_ms=ref)
+            context=self.context, raw_ms=self.raw_ms, reference_ms=ref, load_avg=_load_avg())
 
 
 def interleaved_rounds(cand: Callable[[], float], ref: Callable[[], float], *, rounds: int,

@@ -18,6 +18,7 @@ from torch import nn
 
 from nas.arch import load_architecture, save_architecture
 from nas.cost import count_macs, count_params
+from nas.interleaved import ROUNDS
 from nas.latency import (
     LatencyCache,
     LatencyContext,
@@ -331,8 +332,8 @@ def test_a_csv_that_cannot_be_written_is_one_line_and_leaves_no_part(tmp_path, c
 
     monkeypatch.setattr(nas.files, "open", lambda *a, **kw: _Full(*a, **kw), raising=False)
     out = tmp_path / "lat.csv"
-    assert main(["mobilenet_v3_small", "--input-size", "32", "--min-time", "0.05",
-                 "--max-time", "0.1", "--csv", str(out)]) == 2
+    assert main(["mobilenet_v3_small", "--input-size", "32", "--protocol", "single",
+                 "--min-time", "0.05", "--max-time", "0.1", "--csv", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     # the load-average warning may come first when other jobs share the CPU
     assert err[-1:] == [
@@ -368,8 +369,8 @@ def test_cli_table_and_csv_for_a_reference_a_config_and_torchvision(tmp_path, ca
     config = save_architecture(load_architecture("mobilenet_v1"), tmp_path / "mine.yaml")
     out = tmp_path / "lat.csv"
     specs = ["mnasnet_a1", "torchvision:mobilenet_v3_small", str(config)]
-    assert main([*specs, "--input-size", "64", "--min-time", "0.05", "--max-time", "0.3",
-                 "--runtime", "eager", "--csv", str(out)]) == 0
+    assert main([*specs, "--input-size", "64", "--protocol", "single", "--min-time", "0.05",
+                 "--max-time", "0.3", "--runtime", "eager", "--csv", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["network", "median", "ms"]
     assert [line.split()[0] for line in table[2:5]] == specs
@@ -387,15 +388,38 @@ def test_cli_table_and_csv_for_a_reference_a_config_and_torchvision(tmp_path, ca
         assert row["clock"] == "thread"
 
 
+def test_cli_measures_interleaved_by_default_as_the_search_does(tmp_path, capsys):
+    out = tmp_path / "lat.csv"
+    specs = ["mobilenet_v3_small", "torchvision:mobilenet_v3_small"]
+    assert main([*specs, "--input-size", "32", "--runtime", "eager", "--csv", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[2:4]] == specs
+    assert "ratio to mnasnet_a1" in table[4] and "rounds" in table[4]
+    rows = list(csv.DictReader(out.open()))
+    for row in rows:
+        assert row["protocol"] == "interleaved:mnasnet_a1" and int(row["runs"]) == ROUNDS
+        # the estimate is the ratio times the machine's reference latency; raw ms beside it
+        ref = float(row["reference_ms"])
+        assert ref == pytest.approx(float(rows[0]["reference_ms"])) and ref > 0
+        assert float(row["raw_ms"]) > 0 and float(row["median_ms"]) > 0
+        assert float(row["p10_ms"]) <= float(row["median_ms"]) <= float(row["p90_ms"])
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["mnasnet_a1", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["mnasnet_a1", "--input-size", "8"], "argument --input-size: 8 is too small"),
     (["mnasnet_a1", "--threads", "0"], "argument --threads: 0 is too small"),
     (["mnasnet_a1", "--threads", "two"], "argument --threads: 'two' is not an integer"),
-    pytest.param(["mnasnet_a1", "--clock", "thread", "--threads", "2"],
+    pytest.param(["mnasnet_a1", "--protocol", "single", "--clock", "thread", "--threads", "2"],
                  "--clock thread counts only",
                  marks=pytest.mark.skipif(available_cpus() < 2, reason="needs 2 CPUs")),
-    (["mnasnet_a1", "--min-time", "5"], "--min-time 5 must be from 0 to --max-time 2"),
+    (["mnasnet_a1", "--protocol", "single", "--min-time", "5"],
+     "--min-time 5 must be from 0 to --max-time 2"),
+    # the interleaved protocol (the default) has no such options: named, not ignored
+    (["mnasnet_a1", "--min-time", "0.5"], "--min-time: an option of the single protocol"),
+    (["mnasnet_a1", "--batch-size", "4"], "--batch-size: an option of the single protocol"),
+    (["mnasnet_a1", "--no-channels-last"], "--no-channels-last: an option of the single"),
+    (["mnasnet_a1", "--protocol", "ladder"], "argument --protocol: invalid choice: 'ladder'"),
     (["no_such_net"], "no_such_net: no such file and not a reference network"),
     (["torchvision:nope"], "torchvision:nope: not a torchvision model"),
     (["mnasnet_a1", "--csv", "/no/such/dir/x.csv"], "--csv /no/such/dir/x.csv"),
@@ -470,7 +494,8 @@ def test_match_width_bisects_to_the_multiplier_nearest_the_target():
 
 def test_cli_matches_each_family_to_a_latency(capsys):
     assert main(["mobilenet_v3_small", "--match-latency", "1.0", "--runtime", "eager",
-                 "--input-size", "32", "--min-time", "0.02", "--max-time", "0.1"]) == 0
+                 "--input-size", "32", "--protocol", "single", "--min-time", "0.02",
+                 "--max-time", "0.1"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["network", "multiplier", "median"]
     name, mult, ms = out[2].split()[:3]

@@ -1,6 +1,7 @@
 """The latency server as a real process on the loopback address: refusals, limits, a client that
 leaves, and searches that measure there while the server is killed or restarted."""
 
+import csv
 import http.client
 import json
 import os
@@ -179,9 +180,20 @@ def test_the_server_refuses_to_start_without_a_real_token(tmp_path, capsys):
 def test_nas_latency_measures_on_the_server(server, token_file, capsys):
     url, _ = server
     assert latency.main(["mobilenet_v3_small", "--server", url, "--token-file", str(token_file),
-                         "--runtime", "eager", "--input-size", "32", "--min-time", "0.05",
-                         "--max-time", "0.2"]) == 0
+                         "--runtime", "eager", "--input-size", "32", "--protocol", "single",
+                         "--min-time", "0.05", "--max-time", "0.2"]) == 0
     assert "mobilenet_v3_small" in capsys.readouterr().out
+    # by default interleaved, as the search: every row against the server's one calibration
+    out = token_file.parent / "lat.csv"
+    assert latency.main(["mobilenet_v3_small", "mobilenet_v2@0.5", "--server", url,
+                         "--token-file", str(token_file), "--runtime", "eager", "--input-size",
+                         "32", "--csv", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[2:4]] == ["mobilenet_v3_small", "mobilenet_v2@0.5"]
+    assert "ratio to mnasnet_a1" in table[4]
+    rows = list(csv.DictReader(out.open()))
+    assert {r["protocol"] for r in rows} == {"interleaved:mnasnet_a1"}
+    assert rows[0]["reference_ms"] == rows[1]["reference_ms"]
     assert latency.main(["torchvision:resnet18", "--server", url, "--token-file",
                          str(token_file), "--runtime", "eager"]) == 2
     one_line_error(capsys, "nas.latency", "no description to send")
