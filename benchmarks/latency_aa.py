@@ -56,13 +56,16 @@ def sampled_specs(folder: Path, n: int = SAMPLED, seed: int = 0) -> list[str]:
 
 
 def pass_worker(specs: list[str], protocol: str, runtime: str, input_size: int,
-                seed: int, rounds: int | None = None) -> dict[str, dict]:
+                seed: int, rounds: int | None = None, warm: int | None = None
+                ) -> dict[str, dict]:
     """One fresh process's measurements of every network, in a shuffled order; `rounds`: the
-    interleaved protocols' rounds (default: nas.interleaved.ROUNDS)."""
-    from nas.interleaved import ROUNDS, measure_interleaved
+    interleaved protocols' rounds (default: nas.interleaved.ROUNDS); `warm`: their untimed runs
+    per block (default: nas.interleaved.WARM_RUNS_PER_BLOCK)."""
+    from nas.interleaved import ROUNDS, WARM_RUNS_PER_BLOCK, measure_interleaved
     from nas.latency import measure_latency, network_builder
 
     rounds = rounds or ROUNDS
+    warm = WARM_RUNS_PER_BLOCK if warm is None else warm
     order = list(specs)
     random.Random(seed).shuffle(order)
     out = {}
@@ -74,12 +77,13 @@ def pass_worker(specs: list[str], protocol: str, runtime: str, input_size: int,
             out[spec] = {"ms": r.median_ms, "seconds": r.seconds}
         elif protocol == "ladder":
             r = measure_interleaved(model, input_size, runtime=runtime, ladder=True,
-                                    rounds=rounds)
+                                    rounds=rounds, warm_runs_per_block=warm)
             out[spec] = {"ms": r.latency_ms, "raw_ms": r.raw_ms, "seconds": r.seconds,
                          "ratio": r.ratio, "reference_ms": r.reference_ms, "rounds": r.rounds,
                          "reference": r.reference}
         else:
-            r = measure_interleaved(model, input_size, runtime=runtime, rounds=rounds)
+            r = measure_interleaved(model, input_size, runtime=runtime, rounds=rounds,
+                                    warm_runs_per_block=warm)
             out[spec] = {"ms": r.latency_ms, "raw_ms": r.raw_ms, "seconds": r.seconds,
                          "ratio": r.ratio, "reference_ms": r.reference_ms, "rounds": r.rounds,
                          "own_sitting_ms": own_sitting(r.context)}
@@ -114,13 +118,14 @@ def load_worker() -> None:
 
 
 def run_pass(specs_file: Path, protocol: str, runtime: str, input_size: int, seed: int,
-             rounds: int | None = None) -> dict:
+             rounds: int | None = None, warm: int | None = None) -> dict:
     """A fresh process; its reference sittings go to a store beside specs_file that starts
     empty with the benchmark (the quiet passes' sittings are there for the loaded ones)."""
     out = subprocess.run(
         [sys.executable, str(HERE), "--pass-worker", str(specs_file), "--protocol", protocol,
          "--runtime", runtime, "--input-size", str(input_size), "--seed", str(seed),
-         *(["--rounds", str(rounds)] if rounds else [])],
+         *(["--rounds", str(rounds)] if rounds else []),
+         *(["--warm", str(warm)] if warm is not None else [])],
         capture_output=True, text=True, check=True,
         env={**os.environ, "NAS_CACHE": str(specs_file.parent / "cache")})
     return json.loads(out.stdout.splitlines()[-1])
@@ -252,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", default=None,
                    help="comma-separated rounds of the interleaved protocols, each a row "
                         "(default: nas.interleaved.ROUNDS)")
+    p.add_argument("--warm", type=int, default=None,
+                   help="untimed runs at the start of each interleaved block (default: "
+                        "nas.interleaved.WARM_RUNS_PER_BLOCK)")
     p.add_argument("--conditions", default="quiet,loaded",
                    help="comma-separated, of quiet, loaded (a training on the other core)")
     p.add_argument("--parts", default="aa,server",
@@ -263,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.pass_worker:
         specs = json.loads(Path(args.pass_worker).read_text())
         print(json.dumps(pass_worker(specs, args.protocol, args.runtime, args.input_size,
-                                     args.seed, int(args.rounds) if args.rounds else None)))
+                                     args.seed, int(args.rounds) if args.rounds else None,
+                                     args.warm)))
         return 0
     from nas.files import save_table
     from nas.host import available_cpus, cpu_name
@@ -295,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(2 if load else 0)
                 for protocol, r in runs:
                     passes = [run_pass(specs_file, protocol, args.runtime, args.input_size,
-                                       seed, r) for seed in range(args.passes)]
+                                       seed, r, args.warm) for seed in range(args.passes)]
                     for name, variant in variants(passes, protocol).items():
                         name += f" x{r}" if len(rounds) > 1 and r else ""
                         s = summarize(variant)

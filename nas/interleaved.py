@@ -42,6 +42,10 @@ REFERENCE_ATTR = "reference_ms"  # study attribute: the reference's latency a st
 # pairs (Xeon, 3 runs; latency_aa_rounds{,2,3_loaded}_xeon.txt), for ~3.0 s of timing not ~1.3 s
 ROUNDS = 30
 RUNS_PER_BLOCK = 4
+# Untimed runs at a block's start. 0 as shipped; switching networks leaves each slower than
+# alone for several runs, which pulls the ratio toward 1: mobilenet_v3_small +12%, resnet18 -8%
+# against the single protocol, +2.5% / -2% with 8 (benchmarks/results/protocol_bias_xeon.txt)
+WARM_RUNS_PER_BLOCK = 0
 # The ladder: the reference's family at widths about 1.5x apart in latency (mnasnet_a1 from
 # ~2 ms to ~25 ms on a Zen 4 core, ONNX Runtime 224x224). The ratio's drift between processes
 # grows with the gap between candidate and reference (<= 1.1% near it, 4.5-9% at 3.3-4x:
@@ -78,14 +82,22 @@ class InterleavedResult:
 
 
 def interleaved_rounds(cand: Callable[[], float], ref: Callable[[], float], *, rounds: int,
-                       runs_per_block: int, seed: int) -> tuple[list[float], list[float]]:
-    """(candidate/reference ratio per round, the candidate's raw ms) from warmed-up runners."""
+                       runs_per_block: int, seed: int, warm_runs: int = 0
+                       ) -> tuple[list[float], list[float]]:
+    """(candidate/reference ratio per round, the candidate's raw ms) from warmed-up runners;
+    `warm_runs`: untimed runs at the start of each block, after the other network ran."""
     order = random.Random(seed)
     ratios, raw = [], []
+
+    def block(run: Callable[[], float]) -> list[float]:
+        for _ in range(warm_runs):
+            run()
+        return [run() for _ in range(runs_per_block)]
+
     for _ in range(rounds):
         mirror = order.random() < 0.5  # ref-cand-ref, or cand-ref-cand
         blocks = (cand, ref, cand) if mirror else (ref, cand, ref)
-        times = [[run() for _ in range(runs_per_block)] for run in blocks]
+        times = [block(run) for run in blocks]
         medians = [float(np.median(t)) for t in times]
         if mirror:
             c, r = (medians[0] + medians[2]) / 2, medians[1]
@@ -139,6 +151,7 @@ def measure_interleaved(model: nn.Module, input_size: int = 224, *, device: str 
                         precision: str = "fp32", reference: str = REFERENCE,
                         num_classes: int = 1000, rounds: int = ROUNDS,
                         runs_per_block: int = RUNS_PER_BLOCK,
+                        warm_runs_per_block: int = WARM_RUNS_PER_BLOCK,
                         reference_ms: float | dict[str, float] | None = None,
                         calibration: torch.Tensor | None = None, seed: int = 0,
                         ladder: bool = False,
@@ -175,7 +188,8 @@ def measure_interleaved(model: nn.Module, input_size: int = 224, *, device: str 
             start += time.perf_counter() - before  # converting the rung is not measuring
         _warm_up(ref, until=time.perf_counter() + 1.0, stop_above_ms=None)
         ratios, raw = interleaved_rounds(cand, ref, rounds=rounds,
-                                         runs_per_block=runs_per_block, seed=seed)
+                                         runs_per_block=runs_per_block, seed=seed,
+                                         warm_runs=warm_runs_per_block)
     ref_ms = rungs_ms[against] if ladder else float(reference_ms)
     p10, q25, ratio, q75, p90 = np.percentile(ratios, [10, 25, 50, 75, 90]).tolist()
     return InterleavedResult(

@@ -475,6 +475,16 @@ def test_the_sittings_benchmark_times_back_to_back_sittings_and_their_drift():
     assert sit.drift([1.0, 1.1, 0.9]) == pytest.approx(0.2)
 
 
+def test_the_bias_benchmark_compares_interleaved_ratios_with_the_single_protocol_s():
+    bias = _benchmark("protocol_bias")
+    row = bias.bias_row("mobilenet_v3_small", [0, 1], 32, "eager")
+    # mobilenet_v3_small against mnasnet_a1 alone: a fraction of it, not a raw latency
+    assert 0.05 < row["single"] < 1.0 and row["cand_ms"] > 0
+    for k in (0, 1):
+        relative, seconds = row[k]
+        assert -0.5 < relative < 0.5 and seconds > 0
+
+
 def test_the_aa_interleaved_rows_rescale_the_same_ratios_three_ways():
     aa = _benchmark("latency_aa")
     passes = [{"a": {"ms": 2.0, "seconds": 1, "ratio": 0.5, "reference_ms": 4.0,

@@ -51,3 +51,29 @@ def test_the_ladder_times_a_candidate_against_the_rung_nearest_its_latency():
     assert r.ratio == pytest.approx(1.0, rel=0.15)
     assert r.latency_ms == pytest.approx(own * r.ratio)
     assert r.context.protocol == "interleaved-ladder:mobilenet_v3_small"
+
+
+def test_warm_runs_at_a_block_s_start_are_run_but_not_timed():
+    """A candidate slowed for two runs after the reference ran (its caches taken): timed from
+    the switch, its ratio is inflated; with two untimed warm runs per block, it is not."""
+    from nas.interleaved import interleaved_rounds
+
+    calls = {"cand": 0, "ref": 0}
+    last = {"name": None, "since": 0}
+
+    def runner(name, cold_ms):
+        def run():
+            calls[name] += 1
+            last["since"] = last["since"] + 1 if last["name"] == name else 1
+            last["name"] = name
+            return cold_ms if last["since"] <= 2 else 1.0
+        return run
+
+    cand, ref = runner("cand", 3.0), runner("ref", 1.0)
+    cold, _ = interleaved_rounds(cand, ref, rounds=6, runs_per_block=4, seed=0)
+    # a block's median of 3, 3, 1, 1 (1.5 where a round began with the candidate's own block)
+    assert set(cold) <= {1.5, 2.0} and 2.0 in cold
+    calls.update(cand=0, ref=0)
+    warm, raw = interleaved_rounds(cand, ref, rounds=6, runs_per_block=4, seed=0, warm_runs=2)
+    assert warm == [1.0] * 6 and set(raw) == {1.0}
+    assert calls["cand"] + calls["ref"] == 6 * 3 * (2 + 4)  # every block ran its warm runs
