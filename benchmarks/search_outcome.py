@@ -67,7 +67,8 @@ def bracketing_target(draft: SearchConfig, num_classes: int, target: float | Non
             return measure_interleaved(model, draft.input_size, device=draft.device,
                                        threads=draft.threads, runtime=draft.runtime,
                                        precision=draft.precision, num_classes=num_classes,
-                                       ladder=draft.latency_protocol == "ladder").latency_ms
+                                       ladder=draft.latency_protocol == "ladder",
+                                       warm_runs_per_block=draft.latency_warm_runs).latency_ms
         return measure_latency(model, draft.input_size, device=draft.device,
                                threads=draft.threads, runtime=draft.runtime,
                                precision=draft.precision).median_ms

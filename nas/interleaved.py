@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import random
+import re
 import time
 from collections.abc import Callable
 
@@ -42,10 +43,13 @@ REFERENCE_ATTR = "reference_ms"  # study attribute: the reference's latency a st
 # pairs (Xeon, 3 runs; latency_aa_rounds{,2,3_loaded}_xeon.txt), for ~3.0 s of timing not ~1.3 s
 ROUNDS = 30
 RUNS_PER_BLOCK = 4
-# Untimed runs at a block's start. 0 as shipped; switching networks leaves each slower than
-# alone for several runs, which pulls the ratio toward 1: mobilenet_v3_small +12%, resnet18 -8%
-# against the single protocol, +2.5% / -2% with 8 (benchmarks/results/protocol_bias_xeon.txt)
-WARM_RUNS_PER_BLOCK = 0
+# Untimed runs at a block's start: after a switch of networks the next runs are slower than
+# alone, which pulled every ratio toward 1 (mobilenet_v3_small +16%, resnet18 -11% against the
+# single protocol); 2 halve the median bias, 5.6% -> 2.5% (benchmarks/results/
+# protocol_bias_xeon.txt), for 3.9 s per measurement not 2.5 and a drift as before
+# (latency_aa_warm2_loaded_xeon.txt). 0 is the protocol's name and way before 2026-12-07.
+WARM_RUNS_PER_BLOCK = 2
+MAX_WARM_RUNS = 16  # what a study or a server's client may ask for
 # The ladder: the reference's family at widths about 1.5x apart in latency (mnasnet_a1 from
 # ~2 ms to ~25 ms on a Zen 4 core, ONNX Runtime 224x224). The ratio's drift between processes
 # grows with the gap between candidate and reference (<= 1.1% near it, 4.5-9% at 3.3-4x:
@@ -109,8 +113,18 @@ def interleaved_rounds(cand: Callable[[], float], ref: Callable[[], float], *, r
     return ratios, raw
 
 
-def protocol_name(reference: str = REFERENCE, ladder: bool = False) -> str:
-    return f"interleaved-ladder:{reference}" if ladder else f"interleaved:{reference}"
+def protocol_name(reference: str = REFERENCE, ladder: bool = False,
+                  warm_runs: int = WARM_RUNS_PER_BLOCK) -> str:
+    """What a cache, a study and a server record: interleaved[-ladder][-warm<k>]:<reference>
+    (no -warm part for 0 warm runs, the protocol's name before it had them)."""
+    kind = "interleaved-ladder" if ladder else "interleaved"
+    return f"{kind}{f'-warm{warm_runs}' if warm_runs else ''}:{reference}"
+
+
+def warm_runs_of(protocol: str) -> int:
+    """The warm runs per block a protocol name records (0: none, or not interleaved)."""
+    match = re.match(r"interleaved(?:-ladder)?-warm(\d+):", protocol)
+    return int(match.group(1)) if match else 0
 
 
 def ladder_rungs(reference: str = REFERENCE) -> list[str]:
@@ -196,6 +210,7 @@ def measure_interleaved(model: nn.Module, input_size: int = 224, *, device: str 
         latency_ms=ratio * ref_ms, ratio=ratio, ratio_iqr=q75 - q25,
         reference_ms=ref_ms, raw_ms=float(np.median(raw)), rounds=rounds,
         seconds=time.perf_counter() - start,
-        context=dataclasses.replace(context, protocol=protocol_name(reference, ladder)),
+        context=dataclasses.replace(context, protocol=protocol_name(reference, ladder,
+                                                                    warm_runs_per_block)),
         ratio_p10=p10, ratio_p90=p90, reference=against)
 

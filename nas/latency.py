@@ -635,7 +635,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     if rows:
         first = LatencyResult.from_dict(rows[0])
         ctx = first.context
-        if ctx.protocol.startswith("interleaved:"):
+        if ctx.protocol.startswith("interleaved"):
             how = (f"the median over {first.runs} rounds of each network's ratio to "
                    f"{ctx.protocol.split(':', 1)[1]} timed alternately, times its latency on "
                    f"this machine ({first.reference_ms:.2f} ms, the median of its kept "

@@ -38,26 +38,30 @@ class LatencyClient:
 
     def context(self, *, input_size: int, device: str = "cpu", threads: int | None = None,
                 runtime: str = "eager", precision: str = "fp32",
-                protocol: str = "single") -> LatencyContext:
-        """The context the server would measure in (its device's name above all)."""
+                protocol: str = "single", warm_runs: int | None = None) -> LatencyContext:
+        """The context the server would measure in (its device's name above all); `warm_runs`:
+        the interleaved protocol's untimed runs per block (None: the server's default)."""
         answer = self._call("POST", "/context", {
             "input_size": input_size, "device": device, "threads": threads or 1,
-            "runtime": runtime, "precision": precision, "protocol": protocol})
+            "runtime": runtime, "precision": precision, "protocol": protocol,
+            **_given(warm_runs=warm_runs)})
         return LatencyContext(**answer)
 
     def measure(self, arch: Architecture, *, num_classes: int, input_size: int,
                 device: str = "cpu", threads: int | None = None, runtime: str = "eager",
                 precision: str = "fp32", min_time_s: float = 1.0, max_time_s: float = 2.0,
                 stop_above_ms: float | None = None, protocol: str = "single",
-                reference_ms: float | None = None) -> LatencyResult:
+                reference_ms: float | None = None, warm_runs: int | None = None
+                ) -> LatencyResult:
         """`protocol` interleaved: against the server's reference, at `reference_ms` (None:
-        the server calibrates it; the result says what it used)."""
+        the server calibrates it; the result says what it used), with `warm_runs` untimed runs
+        per block (None: the server's default)."""
         answer = self._call("POST", "/measure", {
             "arch": arch.to_dict(), "num_classes": num_classes, "input_size": input_size,
             "device": device, "threads": threads or 1, "runtime": runtime,
             "precision": precision, "min_time_s": min_time_s, "max_time_s": max_time_s,
             "stop_above_ms": stop_above_ms, "protocol": protocol,
-            "reference_ms": reference_ms})
+            "reference_ms": reference_ms, **_given(warm_runs=warm_runs)})
         return LatencyResult.from_dict(answer)
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
@@ -85,6 +89,11 @@ class LatencyClient:
                 raise LatencyServerError(f"latency server {self.url}: no answer after {tries} "
                                          f"tries in {self.deadline_s:g} s ({last})")
             time.sleep(wait)
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    """The fields that were given: a server of a version before them refuses none unasked."""
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def read_token(path: str | Path, flag: str) -> str:

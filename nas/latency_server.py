@@ -38,7 +38,13 @@ from nas.arch import ArchError, Architecture
 from nas.cli import HelpFormatter, Parser
 from nas.cost import count_macs, count_params
 from nas.host import cpu_name
-from nas.interleaved import measure_interleaved, protocol_name
+from nas.interleaved import (
+    MAX_WARM_RUNS,
+    WARM_RUNS_PER_BLOCK,
+    measure_interleaved,
+    protocol_name,
+    warm_runs_of,
+)
 from nas.latency import DEVICES, LatencyError, latency_context, measure_latency
 from nas.latency_client import read_token
 from nas.model import TooLargeError, build_model
@@ -51,8 +57,9 @@ MAX_MACS = 50_000_000_000
 MAX_MEASURE_S = 30.0  # a client may not hold the device longer per network
 MEASURE_FIELDS = {"arch", "num_classes", "input_size", "device", "threads", "runtime",
                   "precision", "min_time_s", "max_time_s", "stop_above_ms", "protocol",
-                  "reference_ms"}
-CONTEXT_FIELDS = {"input_size", "device", "threads", "runtime", "precision", "protocol"}
+                  "reference_ms", "warm_runs"}
+CONTEXT_FIELDS = {"input_size", "device", "threads", "runtime", "precision", "protocol",
+                  "warm_runs"}
 PROTOCOLS = ("single", "interleaved")
 
 
@@ -141,7 +148,8 @@ class LatencyService:
                     result = measure_interleaved(
                         model, ctx.input_size, device=ctx.device, threads=ctx.threads,
                         runtime=ctx.runtime, precision=ctx.precision, num_classes=num_classes,
-                        reference_ms=reference_ms, calibration=calibration).as_result()
+                        reference_ms=reference_ms, calibration=calibration,
+                        warm_runs_per_block=warm_runs_of(ctx.protocol)).as_result()
                 else:
                     result = measure_latency(
                         model, ctx.input_size, device=ctx.device, threads=ctx.threads,
@@ -187,8 +195,9 @@ def _context(body: dict[str, Any]):
             precision=str(body.get("precision", "fp32")))
     except LatencyError as e:
         raise Refused(HTTPStatus.UNPROCESSABLE_ENTITY, str(e)) from None
+    warm = _int(body, "warm_runs", WARM_RUNS_PER_BLOCK, 0, MAX_WARM_RUNS)
     if protocol == "interleaved":
-        context = dataclasses.replace(context, protocol=protocol_name())
+        context = dataclasses.replace(context, protocol=protocol_name(warm_runs=warm))
     return context
 
 

@@ -17,7 +17,7 @@ import torch
 from nas.arch import Architecture, load_architecture
 from nas.data import DataSplits, load_data
 from nas.files import write_atomic
-from nas.interleaved import measure_interleaved
+from nas.interleaved import measure_interleaved, warm_runs_of
 from nas.latency import LatencyError, LatencyResult, latency_context, measure_latency
 from nas.latency_client import LatencyClient
 from nas.model import build_model
@@ -48,19 +48,21 @@ class RunLatency:
         protocol = s.get("latency_protocol", "single")
         interleaved = protocol.startswith("interleaved")
         ladder = protocol.startswith("interleaved-ladder")
+        warm = warm_runs_of(protocol)  # the run's: 0 for studies from before warm runs
         if self.remote is not None:
             lat = self.remote.measure(
                 arch, num_classes=self.num_classes, input_size=s["input_size"], **options,
                 min_time_s=self.seconds / 2, max_time_s=self.seconds,
                 protocol="interleaved" if interleaved else "single",
-                reference_ms=self.reference_ms)
+                reference_ms=self.reference_ms, warm_runs=warm if interleaved else None)
             self.reference_ms = lat.reference_ms
             return lat
         model = build_model(arch, num_classes=self.num_classes)
         if interleaved:
             return measure_interleaved(model, s["input_size"], num_classes=self.num_classes,
                                        reference_ms=self.reference_ms, ladder=ladder,
-                                       calibration=self.calibration, **options).as_result()
+                                       calibration=self.calibration, warm_runs_per_block=warm,
+                                       **options).as_result()
         return measure_latency(model, s["input_size"], min_time_s=self.seconds / 2,
                                max_time_s=self.seconds, calibration=self.calibration, **options)
 

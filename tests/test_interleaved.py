@@ -4,7 +4,7 @@ import pytest
 from torch import nn
 
 from nas.arch import load_architecture
-from nas.interleaved import measure_interleaved
+from nas.interleaved import measure_interleaved, protocol_name
 from nas.model import build_model
 
 
@@ -50,7 +50,7 @@ def test_the_ladder_times_a_candidate_against_the_rung_nearest_its_latency():
     assert r.reference == "mobilenet_v3_small" and r.reference_ms == own
     assert r.ratio == pytest.approx(1.0, rel=0.15)
     assert r.latency_ms == pytest.approx(own * r.ratio)
-    assert r.context.protocol == "interleaved-ladder:mobilenet_v3_small"
+    assert r.context.protocol == protocol_name("mobilenet_v3_small", ladder=True)
 
 
 def test_warm_runs_at_a_block_s_start_are_run_but_not_timed():
@@ -77,3 +77,19 @@ def test_warm_runs_at_a_block_s_start_are_run_but_not_timed():
     warm, raw = interleaved_rounds(cand, ref, rounds=6, runs_per_block=4, seed=0, warm_runs=2)
     assert warm == [1.0] * 6 and set(raw) == {1.0}
     assert calls["cand"] + calls["ref"] == 6 * 3 * (2 + 4)  # every block ran its warm runs
+
+
+def test_the_protocol_s_name_records_its_warm_runs_and_0_keeps_the_old_name():
+    from nas.interleaved import warm_runs_of
+
+    assert protocol_name(warm_runs=0) == "interleaved:mnasnet_a1"  # studies before warm runs
+    assert protocol_name("x", warm_runs=2) == "interleaved-warm2:x"
+    assert protocol_name("x", ladder=True, warm_runs=3) == "interleaved-ladder-warm3:x"
+    for name, warm in [("interleaved:x", 0), ("interleaved-warm2:x", 2),
+                       ("interleaved-ladder:x", 0), ("interleaved-ladder-warm12:x", 12),
+                       ("single", 0)]:
+        assert warm_runs_of(name) == warm
+    ref = build_model(load_architecture("mobilenet_v3_small"), num_classes=10)
+    r = measure_interleaved(ref, 32, reference="mobilenet_v3_small", num_classes=10, rounds=2,
+                            runs_per_block=2, reference_ms=1.0, warm_runs_per_block=1)
+    assert r.context.protocol == "interleaved-warm1:mobilenet_v3_small"

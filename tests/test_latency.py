@@ -18,7 +18,7 @@ from torch import nn
 
 from nas.arch import load_architecture, save_architecture
 from nas.cost import count_macs, count_params
-from nas.interleaved import ROUNDS
+from nas.interleaved import ROUNDS, protocol_name
 from nas.latency import (
     LatencyCache,
     LatencyContext,
@@ -397,7 +397,7 @@ def test_cli_measures_interleaved_by_default_as_the_search_does(tmp_path, capsys
     assert "ratio to mnasnet_a1" in table[4] and "rounds" in table[4]
     rows = list(csv.DictReader(out.open()))
     for row in rows:
-        assert row["protocol"] == "interleaved:mnasnet_a1" and int(row["runs"]) == ROUNDS
+        assert row["protocol"] == protocol_name() and int(row["runs"]) == ROUNDS
         # the estimate is the ratio times the machine's reference latency; raw ms beside it
         ref = float(row["reference_ms"])
         assert ref == pytest.approx(float(rows[0]["reference_ms"])) and ref > 0

@@ -21,6 +21,7 @@ import nas.latency_client
 from nas import latency
 from nas.arch import load_architecture
 from nas.host import cpu_name
+from nas.interleaved import protocol_name
 from nas.latency_client import LatencyClient, LatencyServerError
 from nas.search import main as search
 from nas.search.objective import REUSED_FROM_ATTR
@@ -92,7 +93,7 @@ def test_an_interleaved_measurement_says_its_reference(server):
     arch = load_architecture("mobilenet_v3_small")
     first = client.measure(arch, num_classes=10, input_size=32, runtime="eager",
                            protocol="interleaved")
-    assert first.context.protocol == "interleaved:mnasnet_a1" and first.reference_ms > 0
+    assert first.context.protocol == protocol_name() and first.reference_ms > 0
     assert first.raw_ms > 0
     given = client.measure(arch, num_classes=10, input_size=32, runtime="eager",
                            protocol="interleaved", reference_ms=10.0)
@@ -101,6 +102,12 @@ def test_an_interleaved_measurement_says_its_reference(server):
                                             rel=0.3)  # the same ratio, another yardstick
     assert client.context(input_size=32, runtime="eager",
                           protocol="interleaved") == first.context
+    # the warm runs a client asks for are the ones measured and named, 0 as before them
+    cold = client.measure(arch, num_classes=10, input_size=32, runtime="eager",
+                          protocol="interleaved", reference_ms=10.0, warm_runs=0)
+    assert cold.context.protocol == "interleaved:mnasnet_a1"
+    assert client.context(input_size=32, runtime="eager", protocol="interleaved",
+                          warm_runs=3).protocol == "interleaved-warm3:mnasnet_a1"
 
 
 @pytest.mark.parametrize("request_, status, fragment", [
@@ -117,6 +124,8 @@ def test_an_interleaved_measurement_says_its_reference(server):
      "parameters; this server measures at most 3,000,000"),
     ({"body": measure_body(runtime="tflite")}, 422, "tflite"),
     ({"body": measure_body(protocol="rmit")}, 400, "protocol: one of"),
+    ({"body": measure_body(protocol="interleaved", warm_runs=17)}, 400,
+     "warm_runs: an integer from 0 to 16"),
     ({"raw": b"{}", "headers": {"Content-Length": str(2 << 20)}}, 413, "at most 1,048,576"),
 ])
 def test_bad_requests_are_refused_with_one_line_and_the_server_keeps_serving(
@@ -192,7 +201,7 @@ def test_nas_latency_measures_on_the_server(server, token_file, capsys):
     assert [line.split()[0] for line in table[2:4]] == ["mobilenet_v3_small", "mobilenet_v2@0.5"]
     assert "ratio to mnasnet_a1" in table[4]
     rows = list(csv.DictReader(out.open()))
-    assert {r["protocol"] for r in rows} == {"interleaved:mnasnet_a1"}
+    assert {r["protocol"] for r in rows} == {protocol_name()}
     assert rows[0]["reference_ms"] == rows[1]["reference_ms"]
     assert latency.main(["torchvision:resnet18", "--server", url, "--token-file",
                          str(token_file), "--runtime", "eager"]) == 2

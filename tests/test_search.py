@@ -29,6 +29,7 @@ from nas.arch import Architecture, load_architecture
 from nas.cost import count_macs, count_params
 from nas.files import sqlite_url
 from nas.host import available_cpus
+from nas.interleaved import WARM_RUNS_PER_BLOCK, protocol_name
 from nas.interrupts import INTERRUPTED, on_sigint, was_interrupted
 from nas.model import build_model
 from nas.pareto import pareto_mask
@@ -523,6 +524,7 @@ def test_failing_candidate_fails_its_trial_and_the_search_goes_on(image_folder, 
     ("--latency-time", "inf", "--latency-time inf"),
     ("--timeout", "-5", "--timeout -5"),
     ("--seed", "-1", "--seed -1: must be from 0 to 4294967295"),
+    ("--latency-warm-runs", "-1", "--latency-warm-runs -1: must be from 0 to 16"),
     ("--population", "1", "--population 1: NSGA-II and evolution need at least 2"),
     ("--threads", str(available_cpus() + 1), "may use only"),
     ("--trials", "0", "--trials 0: must be >= 1"),
@@ -1512,7 +1514,7 @@ def test_the_default_interleaved_protocol_calibrates_the_reference_once_per_stud
 
     assert main(interleaved("--trials", "2")) == 0
     study = study_of(tmp_path)
-    assert study.user_attrs["settings"]["latency_protocol"] == "interleaved:mnasnet_a1"
+    assert study.user_attrs["settings"]["latency_protocol"] == protocol_name()
     reference = study.user_attrs["reference_ms"]
     assert reference > 0
     for t in study.trials:
@@ -1520,7 +1522,7 @@ def test_the_default_interleaved_protocol_calibrates_the_reference_once_per_stud
         assert ua["latency_raw_ms"] > 0 and ua["latency_ms"] > 0
         assert 0 <= ua["gate_wait_s"] <= ua["train_s"]  # what the core gate held it back
     cache = json.loads((tmp_path / "s" / "latency_cache.json").read_text())
-    assert {e["result"]["protocol"] for e in cache["entries"]} == {"interleaved:mnasnet_a1"}
+    assert {e["result"]["protocol"] for e in cache["entries"]} == {protocol_name()}
     assert {e["result"]["reference_ms"] for e in cache["entries"]} == {reference}
 
     def no_second_calibration(*a, **kw):
@@ -1534,8 +1536,37 @@ def test_the_default_interleaved_protocol_calibrates_the_reference_once_per_stud
     assert main(args(tmp_path, image_folder, "--trials", "4")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["nas.search: error: study 's' measured latency with latency_protocol "
-                   "'interleaved:mnasnet_a1', not 'single'; resume with --latency-protocol "
+                   f"'{protocol_name()}', not 'single'; resume with --latency-protocol "
                    "interleaved or pick a new --name"]
+    # other warm runs per block are another yardstick: refused with the flag that resumes it
+    other = 0 if WARM_RUNS_PER_BLOCK else 2
+    assert main(interleaved("--trials", "4", "--latency-warm-runs", str(other))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["nas.search: error: study 's' measured latency with latency_protocol "
+                   f"'{protocol_name()}', not '{protocol_name(warm_runs=other)}'; resume with "
+                   f"--latency-warm-runs {WARM_RUNS_PER_BLOCK} or pick a new --name"]
+
+
+def test_a_study_from_before_warm_runs_resumes_with_0_and_measures_as_it_did(
+        image_folder, tmp_path, capsys):
+    """A study of the interleaved protocol without warm runs (interleaved:mnasnet_a1, before
+    2026-12-07) is refused by the new default in one line naming --latency-warm-runs 0; with
+    it, it resumes and its new trials are measured as the old ones were."""
+    def interleaved(*extra):
+        argv = args(tmp_path, image_folder, *extra)
+        del argv[argv.index("--latency-protocol"):argv.index("--latency-protocol") + 2]
+        return argv
+
+    assert main(interleaved("--trials", "1", "--latency-warm-runs", "0")) == 0
+    assert study_of(tmp_path).user_attrs["settings"]["latency_protocol"] == (
+        "interleaved:mnasnet_a1")
+    capsys.readouterr()
+    if WARM_RUNS_PER_BLOCK:
+        assert main(interleaved("--trials", "2")) == 2
+        assert "resume with --latency-warm-runs 0 or pick" in capsys.readouterr().err
+    assert main(interleaved("--trials", "2", "--latency-warm-runs", "0")) == 0
+    cache = json.loads((tmp_path / "s" / "latency_cache.json").read_text())
+    assert {e["result"]["protocol"] for e in cache["entries"]} == {"interleaved:mnasnet_a1"}
 
 
 def test_the_ladder_protocol_keeps_every_rungs_calibration_in_the_study(
@@ -1553,7 +1584,7 @@ def test_the_ladder_protocol_keeps_every_rungs_calibration_in_the_study(
 
     assert main(ladder("--trials", "2", "--sampler", "random")) == 0
     study = study_of(tmp_path)
-    assert study.user_attrs["settings"]["latency_protocol"] == "interleaved-ladder:mnasnet_a1"
+    assert study.user_attrs["settings"]["latency_protocol"] == protocol_name(ladder=True)
     rungs = study.user_attrs["reference_ms"]
     assert sorted(rungs) == sorted(ladder_rungs()) and all(v > 0 for v in rungs.values())
     cache = json.loads((tmp_path / "s" / "latency_cache.json").read_text())

@@ -25,6 +25,7 @@ from nas.cli import (
     is_plain_folder_name,
 )
 from nas.host import available_cpus
+from nas.interleaved import MAX_WARM_RUNS, WARM_RUNS_PER_BLOCK
 from nas.latency import LatencyError
 from nas.latency_client import connect
 from nas.proxy import OPTIMIZER_DEFAULTS, ProxyBudget
@@ -78,6 +79,7 @@ class SearchConfig:
     threads: int | None = None  # None: nas.latency's DEFAULT_THREADS
     latency_time: float = 2.0
     latency_protocol: str = "interleaved"  # or "single" (nas.interleaved; latency_aa_zen4.txt)
+    latency_warm_runs: int = WARM_RUNS_PER_BLOCK  # interleaved: untimed runs per block
     latency_server: str | None = None  # None: measured here
     latency_token_file: str | None = None
     data: str | None = None
@@ -208,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "here only): interleaved against the nearest of mnasnet_a1 at 7 widths, "
                         "no better than interleaved in the A/A "
                         "(benchmarks/results/latency_aa_ladder_zen4.txt)")
+    g.add_argument("--latency-warm-runs", type=int, default=_default("latency_warm_runs"),
+                   help="interleaved and ladder: untimed runs at the start of each block, after "
+                        "the other network ran, which leaves the next runs slower than alone "
+                        "(benchmarks/results/protocol_bias_xeon.txt); 0 is the protocol of "
+                        "studies from before 2026-12-07")
     g.add_argument("--latency-server", default=None, metavar="URL",
                    help="measure latency on the device running `python -m nas.latency serve` "
                         "(training stays here); the study records that device")
@@ -324,6 +331,9 @@ def check(c: SearchConfig) -> None:
         connect(c.latency_server, c.latency_token_file)
     except LatencyError as e:
         raise UsageError(str(e)) from None
+    if not 0 <= c.latency_warm_runs <= MAX_WARM_RUNS:
+        raise UsageError(f"--latency-warm-runs {c.latency_warm_runs}: must be from 0 to "
+                         f"{MAX_WARM_RUNS}")
     if c.latency_protocol == "ladder" and c.latency_server:
         raise UsageError("--latency-protocol ladder: measured here only for now; with "
                          "--latency-server use interleaved or single")

@@ -136,6 +136,7 @@ def candidate_latency(arch: Architecture, deployed: torch.nn.Module, ctx: Contex
             key, lambda: deployed, **options, context=ctx.latency_context,
             measure=lambda: remote.measure(arch, num_classes=ctx.data.num_classes,
                                            protocol=c.latency_protocol,
+                                           warm_runs=c.latency_warm_runs,
                                            reference_ms=ctx.reference_ms, **options))
     quiet = ctx.gate.measuring if ctx.gate is not None else None  # timing only: converting
     # beside a training disturbs nothing, and a cache hit measures nothing
@@ -145,7 +146,8 @@ def candidate_latency(arch: Architecture, deployed: torch.nn.Module, ctx: Contex
                 deployed, c.input_size, device=c.device, threads=c.threads, runtime=c.runtime,
                 precision=c.precision, num_classes=ctx.data.num_classes,
                 reference_ms=ctx.reference_ms, calibration=calibration,
-                ladder=c.latency_protocol == "ladder", quiet=quiet).as_result()
+                ladder=c.latency_protocol == "ladder", quiet=quiet,
+                warm_runs_per_block=c.latency_warm_runs).as_result()
     else:
         def measure() -> LatencyResult:
             return measure_latency(deployed, calibration=calibration, quiet=quiet, **options)

@@ -70,7 +70,8 @@ def prepare(config: SearchConfig) -> tuple[Context, Path, dict[str, Any]]:
             lat_ctx = remote.context(input_size=config.input_size, device=config.device,
                                      threads=config.threads, runtime=config.runtime,
                                      precision=config.precision,
-                                     protocol=config.latency_protocol)
+                                     protocol=config.latency_protocol,
+                                     warm_runs=config.latency_warm_runs)
         except LatencyError as e:
             raise UsageError(f"--latency-server {config.latency_server}: "
                              f"{str(e).removeprefix(f'latency server {remote.url}: ')}") from None
@@ -80,7 +81,8 @@ def prepare(config: SearchConfig) -> tuple[Context, Path, dict[str, Any]]:
                                   precision=config.precision)
         if config.latency_protocol in ("interleaved", "ladder"):
             lat_ctx = dataclasses.replace(
-                lat_ctx, protocol=protocol_name(ladder=config.latency_protocol == "ladder"))
+                lat_ctx, protocol=protocol_name(ladder=config.latency_protocol == "ladder",
+                                                warm_runs=config.latency_warm_runs))
     space = load_space(config.space)
     budget = config.budget()
     data = load_data(config.data, val_size=0)

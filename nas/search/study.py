@@ -15,6 +15,7 @@ import numpy as np
 import optuna
 import sqlalchemy.exc
 
+from nas.interleaved import warm_runs_of
 from nas.run_folder import STUDY_DB, study_url
 from nas.samplers import RegularizedEvolutionSampler
 from nas.search.config import SearchConfig, UsageError
@@ -261,6 +262,14 @@ def check_stored_params(study: optuna.Study, space: SearchSpace, name: str) -> N
                                  "--name, or resume with the version that made the study")
 
 
+def was_kind(protocol: Any) -> str:
+    """The --latency-protocol value of a recorded protocol name: interleaved[-warm<k>]:<ref> is
+    interleaved, interleaved-ladder[-warm<k>]:... ladder, single single."""
+    kind = str(protocol).split(":")[0]
+    return ("ladder" if kind.startswith("interleaved-ladder")
+            else "interleaved" if kind.startswith("interleaved") else kind)
+
+
 def refusal(name: str, key: str, was: Any, now: Any) -> str:
     """Why a resume is refused, naming the proxy flag that restores the study's budget."""
     if key == "budget" and isinstance(was, dict) and isinstance(now, dict):
@@ -273,9 +282,14 @@ def refusal(name: str, key: str, was: Any, now: Any) -> str:
                     f"{flags} or pick a new --name")
         return (f"study {name!r} was created with the proxy's {differ} (not every one has a "
                 f"flag: a default of another nas version); pick a new --name")
+    if key == "latency_protocol" and str(was).startswith("interleaved") and str(
+            now).startswith("interleaved") and was_kind(was) == was_kind(now):
+        return (f"study {name!r} measured latency with latency_protocol {was!r}, not {now!r}; "
+                f"resume with --latency-warm-runs {warm_runs_of(str(was))} or pick a new "
+                f"--name")
     if key in SETTING_FLAGS:
         # interleaved:<reference> is --latency-protocol interleaved, interleaved-ladder:... ladder
-        flag_value = str(was).split(":")[0].removeprefix("interleaved-")
+        flag_value = was_kind(was)
         return (f"study {name!r} measured latency with {key} {was!r}, not {now!r}; resume with "
                 f"{SETTING_FLAGS[key]} {flag_value} or pick a new --name")
     detail = f"{key}={was!r}, not {now!r}" if len(repr(was)) < 80 else f"another {key}"
