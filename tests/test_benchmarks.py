@@ -372,7 +372,8 @@ def test_the_outcome_target_is_on_the_search_s_own_yardstick(monkeypatch):
     monkeypatch.setattr(outcome, "measure_latency",
                         lambda m, *a, **kw: SimpleNamespace(median_ms=raw[m]))
     draft = SimpleNamespace(latency_protocol="interleaved", input_size=224, device="cpu",
-                            threads=1, runtime="onnxruntime", precision="fp32")
+                            threads=1, runtime="onnxruntime", precision="fp32",
+                            latency_warm_runs=2)
     assert outcome.bracketing_target(draft, 10) == (4.0, "mobilenet_v3_large", ratio)
     single = SimpleNamespace(**{**vars(draft), "latency_protocol": "single"})
     assert outcome.bracketing_target(single, 10) == (4.0, "mobilenet_v3_small", raw)

@@ -185,8 +185,8 @@ def test_converting_prints_nothing(capfd):
 
 
 def test_cli_measures_in_the_default_runtime_and_says_so(capsys):
-    assert main(["mobilenet_v3_small", "--input-size", "32", "--min-time", "0.05",
-                 "--max-time", "0.2"]) == 0
+    assert main(["mobilenet_v3_small", "--input-size", "32", "--protocol", "single",
+                 "--min-time", "0.05", "--max-time", "0.2"]) == 0
     out = capsys.readouterr().out
     assert f", {DEFAULT_RUNTIME} {get_runtime(DEFAULT_RUNTIME).version()}, fp32," in out
 
