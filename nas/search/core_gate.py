@@ -7,7 +7,8 @@ and they wait, at their next step, until it is done. The `turnstile` lock keeps 
 steps from starving a measurement that is waiting: once a measurement queues, no new step
 starts. flock(2) locks die with their process, so a killed worker blocks nobody.
 What it costs with --workers 2: trainings wait 1.9% of the workers' time at 12 interleaved
-rounds (benchmarks/results/core_gate_cost_zen4.txt), 3.3% at 30 (core_gate_cost_xeon.txt).
+rounds (benchmarks/results/core_gate_cost_zen4.txt), 3.3% at 30 (core_gate_cost_xeon.txt), 4.7%
+with 2 warm runs per block (core_gate_cost_warm2_xeon.txt).
 """
 
 from __future__ import annotations
