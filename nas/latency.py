@@ -754,8 +754,8 @@ def _check_cli(args: argparse.Namespace) -> None:
             if value != default]
         if given:
             raise LatencyError(f"{given[0]}: an option of the single protocol; the interleaved "
-                               f"one (the default) times batch 1 in 30 rounds; add --protocol "
-                               f"single to use it")
+                               f"one (the default) times batch 1 in its own rounds; add "
+                               f"--protocol single to use it")
     args.min_time = 1.0 if args.min_time is None else args.min_time
     args.max_time = 2.0 if args.max_time is None else args.max_time
     if args.device == "cuda" and not torch.cuda.is_available():

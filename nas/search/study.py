@@ -262,7 +262,7 @@ def check_stored_params(study: optuna.Study, space: SearchSpace, name: str) -> N
                                  "--name, or resume with the version that made the study")
 
 
-def was_kind(protocol: Any) -> str:
+def protocol_kind(protocol: Any) -> str:
     """The --latency-protocol value of a recorded protocol name: interleaved[-warm<k>]:<ref> is
     interleaved, interleaved-ladder[-warm<k>]:... ladder, single single."""
     kind = str(protocol).split(":")[0]
@@ -282,14 +282,12 @@ def refusal(name: str, key: str, was: Any, now: Any) -> str:
                     f"{flags} or pick a new --name")
         return (f"study {name!r} was created with the proxy's {differ} (not every one has a "
                 f"flag: a default of another nas version); pick a new --name")
-    if key == "latency_protocol" and str(was).startswith("interleaved") and str(
-            now).startswith("interleaved") and was_kind(was) == was_kind(now):
+    if key == "latency_protocol" and protocol_kind(was) == protocol_kind(now):  # warm runs
         return (f"study {name!r} measured latency with latency_protocol {was!r}, not {now!r}; "
                 f"resume with --latency-warm-runs {warm_runs_of(str(was))} or pick a new "
                 f"--name")
     if key in SETTING_FLAGS:
-        # interleaved:<reference> is --latency-protocol interleaved, interleaved-ladder:... ladder
-        flag_value = was_kind(was)
+        flag_value = protocol_kind(was) if key == "latency_protocol" else was
         return (f"study {name!r} measured latency with {key} {was!r}, not {now!r}; resume with "
                 f"{SETTING_FLAGS[key]} {flag_value} or pick a new --name")
     detail = f"{key}={was!r}, not {now!r}" if len(repr(was)) < 80 else f"another {key}"
