@@ -184,6 +184,52 @@ def target_drift_note(df: pd.DataFrame, target_ms: float, beta: float) -> str | 
             f"score higher above T. To hold T, search with --mode hard or --beta below {-s:.2f}.")
 
 
+def baselines_summary(df: pd.DataFrame, baselines: pd.DataFrame) -> str | None:
+    """The baselines beside what the search found, for the end of a search: each one's latency,
+    proxy accuracy and reward, whether it scores above the best trial, and how many of the
+    searched front's trials it is both faster and more accurate than. None without baselines.
+
+    Both sides went through the same latency protocol and proxy, so a baseline above the best
+    trial means the search has not yet found a better network, not that it cannot.
+    """
+    pts = points_frame(baselines) if len(baselines) else baselines
+    base = pts[pts["is_baseline"]] if len(pts) else pts
+    if not len(base):
+        return None
+    front = pareto_frame(df[~is_baseline(df)]) if len(df) else df
+    best = best_trial_row(df)
+    best_reward = float(best["reward"]) if best is not None else math.nan
+    width = max(len(str(n)) for n in base["baseline"])
+    lines, above = [], []
+    for _, b in base.iterrows():
+        lat, acc = float(b["latency_ms"]), float(b["accuracy"])
+        rew = pd.to_numeric(pd.Series([b.get("reward")]), errors="coerce").iloc[0]
+        notes = []
+        if math.isfinite(rew) and math.isfinite(best_reward) and rew > best_reward:
+            above.append(str(b["baseline"]))
+            notes.append("above the best trial")
+        if len(front):
+            flat = front["latency_ms"].astype(float).to_numpy()
+            facc = front["accuracy"].astype(float).to_numpy()
+            beaten = int(np.sum((lat <= flat) & (acc >= facc) & ((lat < flat) | (acc > facc))))
+            if beaten:
+                notes.append(f"faster and more accurate than {beaten} of the {len(front)} "
+                             f"front trials")
+        reward_text = f"  reward {rew:.4f}" if math.isfinite(rew) else ""
+        lines.append(f"  {b['baseline']:<{width}}  {lat:7.2f} ms  acc {acc:.4f}{reward_text}"
+                     + (f"  ({'; '.join(notes)})" if notes else ""))
+    head = "Baselines, through the same latency protocol and proxy"
+    if best is not None and math.isfinite(best_reward):
+        head += f" (best trial {best.get('number', '?'):.0f}: reward {best_reward:.4f})"
+    text = "\n".join([head + ":", *lines])
+    if above:
+        text += (f"\nnote: {', '.join(above)} {'scores' if len(above) == 1 else 'score'} above "
+                 f"every trial so far: the search has not yet found a better network. More "
+                 f"trials (--trials N, the same command resumes) may; nas.confirm "
+                 f"--match-latency checks the answer by full training.")
+    return text
+
+
 def history_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Completed searched trials in trial order with the running best of each objective.
 

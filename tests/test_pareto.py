@@ -14,6 +14,7 @@ from optuna.trial import TrialState, create_trial
 from nas.arch import Architecture, load_architecture
 from nas.pareto import (
     TRIAL_ATTRS,
+    baselines_summary,
     best_trial_row,
     front_exponent,
     history_frame,
@@ -229,3 +230,29 @@ def test_export_gives_the_drift_note_with_its_own_way_to_a_network_nearer_t():
     assert note.startswith("note: the best trial's latency is 4.00 x T") and "--pareto K" in note
     assert drift_note(soft, {**settings, "objective": "pareto"}) is None
     assert drift_note(soft, {"objective": "reward", "target_ms": 4.0}) is None  # beta unknown
+
+
+def test_baselines_summary_says_which_baseline_beats_the_search_and_how():
+    df = _trade_off_frame(0.3, target_ms=4.0, beta=-0.07)
+    searched, base = df[df.baseline.isna()], df[df.baseline.notna()]
+    slow = dict(number=7, state="COMPLETE", accuracy=0.15, latency_ms=10.0, reward=0.1,
+                baseline="resnet18")
+    failed = dict(number=8, state="FAIL", accuracy=math.nan, latency_ms=math.nan,
+                  reward=math.nan, baseline="mnasnet_a1")
+    base = pd.concat([base, pd.DataFrame([slow, failed])], ignore_index=True)
+    text = baselines_summary(searched, base)
+    lines = text.splitlines()
+    best = best_trial_row(searched)
+    assert f"best trial {best.number}: reward {best.reward:.4f}" in lines[0]
+    # mobilenet_v2 (0.9 at 3 ms) beats the best reward and the front's 4, 8 and 16 ms members
+    v2 = next(line for line in lines if "mobilenet_v2" in line)
+    assert "3.00 ms" in v2 and "acc 0.9000" in v2 and "above the best trial" in v2
+    assert "faster and more accurate than 3 of the 4 front trials" in v2
+    r18 = next(line for line in lines if "resnet18" in line)
+    assert "10.00 ms" in r18 and "(" not in r18  # slower and less accurate: no claim
+    assert "mnasnet_a1" not in text  # a failed baseline has nothing to compare
+    assert lines[-1].startswith("note: mobilenet_v2 scores above every trial so far")
+    # a baseline the search beats is listed without the note
+    assert "note:" not in baselines_summary(searched, pd.DataFrame([slow]))
+    assert baselines_summary(searched, pd.DataFrame()) is None
+    assert baselines_summary(searched, pd.DataFrame([failed])) is None

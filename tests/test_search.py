@@ -115,6 +115,23 @@ def test_results_files_hold_what_the_trials_measured(finished_run):
     assert meta["settings"]["target_ms"] == 5.0 and meta["environment"]["torch"]
 
 
+
+def test_end_of_search_summary_sets_the_baselines_beside_the_best_trial(finished_run, capsys):
+    from nas.results import load_baselines
+    from nas.search.runner import print_summary
+
+    print_summary({"trials": finished_run / "trials.csv"}, target_ms=5.0, beta=-0.07,
+                  baselines=load_baselines(finished_run))
+    out = capsys.readouterr().out
+    base = pd.read_csv(finished_run / "baselines.csv").iloc[0]
+    trials = pd.read_csv(finished_run / "trials.csv")
+    best = trials.loc[trials.reward.idxmax()]
+    assert f"(best trial {best.number}: reward {best.reward:.4f}):" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("mobilenet_v3_small"))
+    assert f"{base.latency_ms:.2f} ms  acc {base.accuracy:.4f}  reward {base.reward:.4f}" in row
+    assert ("above the best trial" in row) == (base.reward > best.reward)
+    assert out.index("Baselines") < out.index("Results: ")
+
 def test_resume_continues_with_finished_trials_intact(image_folder, tmp_path):
     assert main(args(tmp_path, image_folder, "--trials", "2", "--sampler", "random")) == 0
     first = {t.number: (t.state, t.params, t.user_attrs.get("arch"))

@@ -32,7 +32,7 @@ from nas.interleaved import (
 from nas.interrupts import INTERRUPTED, was_interrupted
 from nas.latency import DEFAULT_THREADS, LatencyCache, LatencyError, latency_context
 from nas.latency_client import connect
-from nas.pareto import target_drift_note
+from nas.pareto import baselines_summary, target_drift_note
 from nas.proxy import CandidateFailed
 from nas.results import BaselinesError, load_baselines, write_results
 from nas.run_folder import LATENCY_CACHE, write_run_meta
@@ -240,12 +240,13 @@ def run(config: SearchConfig, write: bool = True, ready=None, stop=None) -> int:
                 raise
     files = write_results(study, run_dir, target_ms=config.target_ms)
     print_summary(files, target_ms=config.target_ms,
-                  beta=config.exponents[1] if config.objective == "reward" else None)
+                  beta=config.exponents[1] if config.objective == "reward" else None,
+                  baselines=load_baselines(run_dir))
     return INTERRUPTED.status() if interrupted else 0
 
 
 def print_summary(files: dict[str, Path], *, target_ms: float | None = None,
-                  beta: float | None = None) -> None:
+                  beta: float | None = None, baselines: pd.DataFrame | None = None) -> None:
     df = pd.read_csv(files["trials"]) if "trials" in files else pd.DataFrame()
     done = df[df.state == "COMPLETE"] if len(df) else df
     if len(done):
@@ -258,6 +259,9 @@ def print_summary(files: dict[str, Path], *, target_ms: float | None = None,
             else None
         if note:
             print("\n" + note)
+        compared = baselines_summary(df, baselines) if baselines is not None else None
+        if compared:
+            print("\n" + compared)
     print("\nResults: " + ", ".join(str(p) for p in files.values()))
 
 
