@@ -56,18 +56,35 @@ def sampled_specs(folder: Path, n: int = SAMPLED, seed: int = 0) -> list[str]:
 
 
 def pass_worker(specs: list[str], protocol: str, runtime: str, input_size: int,
-                seed: int, rounds: int | None = None, warm: int | None = None
-                ) -> dict[str, dict]:
+                seed: int, rounds: int | None = None, warm: int | None = None,
+                sittings: int = 1) -> dict[str, dict]:
     """One fresh process's measurements of every network, in a shuffled order; `rounds`: the
     interleaved protocols' rounds (default: nas.interleaved.ROUNDS); `warm`: their untimed runs
-    per block (default: nas.interleaved.WARM_RUNS_PER_BLOCK)."""
+    per block (default: nas.interleaved.WARM_RUNS_PER_BLOCK). `sittings` > 1: every network
+    measured that many times, each sitting of all networks in its own shuffled order (so one
+    network's sittings lie the others' measuring apart); each network's first sitting is its
+    result, with every sitting's ms and seconds kept beside it ("sittings_ms", "sittings_s")."""
+    rng = random.Random(seed)
+    out: dict[str, dict] = {}
+    for _ in range(sittings):
+        order = list(specs)
+        rng.shuffle(order)
+        for spec, got in one_sitting(order, protocol, runtime, input_size, rounds,
+                                     warm).items():
+            first = out.setdefault(spec, {**got, "sittings_ms": [], "sittings_s": []})
+            first["sittings_ms"].append(got["ms"])
+            first["sittings_s"].append(got["seconds"])
+    return out
+
+
+def one_sitting(order: list[str], protocol: str, runtime: str, input_size: int,
+                rounds: int | None, warm: int | None) -> dict[str, dict]:
+    """Every network of `order` measured once, in that order."""
     from nas.interleaved import ROUNDS, WARM_RUNS_PER_BLOCK, measure_interleaved
     from nas.latency import measure_latency, network_builder
 
     rounds = rounds or ROUNDS
     warm = WARM_RUNS_PER_BLOCK if warm is None else warm
-    order = list(specs)
-    random.Random(seed).shuffle(order)
     out = {}
     for spec in order:
         model = network_builder(spec)()
@@ -118,14 +135,15 @@ def load_worker() -> None:
 
 
 def run_pass(specs_file: Path, protocol: str, runtime: str, input_size: int, seed: int,
-             rounds: int | None = None, warm: int | None = None) -> dict:
+             rounds: int | None = None, warm: int | None = None, sittings: int = 1) -> dict:
     """A fresh process; its reference sittings go to a store beside specs_file that starts
     empty with the benchmark (the quiet passes' sittings are there for the loaded ones)."""
     out = subprocess.run(
         [sys.executable, str(HERE), "--pass-worker", str(specs_file), "--protocol", protocol,
          "--runtime", runtime, "--input-size", str(input_size), "--seed", str(seed),
          *(["--rounds", str(rounds)] if rounds else []),
-         *(["--warm", str(warm)] if warm is not None else [])],
+         *(["--warm", str(warm)] if warm is not None else []),
+         "--sittings", str(sittings)],
         capture_output=True, text=True, check=True,
         env={**os.environ, "NAS_CACHE": str(specs_file.parent / "cache")})
     return json.loads(out.stdout.splitlines()[-1])
@@ -143,6 +161,12 @@ def variants(passes: list[dict], protocol: str) -> dict[str, list[dict]]:
         fixed = {rung: float(np.median(v)) for rung, v in rung_ms.items()}
         return {"ladder": passes, "  rungs fixed": [
             {s: {**m, "ms": m["ratio"] * fixed[m["reference"]]} for s, m in p.items()}
+            for p in passes]}
+    sittings = len(next(iter(passes[0].values())).get("sittings_ms", ()))
+    if sittings > 1:  # the first sitting, against each network's mean over its sittings
+        return {f"{protocol} 1st": passes, f"  mean of {sittings}": [
+            {s: {**m, "ms": float(np.mean(m["sittings_ms"])),
+                 "seconds": float(np.sum(m["sittings_s"]))} for s, m in p.items()}
             for p in passes]}
     if protocol != "interleaved":
         return {protocol: passes}
@@ -260,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm", type=int, default=None,
                    help="untimed runs at the start of each interleaved block (default: "
                         "nas.interleaved.WARM_RUNS_PER_BLOCK)")
+    p.add_argument("--sittings", type=int, default=1,
+                   help="each network measured this many times per process, each time in a "
+                        "new shuffled order of all of them; rows for the first sitting and "
+                        "for the mean of all (its seconds the sum)")
     p.add_argument("--conditions", default="quiet,loaded",
                    help="comma-separated, of quiet, loaded (a training on the other core)")
     p.add_argument("--parts", default="aa,server",
@@ -272,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = json.loads(Path(args.pass_worker).read_text())
         print(json.dumps(pass_worker(specs, args.protocol, args.runtime, args.input_size,
                                      args.seed, int(args.rounds) if args.rounds else None,
-                                     args.warm)))
+                                     args.warm, args.sittings)))
         return 0
     from nas.files import save_table
     from nas.host import available_cpus, cpu_name
@@ -304,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(2 if load else 0)
                 for protocol, r in runs:
                     passes = [run_pass(specs_file, protocol, args.runtime, args.input_size,
-                                       seed, r, args.warm) for seed in range(args.passes)]
+                                       seed, r, args.warm, args.sittings)
+                              for seed in range(args.passes)]
                     for name, variant in variants(passes, protocol).items():
                         name += f" x{r}" if len(rounds) > 1 and r else ""
                         s = summarize(variant)

@@ -469,6 +469,27 @@ def test_the_aa_pass_measures_with_the_rounds_asked_for(tmp_path):
     assert all(g["ms"] > 0 and g["ratio"] > 0 for g in got)
 
 
+
+def test_the_aa_pass_measures_every_network_in_each_sitting_asked_for(tmp_path):
+    # --sittings 2: each network twice per process, the first sitting its result, both kept
+    aa = _benchmark("latency_aa")
+    specs = tmp_path / "specs.json"
+    specs.write_text(json.dumps(["mobilenet_v3_small", "mnasnet_b1"]))
+    got = aa.run_pass(specs, "interleaved", "eager", 32, 0, 2, sittings=2)
+    for m in got.values():
+        assert len(m["sittings_ms"]) == 2 and m["sittings_ms"][0] == m["ms"]
+        assert all(ms > 0 for ms in m["sittings_ms"]) and m["sittings_s"][0] == m["seconds"]
+    # the rows: the first sitting as measured, and each network's mean over its sittings
+    passes = [{"a": {"ms": 2.0, "seconds": 1, "sittings_ms": [2.0, 2.4],
+                     "sittings_s": [1, 2]}},
+              {"a": {"ms": 2.2, "seconds": 1, "sittings_ms": [2.2, 2.2],
+                     "sittings_s": [1, 1]}}]
+    v = aa.variants(passes, "interleaved")
+    assert list(v) == ["interleaved 1st", "  mean of 2"]
+    assert [p["a"]["ms"] for p in v["interleaved 1st"]] == [2.0, 2.2]
+    assert [p["a"]["ms"] for p in v["  mean of 2"]] == pytest.approx([2.2, 2.2])
+    assert aa.summarize(v["  mean of 2"])["seconds"] == pytest.approx(2.5)
+
 def test_the_sittings_benchmark_times_back_to_back_sittings_and_their_drift():
     sit = _benchmark("reference_sittings")
     got = sit.sittings_worker(2, "eager", 32)
