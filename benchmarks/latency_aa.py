@@ -164,10 +164,17 @@ def variants(passes: list[dict], protocol: str) -> dict[str, list[dict]]:
             for p in passes]}
     sittings = len(next(iter(passes[0].values())).get("sittings_ms", ()))
     if sittings > 1:  # the first sitting, against each network's mean over its sittings
-        return {f"{protocol} 1st": passes, f"  mean of {sittings}": [
-            {s: {**m, "ms": float(np.mean(m["sittings_ms"])),
-                 "seconds": float(np.sum(m["sittings_s"]))} for s, m in p.items()}
-            for p in passes]}
+        mean = [{s: {**m, "ms": float(np.mean(m["sittings_ms"])),
+                     "seconds": float(np.sum(m["sittings_s"]))} for s, m in p.items()}
+                for p in passes]
+        rows = {f"{protocol} 1st": passes, f"  mean of {sittings}": mean}
+        if protocol == "interleaved":  # and both without the yardstick (one per process)
+            def ratio(ps):
+                return [{s: {**m, "ms": m["ms"] / m["reference_ms"]} for s, m in p.items()}
+                        for p in ps]
+            rows |= {"  1st, ratio only": ratio(passes),
+                     f"  mean of {sittings}, ratio": ratio(mean)}
+        return rows
     if protocol != "interleaved":
         return {protocol: passes}
     def scaled(key):
