@@ -28,7 +28,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
-from scipy.stats import kendalltau
+from scipy.stats import kendalltau, ttest_ind
 
 from nas.arch import ArchError, Architecture, load_architecture, save_architecture
 from nas.cli import MAX_SEED, HelpFormatter, Parser, oserror_line
@@ -359,6 +359,52 @@ def table(nets: list[Network], results: dict[str, dict[int, dict]], settings: di
     return df
 
 
+def verdict(df: pd.DataFrame) -> str | None:
+    """Each trained candidate against the baselines matched to its latency (--match-latency),
+    from the table: the test accuracy of both sides, the difference in points and the latency
+    gap of the sitting, with Welch's t-test where both sides have 2 or more seeds. None
+    without a trained matched pair."""
+    def seeds(row: pd.Series) -> list[float]:
+        return [float(row[c]) for c in row.index
+                if c.startswith("test_accuracy_seed") and pd.notna(row[c])]
+
+    def side(row: pd.Series) -> str:
+        n = len(seeds(row))
+        sd = f" +- {row.test_accuracy_sd:.2%}" if n > 1 else ""
+        return f"{row.test_accuracy_mean:.2%}{sd}, {n} seed{'s' if n > 1 else ''}"
+
+    trained = df[df.seeds > 0]
+    matched = trained[trained.kind == "matched"]
+    lines, unspread = [], False
+    for _, c in trained[trained.kind == "candidate"].iterrows():
+        pairs = [m for _, m in matched.iterrows()
+                 if c.network in re.findall(r"(\S+) \(", str(m.matched_to))]
+        if not pairs:
+            continue
+        ahead = sum(c.test_accuracy_mean > m.test_accuracy_mean for m in pairs)
+        lines.append(f"  {c.network} ({c.latency_ms:.2f} ms; {side(c)}): above {ahead} of "
+                     f"the {len(pairs)} matched to it")
+        for m in pairs:
+            diff = 100 * (c.test_accuracy_mean - m.test_accuracy_mean)
+            text = (f"    {m.network} ({m.latency_ms:.2f} ms, "
+                    f"{m.latency_ms / c.latency_ms - 1:+.1%}; {side(m)}): "
+                    f"{c.network} {diff:+.2f} points")
+            a, b = seeds(c), seeds(m)
+            if len(a) > 1 and len(b) > 1:
+                text += f", Welch's t-test p = {ttest_ind(a, b, equal_var=False).pvalue:.2f}"
+            else:
+                unspread = True
+            lines.append(text)
+    if not lines:
+        return None
+    text = "\n".join(["At equal latency (baselines matched by width), test accuracy:", *lines])
+    if unspread:
+        text += ("\nA side with one seed has no spread to weigh a difference against: --seeds 2 "
+                 "trains a second for the top candidate and its matches (the same command "
+                 "trains only what is missing).")
+    return text
+
+
 def figure(df: pd.DataFrame, *, target_ms: float, runtime: str) -> go.Figure:
     done = df[df.seeds > 0]
     both = done[done.proxy_accuracy.notna()]
@@ -567,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["network", "latency_ms", "proxy_accuracy", "test_accuracy_mean",
             "test_accuracy_sd", "seeds", "reward"]
     print("\n" + df[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    said = verdict(df)
+    if said:
+        print("\n" + said)
     return 0
 
 

@@ -481,14 +481,19 @@ def test_the_aa_pass_measures_every_network_in_each_sitting_asked_for(tmp_path):
         assert all(ms > 0 for ms in m["sittings_ms"]) and m["sittings_s"][0] == m["seconds"]
     # the rows: the first sitting as measured, and each network's mean over its sittings
     passes = [{"a": {"ms": 2.0, "seconds": 1, "sittings_ms": [2.0, 2.4],
-                     "sittings_s": [1, 2]}},
+                     "sittings_s": [1, 2], "reference_ms": 4.0}},
               {"a": {"ms": 2.2, "seconds": 1, "sittings_ms": [2.2, 2.2],
-                     "sittings_s": [1, 1]}}]
+                     "sittings_s": [1, 1], "reference_ms": 4.4}}]
     v = aa.variants(passes, "interleaved")
-    assert list(v) == ["interleaved 1st", "  mean of 2"]
+    assert list(v) == ["interleaved 1st", "  mean of 2", "  1st, ratio only",
+                       "  mean of 2, ratio"]
     assert [p["a"]["ms"] for p in v["interleaved 1st"]] == [2.0, 2.2]
     assert [p["a"]["ms"] for p in v["  mean of 2"]] == pytest.approx([2.2, 2.2])
     assert aa.summarize(v["  mean of 2"])["seconds"] == pytest.approx(2.5)
+    # without each process's yardstick: 2.0 / 4.0 and 2.2 / 4.4 are the same ratio
+    assert [p["a"]["ms"] for p in v["  1st, ratio only"]] == pytest.approx([0.5, 0.5])
+    assert [p["a"]["ms"] for p in v["  mean of 2, ratio"]] == pytest.approx([0.55, 0.5])
+    assert list(aa.variants(passes, "current")) == ["current 1st", "  mean of 2"]
 
 def test_the_sittings_benchmark_times_back_to_back_sittings_and_their_drift():
     sit = _benchmark("reference_sittings")

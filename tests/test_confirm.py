@@ -2,6 +2,7 @@
 latency re-measured together, resumable, bad input as one line."""
 
 import json
+import math
 import shutil
 
 import optuna
@@ -160,11 +161,15 @@ def test_a_failed_training_is_recorded_and_the_others_go_on(run, monkeypatch):
     assert df.confirmed_best[0]
 
 
-def test_match_latency_adds_width_scaled_baselines_nearest_each_candidate(run):
+def test_match_latency_adds_width_scaled_baselines_nearest_each_candidate(run, capsys):
     assert confirm.main([str(run), "--top", "1", "--seeds", "1", "--match-latency",
                          *FAST]) == 0
     df = pd.read_csv(run / "confirm.csv")
     matched = df[df.kind == "matched"]
+    # the verdict at equal latency follows the table, from the same numbers
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(confirm.verdict(df).splitlines()[-1])
+    assert f"    {matched.network.iloc[0]} (" in out and "1 seed" in out
     assert len(matched) == 1
     name = matched.network.iloc[0]
     family, mult = name.split("@")
@@ -374,3 +379,36 @@ def test_a_baseline_enqueued_as_a_trial_is_confirmed_as_a_baseline_not_a_candida
     only.add_trial(study.trials[0])
     with pytest.raises(confirm.ConfirmError, match=r"no completed trial yet \(enqueued"):
         confirm.candidates(only, {"target_ms": 2.0}, top=1)
+
+
+def test_the_verdict_sets_each_candidate_against_the_baselines_matched_to_it():
+    from scipy.stats import ttest_ind
+
+    rows = [dict(network="trial-3", kind="candidate", latency_ms=5.0, matched_to=None,
+                 test_accuracy_seed0=0.80, test_accuracy_seed1=0.82),
+            dict(network="trial-7", kind="candidate", latency_ms=6.0, matched_to=None,
+                 test_accuracy_seed0=0.70),  # nothing matched to it: not in the verdict
+            dict(network="mobilenet_v2@0.9", kind="matched", latency_ms=5.2,
+                 matched_to="trial-3 (+4.0%)", test_accuracy_seed0=0.78,
+                 test_accuracy_seed1=0.79),
+            dict(network="mnasnet_a1@1.1", kind="matched", latency_ms=4.9,
+                 matched_to="trial-9 (+1.0%), trial-3 (-2.0%)", test_accuracy_seed0=0.85),
+            dict(network="mobilenet_v3_large@0.8", kind="matched", latency_ms=5.0,
+                 matched_to="trial-3 (+0.0%)", test_accuracy_seed0=math.nan)]  # failed
+    df = pd.DataFrame(rows)
+    seeds = df.filter(like="test_accuracy_seed")
+    df["seeds"] = seeds.notna().sum(axis=1)
+    df["test_accuracy_mean"] = seeds.mean(axis=1)
+    df["test_accuracy_sd"] = seeds.std(axis=1)
+    lines = confirm.verdict(df).splitlines()
+    assert lines[1] == ("  trial-3 (5.00 ms; 81.00% +- 1.41%, 2 seeds): above 1 of the 2 matched "
+                        "to it")
+    p = ttest_ind([0.80, 0.82], [0.78, 0.79], equal_var=False).pvalue
+    assert lines[2] == ("    mobilenet_v2@0.9 (5.20 ms, +4.0%; 78.50% +- 0.71%, 2 seeds): "
+                        f"trial-3 +2.50 points, Welch's t-test p = {p:.2f}")
+    assert lines[3] == "    mnasnet_a1@1.1 (4.90 ms, -2.0%; 85.00%, 1 seed): trial-3 -4.00 points"
+    assert lines[4].startswith("A side with one seed has no spread")
+    assert len(lines) == 5 and "trial-7" not in "\n".join(lines)
+    # two seeds on every side: no note; no trained matched pair: no verdict
+    assert "one seed" not in confirm.verdict(df.drop(index=3))
+    assert confirm.verdict(df[df.kind == "candidate"]) is None
