@@ -423,19 +423,21 @@ def figure(df: pd.DataFrame, *, target_ms: float, runtime: str) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=part.latency_ms, y=part.test_accuracy_mean, mode="markers+text", name=kind,
             text=part.network, textposition="middle right", marker=marker, legendgroup=kind,
+            cliponaxis=False,  # a label near the right edge is drawn whole
             error_y={"type": "data", "array": part.test_accuracy_sd.fillna(0)}), row=1, col=1)
         fig.add_trace(go.Scatter(
             x=part.proxy_accuracy, y=part.test_accuracy_mean, mode="markers+text", name=kind,
             text=part.network, textposition="middle right", marker=marker, legendgroup=kind,
-            showlegend=False), row=1, col=2)
+            cliponaxis=False, showlegend=False), row=1, col=2)
     fig.add_vline(x=target_ms, line_dash="dash", annotation_text=f"T = {target_ms:g} ms",
                   row=1, col=1)
     fig.update_xaxes(title_text="latency (ms)", row=1, col=1)
     fig.update_xaxes(title_text="proxy accuracy", row=1, col=2)
     fig.update_yaxes(title_text="test accuracy (mean, +- sd over seeds)", row=1, col=1)
     fig.update_yaxes(title_text="test accuracy", row=1, col=2)
-    fig.update_layout(title=f"nas.confirm: {int(done.epochs.max()) if len(done) else 0} "
-                            f"epochs", height=560)
+    epochs = int(done.epochs.max()) if len(done) else 0
+    fig.update_layout(title=f"nas.confirm: {epochs} epoch{'' if epochs == 1 else 's'}",
+                      height=560)
     return fig
 
 
