@@ -220,7 +220,9 @@ def baselines_summary(df: pd.DataFrame, baselines: pd.DataFrame) -> str | None:
                      + (f"  ({'; '.join(notes)})" if notes else ""))
     head = "Baselines, through the same latency protocol and proxy"
     if best is not None and math.isfinite(best_reward):
-        head += f" (best trial {best.get('number', '?'):.0f}: reward {best_reward:.4f})"
+        number = best.get("number")
+        which = f"best trial {number:.0f}" if pd.notna(number) else "best trial"
+        head += f" ({which}: reward {best_reward:.4f})"
     text = "\n".join([head + ":", *lines])
     if above:
         text += (f"\nnote: {', '.join(above)} {'scores' if len(above) == 1 else 'score'} above "

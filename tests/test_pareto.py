@@ -255,4 +255,6 @@ def test_baselines_summary_says_which_baseline_beats_the_search_and_how():
     # a baseline the search beats is listed without the note
     assert "note:" not in baselines_summary(searched, pd.DataFrame([slow]))
     assert baselines_summary(searched, pd.DataFrame()) is None
+    # a hand-made frame without trial numbers still has a heading
+    assert "(best trial: reward" in baselines_summary(searched.drop(columns="number"), base)
     assert baselines_summary(searched, pd.DataFrame([failed])) is None
