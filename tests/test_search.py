@@ -131,6 +131,12 @@ def test_end_of_search_summary_sets_the_baselines_beside_the_best_trial(finished
     assert f"{base.latency_ms:.2f} ms  acc {base.accuracy:.4f}  reward {base.reward:.4f}" in row
     assert ("above the best trial" in row) == (base.reward > best.reward)
     assert out.index("Baselines") < out.index("Results: ")
+    # the numbers first and the architecture last, so a wrapped line keeps them aligned
+    lines = out.splitlines()
+    top = lines.index("Best trials:")
+    assert lines[top + 1].split() == ["number", "latency_ms", "accuracy", "reward", "params",
+                                      "macs", "arch"]
+    assert lines[top + 2].rstrip().endswith(best.arch)
 
 def test_resume_continues_with_finished_trials_intact(image_folder, tmp_path):
     assert main(args(tmp_path, image_folder, "--trials", "2", "--sampler", "random")) == 0

@@ -251,10 +251,14 @@ def print_summary(files: dict[str, Path], *, target_ms: float | None = None,
     done = df[df.state == "COMPLETE"] if len(df) else df
     if len(done):
         key = "reward" if "reward" in done and done.reward.notna().any() else "accuracy"
-        cols = [c for c in ("number", "arch", "latency_ms", "accuracy", "reward", "params",
-                            "macs") if c in done]
+        # the architecture last: its 150-250 characters wrap, and the numbers stay aligned
+        cols = [c for c in ("number", "latency_ms", "accuracy", "reward", "params", "macs",
+                            "arch") if c in done]
         top = done.sort_values(key, ascending=False)[cols].head(10)
-        print("\nBest trials:\n" + top.to_string(index=False))
+        width = int(top["arch"].astype(str).str.len().max()) if "arch" in top else 0
+        print("\nBest trials:\n" + top.to_string(
+            index=False, formatters={"arch": lambda a: str(a).ljust(width)},
+            header=[c.ljust(width) if c == "arch" else c for c in cols]).rstrip())
         note = target_drift_note(df, target_ms, beta) if target_ms and beta is not None \
             else None
         if note:
