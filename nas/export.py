@@ -31,6 +31,7 @@ from nas.interrupts import run_tool
 from nas.latency import MIN_INPUT_SIZE
 from nas.model import build_model
 from nas.pareto import best_trial_row, pareto_frame, target_drift_note, trials_frame
+from nas.results import BaselinesError, load_baselines
 from nas.run_folder import CONFIRM_CSV, RunFolderError, load_run_study
 from nas.runtimes import (
     PRECISIONS,
@@ -307,9 +308,30 @@ def export(args: argparse.Namespace) -> str:
                   (("torchscript", args.torchscript), ("onnx", args.onnx)) if path is not None]
     write_all(files)
     line = f"trial {int(row['number'])}: {arch.to_str()} -> {out}{checked}"
-    note = drift_note(df, meta.get("settings", {})) if trial is None and args.pareto is None \
-        else None
-    return f"{line}\n{note}" if note else line
+    best = trial is None and args.pareto is None
+    notes = [drift_note(df, meta.get("settings", {})), baselines_note(Path(args.run), row)] \
+        if best else []
+    return "\n".join([line, *(n for n in notes if n)])
+
+
+def baselines_note(run: Path, row: pd.Series) -> str | None:
+    """The baselines that scored above the exported best trial in the search (the search's
+    summary says so at its end too); a damaged baselines.csv does not stop an export."""
+    try:
+        base = load_baselines(run)
+    except BaselinesError:
+        return None
+    if not len(base) or "reward" not in base:
+        return None
+    rewards = pd.to_numeric(base["reward"], errors="coerce")
+    above = base[(base["state"] == "COMPLETE") & (rewards > float(row["reward"]))]
+    if not len(above):
+        return None
+    names = ", ".join(f"{b} ({r:.4f})" for b, r in zip(above["baseline"], rewards[above.index],
+                                                       strict=True))
+    return (f"note: in the search the baseline{'s' if len(above) > 1 else ''} {names} scored "
+            f"above this trial's reward {float(row['reward']):.4f}; nas.confirm --match-latency "
+            f"compares them by full training at equal latency.")
 
 
 def drift_note(df: pd.DataFrame, settings: dict) -> str | None:

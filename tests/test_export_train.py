@@ -61,6 +61,28 @@ def test_export_of_the_best_trial_alone_adds_the_search_s_drift_note(run, tmp_pa
         assert "note:" not in capsys.readouterr().out
 
 
+
+def test_export_of_the_best_trial_names_the_baselines_that_scored_above_it(run, tmp_path,
+                                                                          capsys):
+    import shutil
+
+    copy = shutil.copytree(run, tmp_path / "x")
+    best = pd.read_csv(copy / "trials.csv").reward.max()
+    (copy / "baselines.csv").write_text(
+        "baseline,state,reward,latency_ms,accuracy\n"
+        f"mobilenet_v3_small,COMPLETE,{best + 0.1},0.5,0.9\n"
+        f"mobilenet_v2,COMPLETE,{best - 0.1},0.9,0.5\n"
+        "mnasnet_a1,FAIL,,,\n")
+    assert export.main([str(copy), "-o", str(tmp_path / "best.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert (f"note: in the search the baseline mobilenet_v3_small ({best + 0.1:.4f}) scored "
+            f"above this trial's reward {best:.4f}") in out
+    assert "mobilenet_v2" not in out and "mnasnet_a1" not in out
+    assert export.main([str(copy), "--trial", "0", "-o", str(tmp_path / "t.yaml")]) == 0
+    assert "note: in the search" not in capsys.readouterr().out  # a trial the user chose
+    (copy / "baselines.csv").write_text("not,a\ntable")  # damaged: the export goes on
+    assert export.main([str(copy), "-o", str(tmp_path / "best.yaml")]) == 0
+
 @pytest.fixture(scope="module")
 def trained(run, image_folder, tmp_path_factory):
     """A 1-epoch nas.train checkpoint of the run's best architecture, and its PyTorch network."""
