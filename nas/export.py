@@ -30,7 +30,13 @@ from nas.files import write_atomic
 from nas.interrupts import run_tool
 from nas.latency import MIN_INPUT_SIZE
 from nas.model import build_model
-from nas.pareto import best_trial_row, pareto_frame, target_drift_note, trials_frame
+from nas.pareto import (
+    baselines_above,
+    best_trial_row,
+    pareto_frame,
+    target_drift_note,
+    trials_frame,
+)
 from nas.results import BaselinesError, load_baselines
 from nas.run_folder import CONFIRM_CSV, RunFolderError, load_run_study
 from nas.runtimes import (
@@ -321,13 +327,10 @@ def baselines_note(run: Path, row: pd.Series) -> str | None:
         base = load_baselines(run)
     except BaselinesError:
         return None
-    if not len(base) or "reward" not in base:
-        return None
-    rewards = pd.to_numeric(base["reward"], errors="coerce")
-    above = base[(base["state"] == "COMPLETE") & (rewards > float(row["reward"]))]
+    above = baselines_above(base, float(row["reward"]))
     if not len(above):
         return None
-    names = ", ".join(f"{b} ({r:.4f})" for b, r in zip(above["baseline"], rewards[above.index],
+    names = ", ".join(f"{b} ({r:.4f})" for b, r in zip(above["baseline"], above["reward"],
                                                        strict=True))
     return (f"note: in the search the baseline{'s' if len(above) > 1 else ''} {names} scored "
             f"above this trial's reward {float(row['reward']):.4f}; nas.confirm --match-latency "

@@ -184,6 +184,16 @@ def target_drift_note(df: pd.DataFrame, target_ms: float, beta: float) -> str | 
             f"score higher above T. To hold T, search with --mode hard or --beta below {-s:.2f}.")
 
 
+def baselines_above(baselines: pd.DataFrame, reward: float) -> pd.DataFrame:
+    """The completed baselines whose reward is above `reward` (a best trial's; NaN: none), in
+    their order, with `reward` as numbers."""
+    if not len(baselines) or "reward" not in baselines:
+        return pd.DataFrame(columns=["baseline", "reward"])
+    done = completed(baselines[is_baseline(baselines)])
+    rewards = pd.to_numeric(done["reward"], errors="coerce")
+    return done[rewards > reward].assign(reward=rewards[rewards > reward])
+
+
 def baselines_summary(df: pd.DataFrame, baselines: pd.DataFrame) -> str | None:
     """The baselines beside what the search found, for the end of a search: each one's latency,
     proxy accuracy and reward, whether it scores above the best trial, and how many of the
@@ -200,14 +210,12 @@ def baselines_summary(df: pd.DataFrame, baselines: pd.DataFrame) -> str | None:
     best = best_trial_row(df)
     best_reward = float(best["reward"]) if best is not None else math.nan
     width = max(len(str(n)) for n in base["baseline"])
-    lines, above = [], []
+    above = list(baselines_above(base, best_reward)["baseline"].astype(str))
+    lines = []
     for _, b in base.iterrows():
         lat, acc = float(b["latency_ms"]), float(b["accuracy"])
         rew = pd.to_numeric(pd.Series([b.get("reward")]), errors="coerce").iloc[0]
-        notes = []
-        if math.isfinite(rew) and math.isfinite(best_reward) and rew > best_reward:
-            above.append(str(b["baseline"]))
-            notes.append("above the best trial")
+        notes = ["above the best trial"] if str(b["baseline"]) in above else []
         if len(front):
             flat = front["latency_ms"].astype(float).to_numpy()
             facc = front["accuracy"].astype(float).to_numpy()

@@ -255,10 +255,11 @@ def print_summary(files: dict[str, Path], *, target_ms: float | None = None,
         cols = [c for c in ("number", "latency_ms", "accuracy", "reward", "params", "macs",
                             "arch") if c in done]
         top = done.sort_values(key, ascending=False)[cols].head(10)
-        arch = top["arch"].fillna("").astype(str) if "arch" in top else pd.Series(dtype=str)
-        width = int(arch.str.len().max()) if len(arch) else 0  # 0: no trial has one
+        if "arch" in top:  # left-aligned; a trial added by hand has none
+            top = top.assign(arch=top["arch"].fillna("").astype(str))
+        width = int(top["arch"].str.len().max()) if "arch" in top else 0
         print("\nBest trials:\n" + top.to_string(
-            index=False, formatters={"arch": lambda a: ("" if pd.isna(a) else str(a)).ljust(width)},
+            index=False, formatters={"arch": lambda a: a.ljust(width)},
             header=[c.ljust(width) if c == "arch" else c for c in cols]).rstrip())
         note = target_drift_note(df, target_ms, beta) if target_ms and beta is not None \
             else None
