@@ -74,6 +74,8 @@ def pass_worker(specs: list[str], protocol: str, runtime: str, input_size: int,
             first = out.setdefault(spec, {**got, "sittings_ms": [], "sittings_s": []})
             first["sittings_ms"].append(got["ms"])
             first["sittings_s"].append(got["seconds"])
+    for got in out.values():
+        got["cpus"] = sorted(os.sched_getaffinity(0))  # where it ran (--pin)
     return out
 
 
@@ -117,6 +119,12 @@ def own_sitting(context) -> float:
     return sittings(dataclasses.replace(context, protocol="single"), REFERENCE, 1000)[-1]
 
 
+def pin(cpu: int | None) -> None:
+    """This process (and the threads it starts) on one CPU only (--pin)."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
 def load_worker() -> None:
     """A training on one core until killed: MnasNet-A1 on 32x32 batches of 64, SGD."""
     import torch
@@ -135,15 +143,17 @@ def load_worker() -> None:
 
 
 def run_pass(specs_file: Path, protocol: str, runtime: str, input_size: int, seed: int,
-             rounds: int | None = None, warm: int | None = None, sittings: int = 1) -> dict:
-    """A fresh process; its reference sittings go to a store beside specs_file that starts
-    empty with the benchmark (the quiet passes' sittings are there for the loaded ones)."""
+             rounds: int | None = None, warm: int | None = None, sittings: int = 1,
+             cpu: int | None = None) -> dict:
+    """A fresh process (on CPU `cpu` alone if given); its reference sittings go to a store
+    beside specs_file that starts empty with the benchmark (the quiet passes' sittings are
+    there for the loaded ones)."""
     out = subprocess.run(
         [sys.executable, str(HERE), "--pass-worker", str(specs_file), "--protocol", protocol,
          "--runtime", runtime, "--input-size", str(input_size), "--seed", str(seed),
          *(["--rounds", str(rounds)] if rounds else []),
          *(["--warm", str(warm)] if warm is not None else []),
-         "--sittings", str(sittings)],
+         "--sittings", str(sittings), *(["--cpu", str(cpu)] if cpu is not None else [])],
         capture_output=True, text=True, check=True,
         env={**os.environ, "NAS_CACHE": str(specs_file.parent / "cache")})
     return json.loads(out.stdout.splitlines()[-1])
@@ -295,11 +305,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="each network measured this many times per process, each time in a "
                         "new shuffled order of all of them; rows for the first sitting and "
                         "for the mean of all (its seconds the sum)")
+    p.add_argument("--pin", action="store_true",
+                   help="measure on the last CPU alone and train (loaded) on the first alone "
+                        "(os.sched_setaffinity); default: wherever the scheduler puts them")
+    p.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--conditions", default="quiet,loaded",
                    help="comma-separated, of quiet, loaded (a training on the other core)")
     p.add_argument("--parts", default="aa,server",
                    help="aa: the A/A table; server: loopback server against local")
     args = p.parse_args(argv)
+    pin(args.cpu)
     if args.load_worker:
         load_worker()
         return 0
@@ -312,12 +327,17 @@ def main(argv: list[str] | None = None) -> int:
     from nas.files import save_table
     from nas.host import available_cpus, cpu_name
 
+    cpus = sorted(os.sched_getaffinity(0))
+    load_cpu, measure_cpu = (cpus[0], cpus[-1]) if args.pin else (None, None)
+
     lines = [f"# benchmarks/latency_aa.py on {cpu_name()} ({available_cpus()} CPUs), "
              f"{time.strftime('%Y-%m-%d %H:%M')}",
              f"# command: python benchmarks/latency_aa.py {' '.join(argv or sys.argv[1:])}",
              f"# {args.runtime}, {args.input_size}x{args.input_size}, 1 thread; each pass a "
              f"fresh process, networks in a shuffled order; load: a training (mnasnet_a1, "
-             f"batch 64, 32x32, 1 thread) on the other core", ""]
+             f"batch 64, 32x32, 1 thread) on the other core"
+             + (f"; pinned: measuring on CPU {measure_cpu}, the load on CPU {load_cpu}"
+                if args.pin else ""), ""]
     with tempfile.TemporaryDirectory() as tmp:
         specs = (args.networks.split(",") if args.networks
                  else REFERENCES + sampled_specs(Path(tmp)))
@@ -333,13 +353,14 @@ def main(argv: list[str] | None = None) -> int:
         runs = [(protocol, r) for protocol in args.protocols.split(",")
                 for r in (rounds if protocol != "current" else [None])]
         for condition in args.conditions.split(",") if "aa" in parts else ():
-            load = (subprocess.Popen([sys.executable, str(HERE), "--load-worker"])
+            load = (subprocess.Popen([sys.executable, str(HERE), "--load-worker",
+                                      *(["--cpu", str(load_cpu)] if args.pin else [])])
                     if condition == "loaded" else None)
             try:
                 time.sleep(2 if load else 0)
                 for protocol, r in runs:
                     passes = [run_pass(specs_file, protocol, args.runtime, args.input_size,
-                                       seed, r, args.warm, args.sittings)
+                                       seed, r, args.warm, args.sittings, measure_cpu)
                               for seed in range(args.passes)]
                     for name, variant in variants(passes, protocol).items():
                         name += f" x{r}" if len(rounds) > 1 and r else ""

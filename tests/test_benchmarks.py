@@ -3,6 +3,7 @@ merging, and the variants the fastconv and throughput benchmarks compare."""
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import sys
@@ -468,6 +469,18 @@ def test_the_aa_pass_measures_with_the_rounds_asked_for(tmp_path):
     assert [g["rounds"] for g in got] == [3, ROUNDS] and ROUNDS != 3
     assert all(g["ms"] > 0 and g["ratio"] > 0 for g in got)
 
+
+def test_a_pinned_aa_pass_measures_on_the_one_cpu_it_is_given(tmp_path):
+    # --pin: the fresh process (and the runtime's threads) on one CPU; unpinned, where the
+    # parent may run
+    aa = _benchmark("latency_aa")
+    specs = tmp_path / "specs.json"
+    specs.write_text(json.dumps(["mobilenet_v3_small"]))
+    cpu = max(os.sched_getaffinity(0))
+    pinned = aa.run_pass(specs, "interleaved", "eager", 32, 0, 2, cpu=cpu)
+    assert pinned["mobilenet_v3_small"]["cpus"] == [cpu]
+    free = aa.run_pass(specs, "interleaved", "eager", 32, 0, 2)
+    assert free["mobilenet_v3_small"]["cpus"] == sorted(os.sched_getaffinity(0))
 
 
 def test_the_aa_pass_measures_every_network_in_each_sitting_asked_for(tmp_path):
