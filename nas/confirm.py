@@ -34,6 +34,7 @@ from nas.arch import ArchError, Architecture, load_architecture, save_architectu
 from nas.cli import MAX_SEED, HelpFormatter, Parser, oserror_line
 from nas.cost import count_macs, count_params
 from nas.data import DataError, DataSplits, load_data
+from nas.figures import label_positions
 from nas.files import write_atomic
 from nas.host import is_out_of_memory
 from nas.interleaved import REFERENCE_ATTR
@@ -413,6 +414,10 @@ def figure(df: pd.DataFrame, *, target_ms: float, runtime: str) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, subplot_titles=(
         f"confirmed accuracy against latency ({runtime})",
         f"proxy against confirmed accuracy (Kendall tau {tau:.2f}, {len(both)} networks)"))
+    # placed over all kinds at once, so a candidate's label dodges its matched baseline's
+    at = {panel: pd.Series(label_positions(done[x], done.test_accuracy_mean, done.network),
+                           index=done.index, dtype=object)
+          for panel, x in ((1, "latency_ms"), (2, "proxy_accuracy"))}
     for kind, symbol, color in (("candidate", "circle", "crimson"),
                                 ("baseline", "square", "black"),
                                 ("matched", "diamond", "royalblue")):
@@ -422,13 +427,13 @@ def figure(df: pd.DataFrame, *, target_ms: float, runtime: str) -> go.Figure:
         marker = {"symbol": symbol, "size": 10, "color": color}
         fig.add_trace(go.Scatter(
             x=part.latency_ms, y=part.test_accuracy_mean, mode="markers+text", name=kind,
-            text=part.network, textposition="middle right", marker=marker, legendgroup=kind,
-            cliponaxis=False,  # a label near the right edge is drawn whole
+            text=part.network, textposition=list(at[1][part.index]), marker=marker,
+            legendgroup=kind, cliponaxis=False,  # a label near the right edge is drawn whole
             error_y={"type": "data", "array": part.test_accuracy_sd.fillna(0)}), row=1, col=1)
         fig.add_trace(go.Scatter(
             x=part.proxy_accuracy, y=part.test_accuracy_mean, mode="markers+text", name=kind,
-            text=part.network, textposition="middle right", marker=marker, legendgroup=kind,
-            cliponaxis=False, showlegend=False), row=1, col=2)
+            text=part.network, textposition=list(at[2][part.index]), marker=marker,
+            legendgroup=kind, cliponaxis=False, showlegend=False), row=1, col=2)
     fig.add_vline(x=target_ms, line_dash="dash", annotation_text=f"T = {target_ms:g} ms",
                   row=1, col=1)
     fig.update_xaxes(title_text="latency (ms)", row=1, col=1)

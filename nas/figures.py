@@ -17,6 +17,48 @@ from nas.pareto import history_frame, pareto_frame, points_frame
 
 _HOVER = "%{hovertext}<extra></extra>"
 _BASELINE_SYMBOL = "diamond"
+# where a label sits from its point: (x, y) sides, -1 left/below, 0 centred, 1 right/above
+_SIDES = {"middle right": (1, 0), "top right": (1, 1), "bottom right": (1, -1),
+          "middle left": (-1, 0), "top center": (0, 1), "bottom center": (0, -1)}
+
+
+def label_positions(x, y, text, *, order=("middle right", "top right", "bottom right",
+                                           "middle left"),
+                    panel_px=(450, 420), char_px=7.0, line_px=14.0) -> list[str]:
+    """A plotly `textposition` per point, so that the labels of nearby points do not overlap
+    (plotly places text without looking at other text: two networks 0.2 ms and a point apart
+    printed one name over the other in confirm.html). Each label's box is estimated in
+    pixels of a panel of `panel_px` spanning the points; points are placed from left to
+    right, each at the first position in `order` whose box meets no box placed before, or
+    at order[0] if none is free. A point without coordinates gets order[0]."""
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    names = [str(t) for t in text]
+    ok = np.isfinite(xs) & np.isfinite(ys)
+    positions = [order[0]] * len(names)
+    if not ok.any():
+        return positions
+
+    def scaled(v, px):
+        lo, hi = v[ok].min(), v[ok].max()
+        return (v - lo) / (hi - lo) * px if hi > lo else np.full_like(v, px / 2)
+
+    px, py = scaled(xs, panel_px[0]), scaled(ys, panel_px[1])
+
+    def box(i: int, position: str) -> tuple[float, float, float, float]:
+        (sx, sy), w, gap = _SIDES[position], char_px * len(names[i]), 6.0
+        left = px[i] + gap if sx > 0 else px[i] - gap - w if sx < 0 else px[i] - w / 2
+        low = py[i] + gap if sy > 0 else py[i] - gap - line_px if sy < 0 else py[i] - line_px / 2
+        return left, low, left + w, low + line_px
+
+    def meets(a, b) -> bool:
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    placed: list[tuple[float, float, float, float]] = []
+    for i in sorted(np.flatnonzero(ok), key=lambda i: (px[i], py[i])):
+        free = [p for p in order if not any(meets(box(i, p), b) for b in placed)]
+        positions[i] = free[0] if free else order[0]
+        placed.append(box(i, positions[i]))
+    return positions
 
 
 def pareto_figure(df: pd.DataFrame, *, target_ms: float | None,
@@ -40,7 +82,11 @@ def pareto_figure(df: pd.DataFrame, *, target_ms: float | None,
         hovertemplate=_HOVER))
     fig.add_trace(go.Scatter(
         name="baselines", x=base["latency_ms"], y=base["accuracy"], mode="markers+text",
-        text=[str(n) for n in base.get("baseline", [])], textposition="top center",
+        text=[str(n) for n in base.get("baseline", [])],
+        textposition=label_positions(
+            base["latency_ms"], base["accuracy"], base.get("baseline", [""] * len(base)),
+            order=("top center", "bottom center", "middle right", "middle left"),
+            panel_px=(900, 420)),
         marker={"symbol": _BASELINE_SYMBOL, "size": 11, "color": "black"},
         error_x=_spread(base), hovertext=[_hover(r) for _, r in base.iterrows()],
         hovertemplate=_HOVER))

@@ -412,3 +412,19 @@ def test_the_verdict_sets_each_candidate_against_the_baselines_matched_to_it():
     # two seeds on every side: no note; no trained matched pair: no verdict
     assert "one seed" not in confirm.verdict(df.drop(index=3))
     assert confirm.verdict(df[df.kind == "candidate"]) is None
+
+
+def test_the_figure_places_close_networks_labels_apart():
+    # a candidate and the baseline matched to its latency sit close: their labels must not
+    # be printed one over the other, across the traces of different kinds
+    df = pd.DataFrame({
+        "network": ["trial-2", "mobilenet_v2@0.9", "mobilenet_v3_small"],
+        "kind": ["candidate", "matched", "baseline"], "seeds": [1, 1, 1], "epochs": [1, 1, 1],
+        "latency_ms": [4.86, 4.80, 1.46], "test_accuracy_mean": [0.451, 0.452, 0.30],
+        "test_accuracy_sd": [math.nan] * 3, "proxy_accuracy": [0.30, 0.45, 0.38]})
+    fig = confirm.figure(df, target_ms=8.0, runtime="onnxruntime")
+    left = {t.name: list(t.textposition) for t in fig.data if t.xaxis == "x"}
+    assert left["matched"] == ["middle right"] and left["candidate"] != ["middle right"]
+    assert left["baseline"] == ["middle right"]
+    right = [p for t in fig.data if t.xaxis == "x2" for p in t.textposition]
+    assert right == ["middle right"] * 3  # apart on the proxy axis: nothing moves

@@ -133,3 +133,31 @@ def test_the_plot_command_does_not_pull_in_training_code():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120).stdout
     assert out.strip() == "[]"
+
+
+def test_labels_of_nearby_points_are_placed_apart_and_far_ones_stay_put():
+    from nas.figures import label_positions
+
+    # mobilenet_v2 and mobilenet_v2@0.9 0.15 ms and 0.2 points apart: plotly would print one
+    # name over the other at "middle right"
+    x, y = [4.71, 4.86, 9.0], [0.395, 0.397, 0.60]
+    names = ["mobilenet_v2@0.9", "mobilenet_v2", "far"]
+    got = label_positions(x, y, names)
+    assert got[0] == "middle right" and got[1] != "middle right" and got[2] == "middle right"
+    # spread out, every label where it was
+    assert label_positions([1, 5, 9], [0.1, 0.5, 0.9], names) == ["middle right"] * 3
+    # a point without coordinates takes the first position and does not block the others
+    assert label_positions([4.71, math.nan, 4.71], [0.4, math.nan, 0.9], names) == [
+        "middle right"] * 3
+    assert label_positions([math.nan], [math.nan], ["x"], order=("top center",)) == [
+        "top center"]
+
+
+def test_the_baselines_labels_dodge_each_other(df):
+    extra = pd.DataFrame([{"baseline": f"mobilenet_v2@{w}", "state": "COMPLETE",
+                           "accuracy": 0.6 + w / 1000, "latency_ms": 12.0 + w / 100,
+                           "reward": 0.6, "arch": "mb1_k3_s1_r1_c16"} for w in (0.9, 1.0)])
+    fig = pareto_figure(pd.concat([df, extra], ignore_index=True), target_ms=30.0)
+    positions = list(_trace(fig, "baselines").textposition)
+    assert len(positions) == 3 and positions.count("top center") == 2  # one of the two moved
+    assert len(set(positions)) == 2
