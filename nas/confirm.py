@@ -626,5 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    run_tool(main, "nas.confirm")
+if __name__ == "__main__":  # run nas.confirm, not this __main__ copy: see run_tool
+    from nas import confirm
+
+    run_tool(confirm.main, "nas.confirm")

@@ -359,5 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    run_tool(main, "nas.export")
+if __name__ == "__main__":  # run nas.export, not this __main__ copy: see run_tool
+    from nas import export
+
+    run_tool(export.main, "nas.export")

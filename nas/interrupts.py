@@ -104,7 +104,11 @@ def exit_now_if_interrupted(code: int) -> None:
 
 def run_tool(main: Callable[[], int], prog: str) -> NoReturn:
     """`python -m nas.<tool>`: Ctrl-C or SIGTERM ends it with one line and the shell's status,
-    not a traceback (the tools write their files atomically: nothing is left half written)."""
+    not a traceback (the tools write their files atomically: nothing is left half written).
+    A tool passes the `main` of its package module (`from nas import latency`), not of the
+    `__main__` copy python runs: the modules it calls raise the package copy's exceptions
+    (nas.latency_client raises nas.latency.LatencyError), which the `__main__` copy's `except
+    LatencyError` would not catch."""
     catch_stop_signals()
     try:
         status = main()

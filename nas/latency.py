@@ -828,9 +828,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _remote_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The table's rows, measured by a latency server: architectures only (the server builds
     them from their description; a torchvision network has none to send)."""
-    from nas.latency_client import LatencyClient, read_token
+    from nas.latency_client import LatencyClient, read_token, server_url
 
-    client = LatencyClient(args.server, read_token(args.token_file, "--token-file"))
+    client = LatencyClient(server_url(args.server, "--server"),
+                           read_token(args.token_file, "--token-file"))
     archs = []
     for spec in args.networks:
         if spec.startswith(TORCHVISION_PREFIX):
@@ -890,5 +891,7 @@ def _match_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    run_tool(main, "nas.latency")
+if __name__ == "__main__":  # run nas.latency, not this __main__ copy: see run_tool
+    from nas import latency
+
+    run_tool(latency.main, "nas.latency")

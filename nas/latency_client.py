@@ -10,8 +10,10 @@ runtime cannot convert) is final and not retried.
 from __future__ import annotations
 
 import json
+import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,24 @@ class LatencyServerError(LatencyError):
     """The server refused the request, or could not be reached before the deadline."""
 
 
+def server_url(url: str, flag: str = "latency server") -> str:
+    """The server's base URL without a trailing '/'; anything but http(s)://HOST[:PORT] is one
+    line naming the flag (an address without its scheme would otherwise be retried until the
+    deadline as if the server were down)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a port that is not a number)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise LatencyError(f"{flag} {url!r}: expected http://HOST:PORT (or https://), the "
+                           f"address 'nas.latency serve' prints when it starts")
+    return url.rstrip("/")
+
+
 class LatencyClient:
     def __init__(self, url: str, token: str, *, deadline_s: float | None = None) -> None:
-        self.url, self.token = url.rstrip("/"), token
+        self.url, self.token = server_url(url), token
         self.deadline_s = RETRY_DEADLINE_S if deadline_s is None else deadline_s
 
     def health(self) -> dict[str, Any]:
@@ -88,6 +105,9 @@ class LatencyClient:
             if time.monotonic() + wait > deadline:
                 raise LatencyServerError(f"latency server {self.url}: no answer after {tries} "
                                          f"tries in {self.deadline_s:g} s ({last})")
+            if tries == 1:  # say why it waits: a server that is down looks like a hang
+                print(f"latency server {self.url}: no answer ({last}); trying again for up to "
+                      f"{self.deadline_s:g} s", file=sys.stderr, flush=True)
             time.sleep(wait)
 
 
@@ -117,7 +137,8 @@ def connect(url: str | None, token_file: str | None) -> LatencyClient | None:
         raise LatencyError("--latency-server and --latency-token-file go together")
     if not url:
         return None
-    return LatencyClient(url, read_token(token_file, "--latency-token-file"))
+    return LatencyClient(server_url(url, "--latency-server"),
+                         read_token(token_file, "--latency-token-file"))
 
 
 def _error_of(e: urllib.error.HTTPError) -> str:

@@ -99,5 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    run_tool(main, "nas.plot")
+if __name__ == "__main__":  # run nas.plot, not this __main__ copy: see run_tool
+    from nas import plot
+
+    run_tool(plot.main, "nas.plot")

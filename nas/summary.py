@@ -115,5 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    run_tool(main, "nas.summary")
+if __name__ == "__main__":  # run nas.summary, not this __main__ copy: see run_tool
+    from nas import summary
+
+    run_tool(summary.main, "nas.summary")

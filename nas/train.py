@@ -363,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # run nas.train, not this __main__ copy: see nas.interrupts.run_tool
+    from nas import train as _tool
+
     catch_stop_signals()
-    sys.exit(main())
+    sys.exit(_tool.main())

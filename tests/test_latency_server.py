@@ -208,6 +208,40 @@ def test_nas_latency_measures_on_the_server(server, token_file, capsys):
     one_line_error(capsys, "nas.latency", "no description to send")
 
 
+
+def test_python_m_nas_latency_refuses_a_wrong_token_in_one_line(server, tmp_path):
+    # as users run it: `python -m nas.latency` executes the file as __main__, and the client
+    # raises nas.latency's LatencyError, which that copy's `except` did not catch (a traceback)
+    url, _ = server
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("not-the-servers-token\n")
+    for args, fragment in ((["--server", url, "--token-file", str(wrong)], "401"),
+                           (["--server", url.split("//", 1)[1], "--token-file", str(wrong)],
+                            "expected http://HOST:PORT")):
+        got = subprocess.run([sys.executable, "-m", "nas.latency", "mobilenet_v3_small", *args],
+                             capture_output=True, text=True, timeout=120)
+        lines = got.stderr.strip().splitlines()
+        assert got.returncode == 2 and len(lines) == 1 and "Traceback" not in got.stderr, got
+        assert lines[0].startswith("nas.latency: error: ") and fragment in lines[0], lines
+
+
+def test_a_server_address_is_checked_before_anything_is_asked(capsys):
+    from nas.latency import LatencyError
+    from nas.latency_client import connect, server_url
+
+    assert server_url("http://device:8765/") == "http://device:8765"
+    assert server_url("https://10.0.0.2") == "https://10.0.0.2"
+    # without a scheme urllib calls it an unknown url type, which the client would retry
+    # until its deadline as if the server were down
+    for bad in ("device:8765", "127.0.0.1:8765", "ftp://device", "http://", "http://h:port"):
+        with pytest.raises(LatencyError, match="--server .*expected http://HOST:PORT"):
+            server_url(bad, "--server")
+        with pytest.raises(LatencyError, match="latency server"):
+            LatencyClient(bad, TOKEN)
+    with pytest.raises(LatencyError, match="--latency-server 'device:8765'"):
+        connect("device:8765", "token.txt")
+
+
 TINY = ["--space", "tiny", "--val-size", "30", "--proxy-images", "64", "--proxy-batch", "32",
         "--input-size", "32", "--latency-time", "0.1", "--target-ms", "1", "--proxy-epochs",
         "1", "--runtime", "eager", "--sampler", "random", "--latency-protocol", "single"]
@@ -261,7 +295,7 @@ def test_a_search_measures_on_the_server_and_a_dead_server_fails_only_its_trials
 
 
 def test_a_server_restarting_within_the_deadline_is_waited_for(image_folder, token_file,
-                                                                tmp_path, monkeypatch):
+                                                                tmp_path, monkeypatch, capsys):
     proc, url = start_server(token_file)
     port = urllib.parse.urlsplit(url).port
     client = LatencyClient(url, TOKEN, deadline_s=30)
@@ -280,5 +314,9 @@ def test_a_server_restarting_within_the_deadline_is_waited_for(image_folder, tok
         for p in restarted:
             p.terminate()
             p.wait(10)
+    capsys.readouterr()
     with pytest.raises(LatencyServerError, match="no answer after"):
         LatencyClient(url, TOKEN, deadline_s=1).health()
+    # the wait is said once, when it starts (a server that is down looks like a hang)
+    waiting = capsys.readouterr().err.strip().splitlines()
+    assert len(waiting) == 1 and "no answer" in waiting[0] and "up to 1 s" in waiting[0]
