@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -24,6 +25,23 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def int_in_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse `type`: an integer >= low (and <= high), else argparse's one-line error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if high is not None and not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value}: expected an integer from {low} to "
+                                             f"{high}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small; expected an integer "
+                                             f">= {low}")
+        return value
+    return parse
 
 
 MAX_SEED = 2**32 - 1  # numpy's and Optuna's samplers take 32-bit seeds

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from nas.arch import ArchError, load_architecture
-from nas.cli import HelpFormatter
+from nas.cli import HelpFormatter, int_in_range
 from nas.cost import count_macs, count_params
 from nas.files import write_atomic
 from nas.host import (
@@ -660,21 +660,8 @@ class _Parser(argparse.ArgumentParser):
         raise LatencyError(message)
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is too small; expected an integer "
-                                             f">= {minimum}")
-        return value
-    return parse
-
-
 def _threads_arg(text: str) -> int:
-    value = _int_at_least(1)(text)
+    value = int_in_range(1)(text)
     if value > available_cpus():
         raise argparse.ArgumentTypeError(f"{value} exceeds the {available_cpus()} CPU(s) this "
                                          f"process may use")
@@ -701,9 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "quantizer (onnxruntime, executorch)")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="where to measure; cuda times with CUDA events and needs a GPU")
-    parser.add_argument("--input-size", type=_int_at_least(MIN_INPUT_SIZE), default=224,
+    parser.add_argument("--input-size", type=int_in_range(MIN_INPUT_SIZE), default=224,
                         help="square input side in pixels: the deployment resolution")
-    parser.add_argument("--batch-size", type=_int_at_least(1), default=1,
+    parser.add_argument("--batch-size", type=int_in_range(1), default=1,
                         help="images per forward pass; 1 is one user's request, as MnasNet")
     parser.add_argument("--threads", type=_threads_arg, default=DEFAULT_THREADS,
                         help="CPU threads; 1 mimics the single big phone core MnasNet timed "

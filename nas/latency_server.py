@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from nas.arch import ArchError, Architecture
-from nas.cli import HelpFormatter, Parser
+from nas.cli import HelpFormatter, Parser, int_in_range
 from nas.cost import count_macs, count_params
 from nas.host import cpu_name
 from nas.interleaved import (
@@ -279,12 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0: every interface; only on a network "
                         "you trust, the token is sent in the clear)")
-    p.add_argument("--port", type=int, default=8765, help="0: any free port (printed)")
+    p.add_argument("--port", type=int_in_range(0, 65535), default=8765,
+                   help="0: any free port (printed)")
     p.add_argument("--token-file", required=True, help="file holding the shared token")
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="the device clients may ask for (also cpu)")
-    p.add_argument("--max-params", type=int, default=MAX_PARAMS)
-    p.add_argument("--max-macs", type=int, default=MAX_MACS)
+    p.add_argument("--max-params", type=int_in_range(1), default=MAX_PARAMS,
+                   help="networks with more parameters are refused (422)")
+    p.add_argument("--max-macs", type=int_in_range(1), default=MAX_MACS,
+                   help="multiply-adds at the requested input size; more are refused (422)")
     return p
 
 
@@ -294,10 +297,15 @@ def serve(argv: list[str]) -> int:
         token = read_token(args.token_file, "--token-file")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise LatencyError("--device cuda: no CUDA GPU on this machine")
-        server = make_server(LatencyService(token, max_params=args.max_params,
-                                            max_macs=args.max_macs), args.host, args.port)
+        service = LatencyService(token, max_params=args.max_params, max_macs=args.max_macs)
     except (LatencyError, OSError) as e:
         print(f"nas.latency serve: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        server = make_server(service, args.host, args.port)
+    except OSError as e:  # the port taken, an unknown host name, a port below 1024 unprivileged
+        print(f"nas.latency serve: error: --host {args.host} --port {args.port}: cannot listen "
+              f"there ({e.strerror or e})", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
     print(f"nas.latency serve: {cpu_name()} on http://{host}:{port}", flush=True)

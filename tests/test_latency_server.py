@@ -186,6 +186,23 @@ def test_the_server_refuses_to_start_without_a_real_token(tmp_path, capsys):
     one_line_error(capsys, "nas.latency serve", "cannot be read")
 
 
+
+def test_the_server_refuses_an_address_it_cannot_listen_on_in_one_line(server, token_file,
+                                                                        capsys):
+    url, _ = server
+    port = urllib.parse.urlsplit(url).port
+    # the port the running server holds; then one out of range (was a traceback) and limits
+    assert latency.main(["serve", "--token-file", str(token_file), "--port", str(port)]) == 2
+    one_line_error(capsys, "nas.latency serve", f"--port {port}: cannot listen there")
+    for flags, fragment in ((["--port", "65536"], "from 0 to 65535"),
+                            (["--port", "0", "--max-params", "0"], "--max-params: 0 is too small"),
+                            (["--port", "0", "--max-macs", "-1"], "--max-macs: -1 is too small")):
+        with pytest.raises(SystemExit) as stop:
+            latency.main(["serve", "--token-file", str(token_file), *flags])
+        assert stop.value.code == 2
+        one_line_error(capsys, "nas.latency serve", fragment)
+
+
 def test_nas_latency_measures_on_the_server(server, token_file, capsys):
     url, _ = server
     assert latency.main(["mobilenet_v3_small", "--server", url, "--token-file", str(token_file),
