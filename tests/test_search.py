@@ -1526,6 +1526,32 @@ def test_a_baseline_in_the_space_is_the_first_trial_once(image_folder, tmp_path)
     assert "enqueued_baseline" not in study_of(tmp_path, "off").trials[0].user_attrs
 
 
+def test_an_input_size_the_reference_cannot_be_timed_at_is_one_line_and_leaves_no_study(
+        image_folder, tmp_path, capsys, monkeypatch):
+    # --input-size 99999 ran out of memory calibrating the reference: a traceback, and the
+    # new study stayed with input_size=99999, refusing the corrected command
+    import nas.search.runner
+
+    def out_of_memory(*a, **kw):  # torch's CPU allocator, as it reports it
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 119997600012 bytes.")
+
+    monkeypatch.setattr(nas.search.runner, "calibrated_reference_ms", out_of_memory)
+    argv = args(tmp_path / "runs", image_folder, "--trials", "1")
+    del argv[argv.index("--latency-protocol"):argv.index("--latency-protocol") + 2]
+    assert main(argv) == 2
+    one_line_error(capsys, "nas.search", "--input-size 32: out of memory timing the reference "
+                                         "network mnasnet_a1 (a 111.8 GiB tensor")
+    assert not (tmp_path / "runs").exists()  # made by the call, so gone with it
+    monkeypatch.undo()
+    assert main(argv) == 0  # the same name starts afresh
+    assert study_of(tmp_path / "runs").user_attrs["reference_ms"] > 0
+    # another error is not turned into that line
+    monkeypatch.setattr(nas.search.runner, "calibrated_reference_ms", lambda *a, **kw: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main([*argv[:-2], "--name", "other"])
+
+
 def test_the_default_interleaved_protocol_calibrates_the_reference_once_per_study(
         image_folder, tmp_path, capsys, monkeypatch):
     import nas.search.runner

@@ -23,7 +23,9 @@ from nas.arch import ArchError
 from nas.cli import oserror_line
 from nas.data import SPLIT_SEED, DataError, load_data, split_train_val
 from nas.files import make_folders, remove_if_empty
+from nas.host import failed_allocation, is_out_of_memory
 from nas.interleaved import (
+    REFERENCE,
     REFERENCE_ATTR,
     calibrated_ladder_ms,
     calibrated_reference_ms,
@@ -35,7 +37,7 @@ from nas.latency_client import connect
 from nas.pareto import baselines_summary, target_drift_note
 from nas.proxy import CandidateFailed
 from nas.results import BaselinesError, load_baselines, write_results
-from nas.run_folder import LATENCY_CACHE, write_run_meta
+from nas.run_folder import LATENCY_CACHE, STUDY_DB, write_run_meta
 from nas.search.baselines import enqueue_baselines, run_baselines
 from nas.search.callbacks import Progress, StopAtTrials, StopOnInterrupt
 from nas.search.config import SearchConfig, UsageError, config_from_argv, resolve
@@ -170,7 +172,18 @@ def run(config: SearchConfig, write: bool = True, ready=None, stop=None) -> int:
                              f"({str(cause).splitlines()[0]})") from None
         raise
     already = finished_count(study)
-    ctx.reference_ms = reference_latency(study, ctx)
+    try:
+        ctx.reference_ms = reference_latency(study, ctx)
+    except RuntimeError as e:  # e.g. --input-size 99999: the reference's first input
+        if not is_out_of_memory(e):
+            raise
+        if write and not study.trials:  # made by this call: nothing of it stays to refuse a
+            optuna.delete_study(study_name=config.name, storage=storage)  # corrected rerun
+            if created and not config.storage:
+                (run_dir / STUDY_DB).unlink(missing_ok=True)
+                remove_if_empty(created)
+        raise UsageError(f"--input-size {config.input_size}: out of memory timing the "
+                         f"reference network {REFERENCE} ({failed_allocation(e)})") from None
     if write:
         write_run_meta(run_dir, {
             "study_name": config.name, "storage": config.storage,
