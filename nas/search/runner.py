@@ -177,7 +177,7 @@ def run(config: SearchConfig, write: bool = True, ready=None, stop=None) -> int:
     except RuntimeError as e:  # e.g. --input-size 99999: the reference's first input
         if not is_out_of_memory(e):
             raise
-        if write and not study.trials:  # made by this call: nothing of it stays to refuse a
+        if write and not study.trials:  # nothing in it to keep, and kept it would refuse the
             optuna.delete_study(study_name=config.name, storage=storage)  # corrected rerun
             if created and not config.storage:
                 (run_dir / STUDY_DB).unlink(missing_ok=True)
