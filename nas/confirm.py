@@ -38,7 +38,7 @@ from nas.figures import label_positions
 from nas.files import write_atomic
 from nas.host import is_out_of_memory
 from nas.interleaved import REFERENCE_ATTR
-from nas.interrupts import run_tool
+from nas.interrupts import run_module
 from nas.latency import LatencyError
 from nas.latency_client import connect
 from nas.model import TooLargeError, build_model
@@ -626,7 +626,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # run nas.confirm, not this __main__ copy: see run_tool
-    from nas import confirm
-
-    run_tool(confirm.main, "nas.confirm")
+if __name__ == "__main__":
+    run_module("nas.confirm")

@@ -27,7 +27,7 @@ from nas.arch import ArchError, Architecture, architecture_text
 from nas.cli import HelpFormatter, Parser
 from nas.data import DataError, load_data
 from nas.files import write_atomic
-from nas.interrupts import run_tool
+from nas.interrupts import run_module
 from nas.latency import MIN_INPUT_SIZE
 from nas.model import build_model
 from nas.pareto import (
@@ -359,7 +359,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # run nas.export, not this __main__ copy: see run_tool
-    from nas import export
-
-    run_tool(export.main, "nas.export")
+if __name__ == "__main__":
+    run_module("nas.export")

@@ -80,11 +80,11 @@ def pareto_figure(df: pd.DataFrame, *, target_ms: float | None,
         line={"shape": "hv", "color": "crimson"}, marker={"color": "crimson", "size": 9},
         error_x=_spread(front), hovertext=[_hover(r) for _, r in front.iterrows()],
         hovertemplate=_HOVER))
+    names = [str(n) for n in base.get("baseline", [""] * len(base))]
     fig.add_trace(go.Scatter(
         name="baselines", x=base["latency_ms"], y=base["accuracy"], mode="markers+text",
-        text=[str(n) for n in base.get("baseline", [])],
-        textposition=label_positions(
-            base["latency_ms"], base["accuracy"], base.get("baseline", [""] * len(base)),
+        text=names, textposition=label_positions(
+            base["latency_ms"], base["accuracy"], names,
             order=("top center", "bottom center", "middle right", "middle left"),
             panel_px=(900, 420)),
         marker={"symbol": _BASELINE_SYMBOL, "size": 11, "color": "black"},

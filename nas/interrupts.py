@@ -8,6 +8,7 @@ limit) and container runtimes, so it is handled as Ctrl-C is.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -104,11 +105,7 @@ def exit_now_if_interrupted(code: int) -> None:
 
 def run_tool(main: Callable[[], int], prog: str) -> NoReturn:
     """`python -m nas.<tool>`: Ctrl-C or SIGTERM ends it with one line and the shell's status,
-    not a traceback (the tools write their files atomically: nothing is left half written).
-    A tool passes the `main` of its package module (`from nas import latency`), not of the
-    `__main__` copy python runs: the modules it calls raise the package copy's exceptions
-    (nas.latency_client raises nas.latency.LatencyError), which the `__main__` copy's `except
-    LatencyError` would not catch."""
+    not a traceback (the tools write their files atomically: nothing is left half written)."""
     catch_stop_signals()
     try:
         status = main()
@@ -116,3 +113,11 @@ def run_tool(main: Callable[[], int], prog: str) -> NoReturn:
         print(f"{prog}: interrupted{INTERRUPTED.label()}", file=sys.stderr)
         status = interrupt_status()
     sys.exit(status)
+
+
+def run_module(name: str) -> NoReturn:
+    """`if __name__ == "__main__": run_module("nas.<tool>")`: run_tool on the package module's
+    `main`, not on the `__main__` copy python runs the file as. The modules a tool calls raise
+    the package copy's exceptions (nas.latency_client raises nas.latency.LatencyError), which
+    the `__main__` copy's `except LatencyError` does not catch: a traceback, not one line."""
+    run_tool(importlib.import_module(name).main, name)

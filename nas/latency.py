@@ -49,7 +49,7 @@ from nas.host import (
     is_out_of_memory,
     pin_malloc_thresholds,
 )
-from nas.interrupts import run_tool
+from nas.interrupts import run_module
 from nas.model import TooLargeError, build_model
 from nas.runtimes import (
     DEFAULT_RUNTIME,
@@ -878,7 +878,5 @@ def _match_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # run nas.latency, not this __main__ copy: see run_tool
-    from nas import latency
-
-    run_tool(latency.main, "nas.latency")
+if __name__ == "__main__":
+    run_module("nas.latency")

@@ -20,7 +20,7 @@ import optuna
 from nas.cli import HelpFormatter, Parser
 from nas.data import DataError
 from nas.interleaved import REFERENCE_ATTR
-from nas.interrupts import run_tool
+from nas.interrupts import run_module
 from nas.latency import LatencyError
 from nas.latency_client import connect
 from nas.remeasure import RunLatency, calibration_for, check_same_target, remeasure_front
@@ -99,7 +99,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # run nas.plot, not this __main__ copy: see run_tool
-    from nas import plot
-
-    run_tool(plot.main, "nas.plot")
+if __name__ == "__main__":
+    run_module("nas.plot")

@@ -17,7 +17,7 @@ from nas.arch import ArchError, Architecture, load_architecture, reference_names
 from nas.cli import HelpFormatter, Parser
 from nas.cost import count_params
 from nas.host import failed_allocation, is_out_of_memory
-from nas.interrupts import run_tool
+from nas.interrupts import run_module
 from nas.model import TooLargeError, build_model
 
 
@@ -115,7 +115,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # run nas.summary, not this __main__ copy: see run_tool
-    from nas import summary
-
-    run_tool(summary.main, "nas.summary")
+if __name__ == "__main__":
+    run_module("nas.summary")

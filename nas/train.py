@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # run nas.train, not this __main__ copy: see nas.interrupts.run_tool
+if __name__ == "__main__":  # the package module, not this __main__ copy: see run_module
     from nas import train as _tool
 
     catch_stop_signals()
